@@ -1,0 +1,176 @@
+// CPU kernels of the log-prob family: one read of each logits row for the forward (online
+// max/sum over L1-sized chunks), one read and one write for the backward.
+#include "pyalign/logprob.h"
+#include "pyalign/cpu_dispatch.h"
+
+#include <algorithm>
+
+namespace pyalign {
+namespace {
+
+constexpr int64_t kChunk = 512;  // a chunk of transformed logits stays in L1
+
+struct FwdCtx {
+  LogprobForwardArgs a;
+  RowIndexer logits_rows, label_rows;
+  int64_t V;
+};
+
+template <typename T> PYALIGN_HD int64_t read_label(const TensorArg& labels, int64_t off) {
+  return labels.dtype == DType::i32 ? int64_t(labels.ptr<int32_t>()[off]) : labels.ptr<int64_t>()[off];
+}
+
+[[noreturn]] void bad_label(int64_t row, int64_t label, int64_t V, int64_t ignore_index) {
+  fail("labels: value " + std::to_string(label) + " at flat position " + std::to_string(row) +
+       " is outside [0, " + std::to_string(V) + ") and is not ignore_index (" +
+       std::to_string(ignore_index) + ")");
+}
+
+template <typename T, bool ENT, bool SQ>
+PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
+  using A = typename acc_type<T>::type;
+  const LogprobForwardArgs& a = c.a;
+  const int64_t V = c.V;
+  const int64_t label = read_label<T>(a.labels, c.label_rows.offset(r));
+  A* logp = a.logp.ptr<A>();
+  A* lse_out = a.lse.ptr<A>();
+  auto write_optional = [&](A ent, A lss, A mean, bool top1) {
+    if (a.entropy.data) a.entropy.ptr<A>()[r] = ent;
+    if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = lss;
+    if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = mean;
+    if (a.top1.data) a.top1.ptr<bool>()[r] = top1;
+  };
+  if (label == a.ignore_index) {
+    logp[r] = 0; lse_out[r] = 0;
+    write_optional(0, 0, 0, false);
+    return;
+  }
+  if (label < 0 || label >= V) bad_label(r, label, V, a.ignore_index);
+
+  const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
+  const LogitTransform tf = a.tf;
+  const bool want_mean = a.mean_logit.data != nullptr;
+  A buf[kChunk];
+  SoftmaxStats<A> st;
+  A xsum = 0;
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - j0);
+    A bm = -INFINITY, bx = 0;
+#pragma omp simd reduction(max : bm) reduction(+ : bx)
+    for (int64_t j = 0; j < n; ++j) {
+      A x = to_float(row[j0 + j]);
+      A z = tf.apply(x);
+      buf[j] = z;
+      bm = z > bm ? z : bm;
+      bx += x;
+    }
+    if (want_mean) xsum += bx;
+    if (bm == A(-INFINITY)) continue;  // all masked so far in this chunk
+    SoftmaxStats<A> cs;
+    cs.m = bm;
+    A s = 0, d = 0, q = 0;
+#pragma omp simd reduction(+ : s, d, q)
+    for (int64_t j = 0; j < n; ++j) {
+      A t = buf[j] - bm;
+      A e = fast_exp(t);
+      s += e;
+      if (ENT) d += e > A(0) ? e * t : A(0);
+      if (SQ) q += e * e;
+    }
+    cs.s = s; cs.d = d; cs.q = q;
+    st.merge(cs);
+  }
+  // The label's transformed logit is recomputed from its (single) element rather than kept.
+  const A z_label = tf.apply(A(to_float(row[label])));
+  const A lse = st.lse();
+  logp[r] = z_label - lse;
+  lse_out[r] = lse;
+  write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), xsum / A(V),
+                 z_label >= st.m);
+}
+
+PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx, typename T COMMA bool ENT COMMA bool SQ,
+                   T COMMA ENT COMMA SQ)
+
+struct BwdCtx {
+  LogprobBackwardArgs a;
+  RowIndexer logits_rows, label_rows, grad_rows;
+  int64_t V;
+};
+
+template <typename T, bool ENT> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
+  using A = typename acc_type<T>::type;
+  const LogprobBackwardArgs& a = c.a;
+  const int64_t V = c.V;
+  const int64_t label = read_label<T>(a.labels, c.label_rows.offset(r));
+  T* out = a.grad_logits.ptr<T>() + c.grad_rows.offset(r);
+  const A g_lp = a.grad_logp.data ? a.grad_logp.ptr<A>()[r] : A(0);
+  const A g_ent = ENT ? a.grad_entropy.ptr<A>()[r] : A(0);
+  if (label == a.ignore_index || (g_lp == A(0) && g_ent == A(0))) {
+    const T zero = from_float<T>(0.f);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) out[j] = zero;
+    return;
+  }
+  if (label < 0 || label >= V) bad_label(r, label, V, a.ignore_index);
+  const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
+  const A lse = a.lse.ptr<A>()[r];
+  const A ent = ENT ? a.entropy.ptr<A>()[r] : A(0);
+  const LogitTransform tf = a.tf;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    A x = to_float(row[j]);
+    A gz = logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, j == label);
+    out[j] = from_float<T>(float(gz * tf.grad(x)));
+  }
+}
+PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT, T COMMA ENT)
+
+int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+
+template <typename T> void forward_typed(const FwdCtx& c, int64_t rows) {
+  const bool ent = c.a.entropy.data != nullptr, sq = c.a.log_sum_sq.data != nullptr;
+  parallel_rows(rows, grain_for(c.V), [&](int64_t b, int64_t e) {
+    if (ent && sq) forward_rows<T, true, true>(c, b, e);
+    else if (ent) forward_rows<T, true, false>(c, b, e);
+    else if (sq) forward_rows<T, false, true>(c, b, e);
+    else forward_rows<T, false, false>(c, b, e);
+  });
+}
+
+template <typename T> void backward_typed(const BwdCtx& c, int64_t rows) {
+  const bool ent = c.a.grad_entropy.data != nullptr;
+  parallel_rows(rows, grain_for(c.V), [&](int64_t b, int64_t e) {
+    if (ent) backward_rows<T, true>(c, b, e);
+    else backward_rows<T, false>(c, b, e);
+  });
+}
+
+}  // namespace
+
+void logprob_forward_cpu(const LogprobForwardArgs& a) {
+  FwdCtx c{a, RowIndexer(a.logits, a.logits.ndim - 1), RowIndexer(a.labels, a.labels.ndim), a.logits.size(-1)};
+  const int64_t rows = a.labels.numel();
+  switch (a.logits.dtype) {
+    case DType::f32: forward_typed<float>(c, rows); break;
+    case DType::bf16: forward_typed<bf16_t>(c, rows); break;
+    case DType::f16: forward_typed<f16_t>(c, rows); break;
+    case DType::f64: forward_typed<double>(c, rows); break;
+    default: fail("logits: unsupported dtype " + std::string(dtype_name(a.logits.dtype)));
+  }
+}
+
+void logprob_backward_cpu(const LogprobBackwardArgs& a) {
+  BwdCtx c{a, RowIndexer(a.logits, a.logits.ndim - 1), RowIndexer(a.labels, a.labels.ndim),
+           RowIndexer(a.grad_logits, a.grad_logits.ndim - 1), a.logits.size(-1)};
+  const int64_t rows = a.labels.numel();
+  switch (a.logits.dtype) {
+    case DType::f32: backward_typed<float>(c, rows); break;
+    case DType::bf16: backward_typed<bf16_t>(c, rows); break;
+    case DType::f16: backward_typed<f16_t>(c, rows); break;
+    case DType::f64: backward_typed<double>(c, rows); break;
+    default: fail("logits: unsupported dtype " + std::string(dtype_name(a.logits.dtype)));
+  }
+}
+
+}  // namespace pyalign

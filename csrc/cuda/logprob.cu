@@ -1,0 +1,202 @@
+// CUDA kernels of the log-prob family: one block per row; each thread keeps online softmax
+// statistics over a strided slice of the row (16-byte vector loads when aligned), then a
+// deterministic block reduction. Backward: one block per row, one read and one write.
+#include "pyalign/logprob.h"
+#include "common.cuh"
+
+namespace pyalign {
+
+template <typename A> __device__ __forceinline__ SoftmaxStats<A> shfl_xor(SoftmaxStats<A> v, int o) {
+  SoftmaxStats<A> r;
+  r.m = shfl_xor(v.m, o); r.s = shfl_xor(v.s, o); r.d = shfl_xor(v.d, o); r.q = shfl_xor(v.q, o);
+  return r;
+}
+
+namespace {
+
+template <typename T> struct Storage { using type = T; };
+template <> struct Storage<bf16_t> { using type = uint16_t; };
+template <> struct Storage<f16_t> { using type = uint16_t; };
+
+__device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
+  return l.dtype == DType::i32 ? int64_t(l.ptr<int32_t>()[off]) : l.ptr<int64_t>()[off];
+}
+
+// Streaming update of per-thread statistics with one transformed logit.
+template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& xsum, A x) {
+  xsum += x;
+  if (z == A(-INFINITY)) return;
+  if (z > st.m) {
+    A c = st.m == A(-INFINITY) ? A(0) : exp(st.m - z);
+    st.d = c * (st.d + (st.m - z) * st.s);
+    st.s = c * st.s;
+    st.q = c * c * st.q;
+    st.m = z;
+  }
+  A t = z - st.m, e = exp(t);
+  st.s += e; st.d += e * t; st.q += e * e;
+}
+
+struct KernelArgs {
+  LogprobForwardArgs a;
+  RowIndexer logits_rows, label_rows;
+  int64_t V;
+};
+
+template <typename T, int VEC>
+__global__ void forward_kernel(KernelArgs k) {
+  using A = typename acc_type<T>::type;
+  __shared__ SoftmaxStats<A> smem[32];
+  __shared__ A smem_x[32];
+  const LogprobForwardArgs& a = k.a;
+  const int64_t r = blockIdx.x;
+  const int64_t V = k.V;
+  const int64_t label = load_label(a.labels, k.label_rows.offset(r));
+  if (label == a.ignore_index || label < 0 || label >= V) {
+    if (threadIdx.x == 0) {
+      // Out-of-range labels never index memory: they give NaN (see token_logprobs' docs).
+      A v = label == a.ignore_index ? A(0) : A(NAN);
+      a.logp.ptr<A>()[r] = v; a.lse.ptr<A>()[r] = v;
+      if (a.entropy.data) a.entropy.ptr<A>()[r] = v;
+      if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = v;
+      if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = v;
+      if (a.top1.data) a.top1.ptr<bool>()[r] = false;
+    }
+    return;
+  }
+  const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
+  const LogitTransform tf = a.tf;
+  SoftmaxStats<A> st;
+  A xsum = 0;
+  int64_t start = 0;
+  if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
+    const int64_t nvec = V / VEC;
+    const uint4* vrow = reinterpret_cast<const uint4*>(row);
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      uint4 raw = __ldg(vrow + i);
+      const T* el = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        A x = to_float(el[j]);
+        push(st, tf.apply(x), xsum, x);
+      }
+    }
+    start = nvec * VEC;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) {
+    A x = to_float(row[i]);
+    push(st, tf.apply(x), xsum, x);
+  }
+  auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
+  st = block_reduce(st, merge, smem);
+  xsum = block_reduce(xsum, [](A x, A y) { return x + y; }, smem_x);
+  if (threadIdx.x == 0) {
+    const A zl = tf.apply(A(to_float(row[label])));
+    const A lse = st.lse();
+    a.logp.ptr<A>()[r] = zl - lse;
+    a.lse.ptr<A>()[r] = lse;
+    if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
+    if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
+    if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = xsum / A(V);
+    if (a.top1.data) a.top1.ptr<bool>()[r] = zl >= st.m;
+  }
+}
+
+struct BwdKernelArgs {
+  LogprobBackwardArgs a;
+  RowIndexer logits_rows, label_rows, grad_rows;
+  int64_t V;
+};
+
+template <typename T, int VEC>
+__global__ void backward_kernel(BwdKernelArgs k) {
+  using A = typename acc_type<T>::type;
+  const LogprobBackwardArgs& a = k.a;
+  const int64_t r = blockIdx.x;
+  const int64_t V = k.V;
+  const int64_t label = load_label(a.labels, k.label_rows.offset(r));
+  T* out = a.grad_logits.ptr<T>() + k.grad_rows.offset(r);
+  const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
+  const bool skip = label == a.ignore_index || label < 0 || label >= V;
+  const A g_lp = (!skip && a.grad_logp.data) ? a.grad_logp.ptr<A>()[r] : A(0);
+  const A g_ent = (!skip && a.grad_entropy.data) ? a.grad_entropy.ptr<A>()[r] : A(0);
+  const A lse = skip ? A(0) : a.lse.ptr<A>()[r];
+  const A ent = (!skip && a.entropy.data) ? a.entropy.ptr<A>()[r] : A(0);
+  const LogitTransform tf = a.tf;
+  auto grad_at = [&](A x, int64_t j) -> float {
+    if (skip) return 0.f;
+    return float(logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, j == label) * tf.grad(x));
+  };
+  int64_t start = 0;
+  if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0) {
+    const int64_t nvec = V / VEC;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      uint4 raw = reinterpret_cast<const uint4*>(row)[i];
+      const T* el = reinterpret_cast<const T*>(&raw);
+      uint4 res;
+      T* o = reinterpret_cast<T*>(&res);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) o[j] = from_float<T>(grad_at(to_float(el[j]), i * VEC + j));
+      reinterpret_cast<uint4*>(out)[i] = res;
+    }
+    start = nvec * VEC;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) out[i] = from_float<T>(grad_at(to_float(row[i]), i));
+}
+
+int threads_for(int64_t V) { return V >= 16384 ? 512 : V >= 2048 ? 256 : 128; }
+
+template <typename T> void launch_forward(const KernelArgs& k, int64_t rows, cudaStream_t s) {
+  constexpr int VEC = 16 / sizeof(T);
+  forward_kernel<T, VEC><<<dim3(unsigned(rows)), threads_for(k.V), 0, s>>>(k);
+}
+
+template <typename T> void launch_backward(const BwdKernelArgs& k, int64_t rows, cudaStream_t s) {
+  constexpr int VEC = 16 / sizeof(T);
+  backward_kernel<T, VEC><<<dim3(unsigned(rows)), threads_for(k.V), 0, s>>>(k);
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
+  return n;
+}
+
+void logprob_forward_cuda(const LogprobForwardArgs& a, void* stream) {
+  const int64_t rows = a.labels.numel();
+  if (rows == 0) return;
+  require(rows < (int64_t(1) << 31), "logits: at most 2^31 - 1 rows are supported on CUDA");
+  DeviceGuard g(a.logits.device);
+  KernelArgs k{a, RowIndexer(a.logits, a.logits.ndim - 1), RowIndexer(a.labels, a.labels.ndim), a.logits.size(-1)};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.logits.dtype) {
+    case DType::f32: launch_forward<float>(k, rows, s); break;
+    case DType::bf16: launch_forward<bf16_t>(k, rows, s); break;
+    case DType::f16: launch_forward<f16_t>(k, rows, s); break;
+    case DType::f64: launch_forward<double>(k, rows, s); break;
+    default: fail("logits: unsupported dtype");
+  }
+  cuda_check(cudaGetLastError(), "token_logprobs forward launch");
+}
+
+void logprob_backward_cuda(const LogprobBackwardArgs& a, void* stream) {
+  const int64_t rows = a.labels.numel();
+  if (rows == 0) return;
+  require(rows < (int64_t(1) << 31), "logits: at most 2^31 - 1 rows are supported on CUDA");
+  DeviceGuard g(a.logits.device);
+  BwdKernelArgs k{a, RowIndexer(a.logits, a.logits.ndim - 1), RowIndexer(a.labels, a.labels.ndim),
+                  RowIndexer(a.grad_logits, a.grad_logits.ndim - 1), a.logits.size(-1)};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.logits.dtype) {
+    case DType::f32: launch_backward<float>(k, rows, s); break;
+    case DType::bf16: launch_backward<bf16_t>(k, rows, s); break;
+    case DType::f16: launch_backward<f16_t>(k, rows, s); break;
+    case DType::f64: launch_backward<double>(k, rows, s); break;
+    default: fail("logits: unsupported dtype");
+  }
+  cuda_check(cudaGetLastError(), "token_logprobs backward launch");
+}
+
+}  // namespace pyalign

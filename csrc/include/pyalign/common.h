@@ -1,0 +1,163 @@
+// Portable math and types shared by the CPU and CUDA kernels of every family.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#define PYALIGN_HD __host__ __device__ __forceinline__
+#else
+#define PYALIGN_HD inline __attribute__((always_inline))
+#endif
+
+namespace pyalign {
+
+// Same codes as pyalign/_ext.py: DTYPE_CODES.
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i32 = 4, i64 = 5, u8 = 6, b8 = 7 };
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+    case DType::f64: return "float64";
+    case DType::i32: return "int32";
+    case DType::i64: return "int64";
+    case DType::u8: return "uint8";
+    case DType::b8: return "bool";
+  }
+  return "unknown";
+}
+
+// 16-bit float storage types: plain bit patterns, converted by hand so that the same code
+// runs on host and device and vectorizes on the host.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+PYALIGN_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f; std::memcpy(&f, &u, 4); return f;
+#endif
+}
+PYALIGN_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u; std::memcpy(&u, &f, 4); return u;
+#endif
+}
+
+PYALIGN_HD float to_float(float x) { return x; }
+PYALIGN_HD double to_float(double x) { return x; }
+PYALIGN_HD float to_float(bf16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+PYALIGN_HD float to_float(f16_t x) {
+  // Branch-free half -> float (handles subnormals, inf and NaN) so loops over it vectorize.
+  uint32_t h = x.bits;
+  uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  uint32_t normal = (em << 13) + 0x38000000u;             // rebias exponent 15 -> 127
+  uint32_t infnan = (em << 13) | 0x7f800000u;             // exponent 31 -> 255
+  float sub = bits_to_float((em << 13) + 0x38800000u) - bits_to_float(0x38800000u);  // exponent 0
+  uint32_t subb = float_to_bits(sub);
+  uint32_t r = em >= 0x7c00u ? infnan : (em < 0x0400u ? subb : normal);
+  return bits_to_float(r | sign);
+}
+
+template <typename T> PYALIGN_HD T from_float(float x);
+template <> PYALIGN_HD float from_float<float>(float x) { return x; }
+template <> PYALIGN_HD bf16_t from_float<bf16_t>(float x) {
+  // Round to nearest even; NaN stays NaN.
+  uint32_t u = float_to_bits(x);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;
+  bool isnan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16_t{uint16_t(isnan ? nan : rounded)};
+}
+template <> PYALIGN_HD f16_t from_float<f16_t>(float x) {
+#if defined(__CUDA_ARCH__)
+  __half h = __float2half_rn(x);
+  return f16_t{__half_as_ushort(h)};
+#else
+  // Round to nearest even, with overflow to inf and gradual underflow.
+  uint32_t u = float_to_bits(x);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  uint16_t out;
+  if (a > 0x7f800000u) out = 0x7e00u;                        // NaN
+  else if (a >= 0x477ff000u) out = 0x7c00u;                  // >= 65520 rounds to inf
+  else if (a < 0x38800000u) {                                 // below the smallest normal half
+    float f = bits_to_float(a) + 0.5f;                        // lets the FPU round at 2^-24
+    out = uint16_t(float_to_bits(f) - 0x3f000000u);
+  } else {
+    uint32_t mant_odd = (a >> 13) & 1u;
+    a += 0xc8000fffu + mant_odd;                              // rebias 127 -> 15 and round
+    out = uint16_t(a >> 13);
+  }
+  return f16_t{uint16_t(out | sign)};
+#endif
+}
+template <> PYALIGN_HD double from_float<double>(float x) { return x; }
+
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+
+constexpr float kNegInf = -INFINITY;
+
+// exp that the host compiler can inline and vectorize (#pragma omp simd): Cody-Waite range
+// reduction to |r| <= ln2/2 and a degree-6 polynomial (max rel. error ~2 ulp). Exact 0 below
+// -87.3 (so -inf logits give exactly 0), +inf above 88.7, NaN propagates.
+PYALIGN_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = xc * 1.44269504f + shifter;
+  float n = t - shifter;
+  float r = xc - n * 0.693145752f;    // ln2 split in a high and a low part
+  r = r - n * 1.42860677e-6f;
+  float p = 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
+  float scale = bits_to_float(uint32_t(ni + 127) << 23);
+  float y = p * scale;
+  y = x < -87.0f ? 0.0f : y;
+  y = x > 88.0f ? INFINITY : y;
+  return x != x ? x : y;
+#endif
+}
+PYALIGN_HD double fast_exp(double x) { return std::exp(x); }
+
+// tanh through fast_exp, exact sign and saturation; vectorizes like fast_exp.
+PYALIGN_HD float fast_tanh(float x) {
+  float ax = x < 0 ? -x : x;
+  float e = fast_exp(-2.0f * ax);
+  float t = (1.0f - e) / (1.0f + e);
+  return x < 0 ? -t : t;
+}
+PYALIGN_HD double fast_tanh(double x) { return std::tanh(x); }
+
+// log(1 + exp(x)) without overflow; log-sigmoid(x) = -softplus(-x).
+template <typename A> PYALIGN_HD A softplus(A x) {
+  return x > A(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
+}
+template <typename A> PYALIGN_HD A log_sigmoid(A x) { return -softplus(-x); }
+template <typename A> PYALIGN_HD A sigmoid(A x) {
+  return x >= A(0) ? A(1) / (A(1) + std::exp(-x)) : std::exp(x) / (A(1) + std::exp(x));
+}
+// log(1 - exp(x)) for x <= 0 (Maechler 2012).
+template <typename A> PYALIGN_HD A log1mexp(A x) {
+  return x > A(-0.6931471805599453) ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
+}
+
+}  // namespace pyalign

@@ -1,0 +1,100 @@
+// Run-time ISA dispatch and row-parallel loops for the CPU kernels. A kernel is written once as
+// an always-inline row function; PYALIGN_CPU_CLONES compiles it for AVX-512, AVX2+FMA and the
+// baseline, and the dispatcher picks the best one the CPU supports, so one wheel stays portable.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <string>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pyalign {
+
+enum class Isa { base, avx2, avx512 };
+
+inline Isa cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::base;
+  }();
+  return isa;
+#else
+  return Isa::base;
+#endif
+}
+
+inline const char* isa_name(Isa i) {
+  return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "baseline";
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYALIGN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define PYALIGN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define PYALIGN_TARGET_AVX512
+#define PYALIGN_TARGET_AVX2
+#endif
+
+// Defines NAME<Ts...>(ctx, begin, end) that runs ROWFN<Ts...>(ctx, i) for i in [begin, end),
+// compiled three times with different ISA targets and dispatched at run time.
+#define COMMA ,
+#define PYALIGN_CPU_CLONES(NAME, ROWFN, CTX, TPARAMS, TARGS)                         \
+  template <TPARAMS> PYALIGN_TARGET_AVX512 void NAME##_avx512(const CTX& c, int64_t b, \
+                                                              int64_t e) {            \
+    for (int64_t i = b; i < e; ++i) ROWFN<TARGS>(c, i);                               \
+  }                                                                                   \
+  template <TPARAMS> PYALIGN_TARGET_AVX2 void NAME##_avx2(const CTX& c, int64_t b,     \
+                                                          int64_t e) {                \
+    for (int64_t i = b; i < e; ++i) ROWFN<TARGS>(c, i);                               \
+  }                                                                                   \
+  template <TPARAMS> void NAME##_base(const CTX& c, int64_t b, int64_t e) {            \
+    for (int64_t i = b; i < e; ++i) ROWFN<TARGS>(c, i);                               \
+  }                                                                                   \
+  template <TPARAMS> void NAME(const CTX& c, int64_t b, int64_t e) {                   \
+    switch (cpu_isa()) {                                                              \
+      case Isa::avx512: NAME##_avx512<TARGS>(c, b, e); break;                         \
+      case Isa::avx2: NAME##_avx2<TARGS>(c, b, e); break;                             \
+      default: NAME##_base<TARGS>(c, b, e);                                           \
+    }                                                                                 \
+  }
+
+// Runs fn(begin, end) over [0, n) in contiguous static chunks across OpenMP threads. Each index
+// is processed entirely by one thread, so results never depend on the thread count. The first
+// exception thrown by any thread is rethrown on the caller's thread.
+template <typename F> void parallel_rows(int64_t n, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  std::exception_ptr err;
+  std::mutex mu;
+  auto guarded = [&](int64_t b, int64_t e) {
+    try { fn(b, e); } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!err) err = std::current_exception();
+    }
+  };
+#ifdef _OPENMP
+  if (n >= 2 * grain && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+#pragma omp parallel
+    {
+      int nt = omp_get_num_threads(), t = omp_get_thread_num();
+      int64_t chunk = (n + nt - 1) / nt;
+      int64_t b = t * chunk, e = b + chunk < n ? b + chunk : n;
+      if (b < e) guarded(b, e);
+    }
+  } else {
+    guarded(0, n);
+  }
+#else
+  guarded(0, n);
+#endif
+  if (err) std::rethrow_exception(err);
+}
+
+}  // namespace pyalign

@@ -1,0 +1,94 @@
+// Per-token log-probs and softmax statistics of a transformed logits row: shared math and the
+// interface of the CPU (csrc/cpu/logprob.cpp) and CUDA (csrc/cuda/logprob.cu) kernels.
+#pragma once
+#include "pyalign/tensor.h"
+
+namespace pyalign {
+
+// z = transform(x) = softcap * tanh(scale * x / softcap) / temperature  (softcap > 0)
+//                  = scale * x / temperature                          (softcap == 0)
+struct LogitTransform {
+  double scale_over_temp = 1;  // scale / temperature
+  double softcap = 0;          // 0: no softcapping
+  double inv_temp = 1;
+  double scale = 1;
+
+  template <typename A> PYALIGN_HD A apply(A x) const {
+    if (softcap > 0) return A(softcap) * fast_tanh(A(scale) * x / A(softcap)) * A(inv_temp);
+    return x * A(scale_over_temp);
+  }
+  // dz/dx at x.
+  template <typename A> PYALIGN_HD A grad(A x) const {
+    if (softcap > 0) {
+      A t = fast_tanh(A(scale) * x / A(softcap));
+      return A(scale_over_temp) * (A(1) - t * t);
+    }
+    return A(scale_over_temp);
+  }
+};
+
+// Online softmax statistics of one row, relative to the running max m:
+//   s = sum exp(z - m),  d = sum exp(z - m) (z - m),  q = sum exp(2 (z - m)).
+// The entropy is log s - d / s and log sum p^2 = log q - 2 log s. Keeping z - m (not z) in d
+// avoids cancellation when |z| is large and the entropy small.
+template <typename A> struct SoftmaxStats {
+  A m = -INFINITY, s = 0, d = 0, q = 0;
+
+  // Merges another partial result (used by block reductions and after each chunk).
+  PYALIGN_HD void merge(const SoftmaxStats& o) {
+    if (o.m == A(-INFINITY)) return;
+    if (m == A(-INFINITY)) { *this = o; return; }
+    A nm = m > o.m ? m : o.m;
+    A ca = fast_exp(m - nm), cb = fast_exp(o.m - nm);
+    // sum e^{z-nm}(z-nm) = c * (sum e^{z-m}(z-m) + (m - nm) * sum e^{z-m})
+    d = ca * (d + (m - nm) * s) + cb * (o.d + (o.m - nm) * o.s);
+    s = ca * s + cb * o.s;
+    q = ca * ca * q + cb * cb * o.q;
+    m = nm;
+  }
+  PYALIGN_HD A lse() const { return m + std::log(s); }
+  PYALIGN_HD A entropy() const { return std::log(s) - d / s; }
+  PYALIGN_HD A log_sum_sq() const { return std::log(q) - A(2) * std::log(s); }
+};
+
+// d/dz_v of  g_lp * log p_label + g_ent * H  for one vocabulary entry.
+template <typename A>
+PYALIGN_HD A logprob_grad_z(A z, A lse, A ent, A g_lp, A g_ent, bool is_label) {
+  A logp = z - lse;
+  A p = fast_exp(logp);
+  A g = -g_lp * p;
+  // dH/dz_v = -p_v (log p_v + H); zero (not 0 * -inf) for masked entries.
+  g -= p > A(0) ? g_ent * p * (logp + ent) : A(0);
+  return is_label ? g + g_lp : g;
+}
+
+// Which optional outputs to compute.
+enum LogprobOutputs : int { kEntropy = 1, kLogSumSq = 2, kMeanLogit = 4, kTop1 = 8 };
+
+struct LogprobForwardArgs {
+  TensorArg logits;    // [..., V] fp32/fp16/bf16/fp64, vocab stride 1, any leading strides
+  TensorArg labels;    // [...] int32/int64, any strides
+  TensorArg logp;      // [rows] fp32 (fp64 for fp64 logits), contiguous
+  TensorArg lse;       // [rows] same dtype as logp: saved for the backward
+  TensorArg entropy, log_sum_sq, mean_logit;  // [rows] or empty (data == nullptr)
+  TensorArg top1;      // [rows] bool or empty
+  LogitTransform tf;
+  int64_t ignore_index = -100;
+};
+
+struct LogprobBackwardArgs {
+  TensorArg logits, labels, lse, entropy;   // entropy: saved forward entropy (needed if grad_entropy)
+  TensorArg grad_logp, grad_entropy;        // [rows] fp32/fp64 or empty (zero gradient)
+  TensorArg grad_logits;                    // like logits (may alias it: in-place backward)
+  LogitTransform tf;
+  int64_t ignore_index = -100;
+};
+
+void logprob_forward_cpu(const LogprobForwardArgs& a);
+void logprob_backward_cpu(const LogprobBackwardArgs& a);
+#ifdef PYALIGN_WITH_CUDA
+void logprob_forward_cuda(const LogprobForwardArgs& a, void* stream);
+void logprob_backward_cuda(const LogprobBackwardArgs& a, void* stream);
+#endif
+
+}  // namespace pyalign

@@ -1,0 +1,167 @@
+"""Batched per-token log-probs and softmax statistics straight from logits.
+
+For logits ``x`` of shape ``[..., V]`` and integer ``labels`` of shape ``[...]`` every function
+here works with ``p = softmax(transform(x))``, where
+
+    transform(x) = softcap * tanh(logit_scale * x / softcap) / temperature   (softcap set)
+                 = logit_scale * x / temperature                            (otherwise)
+
+(Gemma 2-style logit softcapping). Each logits row is read once in the forward (online max and
+sum) and once in the backward, whose gradient is written straight into a fresh buffer or, with
+``inplace_backward=True``, into the logits' own storage.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pyalign import _checks
+from pyalign.ops.logprob import ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1, token_logprobs_op
+
+OUTPUT_FLAGS = {"entropy": ENTROPY, "log_sum_sq_probs": LOG_SUM_SQ, "mean_logit": MEAN_LOGIT, "is_top1": TOP1}
+
+
+class TokenStats(NamedTuple):
+    """Per-token results; a field is None when it was not asked for."""
+
+    logprobs: Tensor
+    entropy: Optional[Tensor] = None
+    log_sum_sq_probs: Optional[Tensor] = None
+    mean_logit: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
+
+
+def _prepare(logits, labels, ignore_index, temperature, logit_scale, softcap, shift, validate):
+    _checks.float_tensor(logits, "logits")
+    _checks.index_tensor(labels, "labels")
+    _checks.same_device(("logits", logits), ("labels", labels))
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} (the leading shape of logits), "
+                         f"got {tuple(labels.shape)}")
+    if shift and logits.dim() < 2:
+        raise ValueError(f"shift=True: logits need a sequence dimension [..., T, V], got {tuple(logits.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    temperature = _checks.positive(temperature, "temperature")
+    logit_scale = _checks.finite(logit_scale, "logit_scale")
+    if logit_scale == 0:
+        raise ValueError("logit_scale: expected a non-zero number, got 0")
+    softcap = 0.0 if softcap is None else _checks.positive(softcap, "softcap")
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        # The kernels read each row with unit stride; leading dims may have any strides.
+        logits = logits.contiguous()
+    if validate is None:
+        validate = logits.device.type == "cpu"  # free on CPU (the kernel checks); a sync on CUDA
+    if validate and logits.device.type != "cpu":
+        check_labels(labels, logits.shape[-1], ignore_index)
+    return logits, temperature, logit_scale, softcap
+
+
+def check_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raises ValueError if a label is outside ``[0, vocab_size)`` and is not ``ignore_index``.
+
+    On CUDA this synchronizes with the host; the kernels themselves never read out of bounds and
+    return NaN for such a label, so the check is opt-in there (``validate=True``).
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        raise ValueError(f"labels: value {int(labels.flatten()[idx])} at flat position {idx} is outside "
+                         f"[0, {vocab_size}) and is not ignore_index ({ignore_index})")
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    return_entropy: bool = False,
+    outputs: Optional[Sequence[str]] = None,
+    inplace_backward: bool = False,
+    validate: Optional[bool] = None,
+):
+    """Per-token ``log p(label)`` (0 where ``labels == ignore_index``), in fp32 (fp64 for fp64 logits).
+
+    Args:
+        logits: ``[..., V]`` fp32/bf16/fp16 (fp64 on CPU). Leading dims may have any strides (a
+            slice is read in place); a vocabulary stride other than 1 costs one contiguous copy.
+        labels: int32/int64 of shape ``logits.shape[:-1]``.
+        shift: causal-LM shift: position ``t`` predicts ``labels[..., t + 1]``; the result has
+            shape ``[..., T - 1]``. No copy of the logits is made.
+        return_entropy: also return the per-token entropy of ``p`` (0 where ignored).
+        outputs: names of statistics to compute in the same pass, any of ``"entropy"``,
+            ``"log_sum_sq_probs"`` (log sum_v p_v^2, the WPO weight), ``"mean_logit"`` (mean of
+            the raw logits over V), ``"is_top1"`` (the label is an argmax of the logits). When
+            given, a :class:`TokenStats` is returned.
+        inplace_backward: the backward writes the gradient into the logits' storage (the logits
+            are consumed: do not use them after ``backward()``); saves one ``[..., V]`` buffer.
+        validate: check labels against ``[0, V)``. Default: on CPU always (at no cost, inside
+            the kernel); on CUDA not, to avoid a host sync (an out-of-range label then yields NaN
+            and is never read out of bounds).
+
+    Returns:
+        the log-probs; ``(log-probs, entropy)`` with ``return_entropy``; a :class:`TokenStats`
+        when ``outputs`` is given.
+
+    Gradients flow to ``logits`` through the log-probs and the entropy; the other statistics
+    are not differentiable.
+    """
+    logits, temperature, logit_scale, softcap = _prepare(
+        logits, labels, ignore_index, temperature, logit_scale, softcap, shift, validate)
+    wanted = set(outputs or ())
+    for name in wanted:
+        _checks.choice(name, "outputs", tuple(OUTPUT_FLAGS))
+    if return_entropy:
+        wanted.add("entropy")
+    flags = sum(OUTPUT_FLAGS[n] for n in wanted)
+    if inplace_backward and torch._C._debug_has_internal_overlap(logits) != 0:
+        raise ValueError("logits: inplace_backward=True needs logits whose elements do not overlap "
+                         "(not an expanded/broadcast tensor)")
+    out_shape = labels[..., 1:].shape if shift else labels.shape
+    logp, _, ent, lss, mean, top1 = token_logprobs_op(
+        logits, labels, ignore_index, temperature, logit_scale, softcap, bool(shift), flags,
+        bool(inplace_backward))
+    shaped = lambda t, name: t.view(out_shape) if name in wanted else None
+    if outputs is not None:
+        return TokenStats(logp.view(out_shape), shaped(ent, "entropy"), shaped(lss, "log_sum_sq_probs"),
+                          shaped(mean, "mean_logit"), shaped(top1, "is_top1"))
+    if return_entropy:
+        return logp.view(out_shape), ent.view(out_shape)
+    return logp.view(out_shape)
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    shift: bool = False,
+    reduction: str = "sum",
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum (or mean) of token log-probs over non-ignored tokens, and token counts.
+
+    ``logits`` is ``[..., T, V]``; returns ``(logps [...], counts [...] int64)``. A sequence
+    with no valid token gives 0 (never NaN). Other keyword arguments go to :func:`token_logprobs`.
+    """
+    _checks.choice(reduction, "reduction", ("sum", "mean"))
+    _checks.index_tensor(labels, "labels")
+    if labels.dim() < 1:
+        raise ValueError("labels: expected shape [..., T] with a sequence dimension")
+    lp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                        shift=shift, **kwargs)
+    lab = labels[..., 1:] if shift else labels
+    counts = (lab != ignore_index).sum(-1)
+    total = lp.sum(-1)
+    if reduction == "mean":
+        total = total / counts.clamp(min=1).to(total.dtype)
+    return total, counts

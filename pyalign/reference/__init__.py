@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations of every pyalign operation: the test oracle."""

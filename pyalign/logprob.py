@@ -47,9 +47,7 @@ def _prepare(logits, labels, ignore_index, temperature, logit_scale, softcap, sh
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     temperature = _checks.positive(temperature, "temperature")
-    logit_scale = _checks.finite(logit_scale, "logit_scale")
-    if logit_scale == 0:
-        raise ValueError("logit_scale: expected a non-zero number, got 0")
+    logit_scale = _checks.positive(logit_scale, "logit_scale")
     softcap = 0.0 if softcap is None else _checks.positive(softcap, "softcap")
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         # The kernels read each row with unit stride; leading dims may have any strides.
@@ -122,7 +120,7 @@ def token_logprobs(
     if return_entropy:
         wanted.add("entropy")
     flags = sum(OUTPUT_FLAGS[n] for n in wanted)
-    if inplace_backward and torch._C._debug_has_internal_overlap(logits) != 0:
+    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
         raise ValueError("logits: inplace_backward=True needs logits whose elements do not overlap "
                          "(not an expanded/broadcast tensor)")
     out_shape = labels[..., 1:].shape if shift else labels.shape

@@ -28,7 +28,7 @@ void check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
 
 LogitTransform make_transform(double temperature, double logit_scale, double softcap) {
   require(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite value > 0, got " + std::to_string(temperature));
-  require(std::isfinite(logit_scale) && logit_scale != 0, "logit_scale: expected a finite non-zero value, got " + std::to_string(logit_scale));
+  require(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale: expected a finite value > 0, got " + std::to_string(logit_scale));
   require(softcap >= 0 && std::isfinite(softcap), "softcap: expected a finite value > 0 (or None), got " + std::to_string(softcap));
   LogitTransform tf;
   tf.inv_temp = 1.0 / temperature;

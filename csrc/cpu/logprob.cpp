@@ -26,7 +26,7 @@ template <typename T> PYALIGN_HD int64_t read_label(const TensorArg& labels, int
        std::to_string(ignore_index) + ")");
 }
 
-template <typename T, bool ENT, bool SQ>
+template <typename T, bool ENT, bool SQ, bool SC>
 PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
   const LogprobForwardArgs& a = c.a;
@@ -52,19 +52,21 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const bool want_mean = a.mean_logit.data != nullptr;
   A buf[kChunk];
   SoftmaxStats<A> st;
-  A xsum = 0;
+  A xsum = 0, xmax = -INFINITY;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
-    A bm = -INFINITY, bx = 0;
-#pragma omp simd reduction(max : bm) reduction(+ : bx)
+    A bm = -INFINITY, bx = 0, bxm = -INFINITY;
+#pragma omp simd reduction(max : bm, bxm) reduction(+ : bx)
     for (int64_t j = 0; j < n; ++j) {
       A x = to_float(row[j0 + j]);
-      A z = tf.apply(x);
+      A z = tf.apply_t<SC>(x);
       buf[j] = z;
       bm = z > bm ? z : bm;
+      bxm = x > bxm ? x : bxm;
       bx += x;
     }
     if (want_mean) xsum += bx;
+    xmax = bxm > xmax ? bxm : xmax;
     if (bm == A(-INFINITY)) continue;  // all masked so far in this chunk
     SoftmaxStats<A> cs;
     cs.m = bm;
@@ -81,16 +83,17 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
     st.merge(cs);
   }
   // The label's transformed logit is recomputed from its (single) element rather than kept.
-  const A z_label = tf.apply(A(to_float(row[label])));
+  const A x_label = to_float(row[label]);
+  const A z_label = tf.apply_t<SC>(x_label);
   const A lse = st.lse();
   logp[r] = z_label - lse;
   lse_out[r] = lse;
   write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), xsum / A(V),
-                 z_label >= st.m);
+                 x_label >= xmax);  // on raw logits: the transform is increasing
 }
 
-PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx, typename T COMMA bool ENT COMMA bool SQ,
-                   T COMMA ENT COMMA SQ)
+PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx,
+                   typename T COMMA bool ENT COMMA bool SQ COMMA bool SC, T COMMA ENT COMMA SQ COMMA SC)
 
 struct BwdCtx {
   LogprobBackwardArgs a;
@@ -98,7 +101,7 @@ struct BwdCtx {
   int64_t V;
 };
 
-template <typename T, bool ENT> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
+template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
   const LogprobBackwardArgs& a = c.a;
   const int64_t V = c.V;
@@ -120,29 +123,38 @@ template <typename T, bool ENT> PYALIGN_HD void backward_row(const BwdCtx& c, in
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     A x = to_float(row[j]);
-    A gz = logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, j == label);
-    out[j] = from_float<T>(float(gz * tf.grad(x)));
+    A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, j == label);
+    out[j] = from_float<T>(gz * tf.grad_t<SC>(x));
   }
 }
-PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT, T COMMA ENT)
+PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT COMMA bool SC,
+                   T COMMA ENT COMMA SC)
 
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
+template <typename T, bool SC> void forward_sc(const FwdCtx& c, int64_t b, int64_t e, bool ent, bool sq) {
+  if (ent && sq) forward_rows<T, true, true, SC>(c, b, e);
+  else if (ent) forward_rows<T, true, false, SC>(c, b, e);
+  else if (sq) forward_rows<T, false, true, SC>(c, b, e);
+  else forward_rows<T, false, false, SC>(c, b, e);
+}
+
 template <typename T> void forward_typed(const FwdCtx& c, int64_t rows) {
   const bool ent = c.a.entropy.data != nullptr, sq = c.a.log_sum_sq.data != nullptr;
+  const bool sc = c.a.tf.softcap > 0;
   parallel_rows(rows, grain_for(c.V), [&](int64_t b, int64_t e) {
-    if (ent && sq) forward_rows<T, true, true>(c, b, e);
-    else if (ent) forward_rows<T, true, false>(c, b, e);
-    else if (sq) forward_rows<T, false, true>(c, b, e);
-    else forward_rows<T, false, false>(c, b, e);
+    if (sc) forward_sc<T, true>(c, b, e, ent, sq);
+    else forward_sc<T, false>(c, b, e, ent, sq);
   });
 }
 
 template <typename T> void backward_typed(const BwdCtx& c, int64_t rows) {
-  const bool ent = c.a.grad_entropy.data != nullptr;
+  const bool ent = c.a.grad_entropy.data != nullptr, sc = c.a.tf.softcap > 0;
   parallel_rows(rows, grain_for(c.V), [&](int64_t b, int64_t e) {
-    if (ent) backward_rows<T, true>(c, b, e);
-    else backward_rows<T, false>(c, b, e);
+    if (ent && sc) backward_rows<T, true, true>(c, b, e);
+    else if (ent) backward_rows<T, true, false>(c, b, e);
+    else if (sc) backward_rows<T, false, true>(c, b, e);
+    else backward_rows<T, false, false>(c, b, e);
   });
 }
 

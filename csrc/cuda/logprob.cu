@@ -23,8 +23,9 @@ __device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
 }
 
 // Streaming update of per-thread statistics with one transformed logit.
-template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& xsum, A x) {
+template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& xsum, A& xmax, A x) {
   xsum += x;
+  xmax = x > xmax ? x : xmax;
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
     A c = st.m == A(-INFINITY) ? A(0) : exp(st.m - z);
@@ -67,7 +68,7 @@ __global__ void forward_kernel(KernelArgs k) {
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
   SoftmaxStats<A> st;
-  A xsum = 0;
+  A xsum = 0, xmax = -INFINITY;
   int64_t start = 0;
   if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
     const int64_t nvec = V / VEC;
@@ -78,27 +79,29 @@ __global__ void forward_kernel(KernelArgs k) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         A x = to_float(el[j]);
-        push(st, tf.apply(x), xsum, x);
+        push(st, tf.apply(x), xsum, xmax, x);
       }
     }
     start = nvec * VEC;
   }
   for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) {
     A x = to_float(row[i]);
-    push(st, tf.apply(x), xsum, x);
+    push(st, tf.apply(x), xsum, xmax, x);
   }
   auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
   st = block_reduce(st, merge, smem);
   xsum = block_reduce(xsum, [](A x, A y) { return x + y; }, smem_x);
+  xmax = block_reduce(xmax, [](A x, A y) { return x > y ? x : y; }, smem_x);
   if (threadIdx.x == 0) {
-    const A zl = tf.apply(A(to_float(row[label])));
+    const A xl = to_float(row[label]);
+    const A zl = tf.apply(xl);
     const A lse = st.lse();
     a.logp.ptr<A>()[r] = zl - lse;
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
     if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = xsum / A(V);
-    if (a.top1.data) a.top1.ptr<bool>()[r] = zl >= st.m;
+    if (a.top1.data) a.top1.ptr<bool>()[r] = xl >= xmax;  // raw logits: transform is increasing
   }
 }
 

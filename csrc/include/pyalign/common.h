@@ -82,21 +82,15 @@ template <> PYALIGN_HD f16_t from_float<f16_t>(float x) {
   __half h = __float2half_rn(x);
   return f16_t{__half_as_ushort(h)};
 #else
-  // Round to nearest even, with overflow to inf and gradual underflow.
+  // Round to nearest even, overflow to inf, gradual underflow; selects only, so it vectorizes.
   uint32_t u = float_to_bits(x);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
-  uint16_t out;
-  if (a > 0x7f800000u) out = 0x7e00u;                        // NaN
-  else if (a >= 0x477ff000u) out = 0x7c00u;                  // >= 65520 rounds to inf
-  else if (a < 0x38800000u) {                                 // below the smallest normal half
-    float f = bits_to_float(a) + 0.5f;                        // lets the FPU round at 2^-24
-    out = uint16_t(float_to_bits(f) - 0x3f000000u);
-  } else {
-    uint32_t mant_odd = (a >> 13) & 1u;
-    a += 0xc8000fffu + mant_odd;                              // rebias 127 -> 15 and round
-    out = uint16_t(a >> 13);
-  }
+  uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;         // rebias 127 -> 15, round
+  uint32_t sub = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;  // the FPU rounds at 2^-24
+  uint32_t out = a > 0x7f800000u ? 0x7e00u                               // NaN
+               : a >= 0x477ff000u ? 0x7c00u                              // >= 65520 rounds to inf
+               : a < 0x38800000u ? sub : normal;                         // below the smallest normal
   return f16_t{uint16_t(out | sign)};
 #endif
 }

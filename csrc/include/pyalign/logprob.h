@@ -13,18 +13,21 @@ struct LogitTransform {
   double inv_temp = 1;
   double scale = 1;
 
-  template <typename A> PYALIGN_HD A apply(A x) const {
-    if (softcap > 0) return A(softcap) * fast_tanh(A(scale) * x / A(softcap)) * A(inv_temp);
+  // SC: softcapping on; a compile-time flag so the CPU loops stay branch-free and vectorize.
+  template <bool SC, typename A> PYALIGN_HD A apply_t(A x) const {
+    if (SC) return A(softcap) * fast_tanh(A(scale) * x / A(softcap)) * A(inv_temp);
     return x * A(scale_over_temp);
   }
   // dz/dx at x.
-  template <typename A> PYALIGN_HD A grad(A x) const {
-    if (softcap > 0) {
+  template <bool SC, typename A> PYALIGN_HD A grad_t(A x) const {
+    if (SC) {
       A t = fast_tanh(A(scale) * x / A(softcap));
       return A(scale_over_temp) * (A(1) - t * t);
     }
     return A(scale_over_temp);
   }
+  template <typename A> PYALIGN_HD A apply(A x) const { return softcap > 0 ? apply_t<true>(x) : apply_t<false>(x); }
+  template <typename A> PYALIGN_HD A grad(A x) const { return softcap > 0 ? grad_t<true>(x) : grad_t<false>(x); }
 };
 
 // Online softmax statistics of one row, relative to the running max m:

@@ -1,0 +1,1 @@
+"""The bench suite: ``python -m pyalign.bench`` (see ``--help``)."""

@@ -1,0 +1,164 @@
+"""``python -m pyalign.bench``: time every kernel family against what a user would use otherwise.
+
+Quick by default (about a minute on a laptop CPU); ``--full`` runs the real sizes. Reports, never
+asserts. Baselines that are not installed are listed as such.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import pyalign
+from pyalign.bench.common import copy_bandwidth_gbs, installed
+
+SUITES = ["logprob", "linear", "losses", "uncertainty", "plasticity"]
+OPTIONAL_BASELINES = ["liger_kernel", "cut_cross_entropy", "flash_attn", "trl"]
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "pyalign": pyalign.__version__,
+            "cpu_isa": pyalign._C.cpu_isa(), "python": platform.python_version(), "device": device,
+            "date": time.strftime("%Y-%m-%d")}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    info["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(device), 2)
+    info["baselines_installed"] = {m: installed(m) for m in OPTIONAL_BASELINES}
+    return info
+
+
+def available_suites() -> list[str]:
+    return [s for s in SUITES if importlib.util.find_spec(f"pyalign.bench.{s}") is not None]
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict], bandwidth: float | None) -> str:
+    """One line per (op, size): pyalign's time, each baseline's time and the ratio baseline/pyalign."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["suite"], r["op"], r["size"]), {})[r["impl"]] = r
+    lines = [f"{'suite':<12}{'op':<34}{'size':<24}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
+    for (suite, op, size), impls in groups.items():
+        ours = impls.get("pyalign", {})
+        t = ours.get("median_ms")
+        pct = None
+        if bandwidth and ours.get("gbps"):
+            pct = 100 * ours["gbps"] / bandwidth
+        base = []
+        for name, r in impls.items():
+            if name == "pyalign":
+                continue
+            if r.get("median_ms") is None:
+                base.append(f"{name}: {r.get('note') or 'not installed'}")
+            else:
+                ratio = r["median_ms"] / t if t else None
+                base.append(f"{name} {r['median_ms']:.2f} ({_fmt(ratio, '.2f')}x, {_fmt(r.get('peak_mem_mb'), '.0f')})")
+        lines.append(f"{suite:<12}{op:<34}{size:<24}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
+                     f"{_fmt(pct, '9.0f')}  " + "; ".join(base))
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['cpu_isa']})"
+    out = [f"Measured on {where}, torch {info['torch']}, {info['date']}; copy bandwidth "
+           f"{info['copy_bandwidth_gbs']} GB/s.", "",
+           "| suite | op | size | impl | median ms | peak extra MB | GB/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['suite']} | {r['op']} | {r['size']} | {r['impl']} | {_fmt(r['median_ms'], '.2f')} | "
+                   f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r.get('gbps'), '.1f')} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], info: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['op']}\n{r['size']}", {})[r["impl"]] = r
+    labels = list(groups)
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "pyalign", i))
+    fig, axes = plt.subplots(1, 3, figsize=(18, max(4, 0.45 * len(labels))), sharey=True)
+    h = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        ys = [i + k * h for i in range(len(labels))]
+        axes[0].barh(ys, [groups[l].get(impl, {}).get("median_ms") or 0 for l in labels], h, label=impl)
+        axes[1].barh(ys, [groups[l].get(impl, {}).get("peak_mem_mb") or 0 for l in labels], h, label=impl)
+        axes[2].barh(ys, [100 * (groups[l].get(impl, {}).get("gbps") or 0) / info["copy_bandwidth_gbs"] for l in labels], h)
+    axes[0].set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
+    axes[0].set_xlabel("median time (ms)"); axes[0].set_xscale("log")
+    axes[1].set_xlabel("peak extra memory (MiB)")
+    axes[2].set_xlabel("% of measured copy bandwidth")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"pyalign bench — {info.get('gpu') or info['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyalign.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if pyalign.cuda_available() and torch.cuda.is_available() else "cpu")
+    p.add_argument("--full", action="store_true", help="real sizes (minutes) instead of the quick set")
+    p.add_argument("--only", default="", help="comma-separated suites: " + ",".join(SUITES))
+    p.add_argument("--json", help="write all rows and the machine description to this JSON file")
+    p.add_argument("--markdown", help="write a Markdown table to this file")
+    p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not (torch.cuda.is_available() and pyalign.cuda_available()):
+        p.error("--device cuda: no CUDA device, or pyalign was built without CUDA")
+    suites = available_suites()
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in SUITES]
+        if unknown:
+            p.error(f"--only: unknown suite(s) {unknown}; choose from {SUITES}")
+        suites = [s for s in suites if s in wanted]
+    info = machine_info(args.device)
+    print(f"pyalign {info['pyalign']} on {info.get('gpu') or info['cpu']} ({info['cores']} cores, "
+          f"CPU kernels: {info['cpu_isa']}), torch {info['torch']}, copy bandwidth {info['copy_bandwidth_gbs']} GB/s")
+    print("optional baselines: " + ", ".join(f"{m} {'installed' if ok else 'not installed'}"
+                                            for m, ok in info["baselines_installed"].items()))
+    rows: list[dict] = []
+    try:
+        from tqdm import tqdm
+        progress = tqdm(suites, desc="suites", unit="suite", file=sys.stderr)
+    except ImportError:
+        progress = suites
+    for name in progress:
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(name)
+        mod = importlib.import_module(f"pyalign.bench.{name}")
+        rows.extend(mod.run(args.device, quick=not args.full))
+    print()
+    print(table(rows, info["copy_bandwidth_gbs"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "quick": not args.full, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, info))
+    if args.plot:
+        plot(rows, info, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

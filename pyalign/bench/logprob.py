@@ -1,0 +1,59 @@
+"""Log-prob suite: pyalign.token_logprobs vs eager PyTorch (log_softmax + gather) and torch.compile."""
+from __future__ import annotations
+
+import torch
+
+import pyalign
+from pyalign.bench.common import record
+
+
+def _eager(x, y, entropy):
+    logp = torch.log_softmax(x.float(), dim=-1)
+    lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+        return lp, ent
+    return lp, None
+
+
+def _ours(x, y, entropy):
+    if entropy:
+        return pyalign.token_logprobs(x, y, return_entropy=True)
+    return pyalign.token_logprobs(x, y), None
+
+
+def _fwd_bwd(impl, x, y, entropy):
+    def run():
+        xr = x.detach().requires_grad_()
+        lp, ent = impl(xr, y, entropy)
+        loss = lp.sum() if ent is None else lp.sum() + ent.sum()
+        loss.backward()
+        return xr.grad
+    return run
+
+
+def sizes(device: str, quick: bool):
+    if device == "cuda":
+        return [(4096, 32000, torch.bfloat16)] if quick else [(4096, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16)]
+    return [(1024, 32000, torch.float32)] if quick else [(4096, 32000, torch.float32)]
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    compiled = torch.compile(_eager, dynamic=False)
+    for n, V, dtype in sizes(device, quick):
+        x = torch.randn(n, V, device=device).to(dtype)
+        y = torch.randint(0, V, (n,), device=device)
+        size = f"{n}x{V} {str(dtype).replace('torch.', '')}"
+        read = x.numel() * x.element_size()
+        impls = [("pyalign", _ours), ("eager", _eager), ("compile", compiled)]
+        for entropy in (False, True):
+            op = "token_logprobs+entropy" if entropy else "token_logprobs"
+            for name, impl in impls:
+                rows.append(record("logprob", f"{op} fwd", size, name,
+                                   lambda impl=impl: impl(x, y, entropy), device, bytes_moved=read))
+            for name, impl in impls:
+                rows.append(record("logprob", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, x, y, entropy),
+                                   device, bytes_moved=2 * read + read))
+        del x
+    return rows

@@ -52,7 +52,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const bool want_mean = a.mean_logit.data != nullptr;
   A buf[kChunk];
   SoftmaxStats<A> st;
-  A xsum = 0, xmax = -INFINITY;
+  A zsum = 0, xmax = -INFINITY;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
     A bm = -INFINITY, bx = 0, bxm = -INFINITY;
@@ -63,9 +63,9 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       buf[j] = z;
       bm = z > bm ? z : bm;
       bxm = x > bxm ? x : bxm;
-      bx += x;
+      bx += z;
     }
-    if (want_mean) xsum += bx;
+    if (want_mean) zsum += bx;
     xmax = bxm > xmax ? bxm : xmax;
     if (bm == A(-INFINITY)) continue;  // all masked so far in this chunk
     SoftmaxStats<A> cs;
@@ -88,7 +88,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const A lse = st.lse();
   logp[r] = z_label - lse;
   lse_out[r] = lse;
-  write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), xsum / A(V),
+  write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), zsum / A(V),
                  x_label >= xmax);  // on raw logits: the transform is increasing
 }
 

@@ -23,8 +23,8 @@ __device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
 }
 
 // Streaming update of per-thread statistics with one transformed logit.
-template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& xsum, A& xmax, A x) {
-  xsum += x;
+template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& zsum, A& xmax, A x) {
+  zsum += z;
   xmax = x > xmax ? x : xmax;
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
@@ -68,7 +68,7 @@ __global__ void forward_kernel(KernelArgs k) {
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
   SoftmaxStats<A> st;
-  A xsum = 0, xmax = -INFINITY;
+  A zsum = 0, xmax = -INFINITY;
   int64_t start = 0;
   if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
     const int64_t nvec = V / VEC;
@@ -79,18 +79,18 @@ __global__ void forward_kernel(KernelArgs k) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         A x = to_float(el[j]);
-        push(st, tf.apply(x), xsum, xmax, x);
+        push(st, tf.apply(x), zsum, xmax, x);
       }
     }
     start = nvec * VEC;
   }
   for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) {
     A x = to_float(row[i]);
-    push(st, tf.apply(x), xsum, xmax, x);
+    push(st, tf.apply(x), zsum, xmax, x);
   }
   auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
   st = block_reduce(st, merge, smem);
-  xsum = block_reduce(xsum, [](A x, A y) { return x + y; }, smem_x);
+  zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
   xmax = block_reduce(xmax, [](A x, A y) { return x > y ? x : y; }, smem_x);
   if (threadIdx.x == 0) {
     const A xl = to_float(row[label]);
@@ -100,7 +100,7 @@ __global__ void forward_kernel(KernelArgs k) {
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
-    if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = xsum / A(V);
+    if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = zsum / A(V);
     if (a.top1.data) a.top1.ptr<bool>()[r] = xl >= xmax;  // raw logits: transform is increasing
   }
 }

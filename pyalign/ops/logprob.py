@@ -69,7 +69,7 @@ def _backward_into(grad_logits: Tensor, grad_logp: Optional[Tensor], grad_entrop
         desc(grad_logp, "grad_logp"), desc(grad_entropy, "grad_entropy"), desc(gl, "grad_logits"),
         temperature, logit_scale, softcap, ignore_index, stream_of(logits),
     )
-    if shift:
+    if shift and grad_logits.shape[-2] > 0:
         grad_logits[..., -1, :].zero_()  # the last position predicts nothing
 
 

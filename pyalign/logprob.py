@@ -97,7 +97,8 @@ def token_logprobs(
         return_entropy: also return the per-token entropy of ``p`` (0 where ignored).
         outputs: names of statistics to compute in the same pass, any of ``"entropy"``,
             ``"log_sum_sq_probs"`` (log sum_v p_v^2, the WPO weight), ``"mean_logit"`` (mean of
-            the transformed logits over V), ``"is_top1"`` (the label is an argmax of the logits). When
+            the transformed logits over V), ``"is_top1"`` (the label is the argmax of the logits; ties
+            go to the first index, as ``torch.argmax``). When
             given, a :class:`TokenStats` is returned.
         inplace_backward: the backward writes the gradient into the logits' storage (the logits
             are consumed: do not use them after ``backward()``); saves one ``[..., V]`` buffer.

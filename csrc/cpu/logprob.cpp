@@ -53,6 +53,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   A buf[kChunk];
   SoftmaxStats<A> st;
   A zsum = 0, xmax = -INFINITY;
+  int64_t argmax = 0;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
     A bm = -INFINITY, bx = 0, bxm = -INFINITY;
@@ -66,7 +67,11 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       bx += z;
     }
     if (want_mean) zsum += bx;
-    xmax = bxm > xmax ? bxm : xmax;
+    if (bxm > xmax) {  // a new row maximum: find its first index (ties go to the first, as argmax)
+      xmax = bxm;
+      for (int64_t j = 0; j < n; ++j)
+        if (A(to_float(row[j0 + j])) == bxm) { argmax = j0 + j; break; }
+    }
     if (bm == A(-INFINITY)) continue;  // all masked so far in this chunk
     SoftmaxStats<A> cs;
     cs.m = bm;
@@ -89,7 +94,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   logp[r] = z_label - lse;
   lse_out[r] = lse;
   write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), zsum / A(V),
-                 x_label >= xmax);  // on raw logits: the transform is increasing
+                 label == argmax);  // on raw logits: the transform is increasing
 }
 
 PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx,

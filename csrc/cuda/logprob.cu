@@ -23,9 +23,24 @@ __device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
 }
 
 // Streaming update of per-thread statistics with one transformed logit.
-template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& zsum, A& xmax, A x) {
+// Row maximum of the raw logits with the first index attaining it (argmax semantics).
+template <typename A> struct ArgMax {
+  A v = -INFINITY;
+  int64_t i = 0;
+  __device__ void merge(const ArgMax& o) {
+    if (o.v > v || (o.v == v && o.i < i)) *this = o;
+  }
+};
+template <typename A> __device__ __forceinline__ ArgMax<A> shfl_xor(ArgMax<A> v, int o) {
+  ArgMax<A> r;
+  r.v = pyalign::shfl_xor(v.v, o);
+  r.i = __shfl_xor_sync(0xffffffffu, (long long)v.i, o);
+  return r;
+}
+
+template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& zsum, ArgMax<A>& am, A x, int64_t i) {
   zsum += z;
-  xmax = x > xmax ? x : xmax;
+  if (x > am.v) { am.v = x; am.i = i; }  // each thread visits increasing indices
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
     A c = st.m == A(-INFINITY) ? A(0) : exp(st.m - z);
@@ -49,6 +64,7 @@ __global__ void forward_kernel(KernelArgs k) {
   using A = typename acc_type<T>::type;
   __shared__ SoftmaxStats<A> smem[32];
   __shared__ A smem_x[32];
+  __shared__ ArgMax<A> smem_am[32];
   const LogprobForwardArgs& a = k.a;
   const int64_t r = blockIdx.x;
   const int64_t V = k.V;
@@ -68,7 +84,8 @@ __global__ void forward_kernel(KernelArgs k) {
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
   SoftmaxStats<A> st;
-  A zsum = 0, xmax = -INFINITY;
+  A zsum = 0;
+  ArgMax<A> am;
   int64_t start = 0;
   if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
     const int64_t nvec = V / VEC;
@@ -79,29 +96,28 @@ __global__ void forward_kernel(KernelArgs k) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         A x = to_float(el[j]);
-        push(st, tf.apply(x), zsum, xmax, x);
+        push(st, tf.apply(x), zsum, am, x, i * VEC + j);
       }
     }
     start = nvec * VEC;
   }
   for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) {
     A x = to_float(row[i]);
-    push(st, tf.apply(x), zsum, xmax, x);
+    push(st, tf.apply(x), zsum, am, x, i);
   }
   auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
   st = block_reduce(st, merge, smem);
   zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
-  xmax = block_reduce(xmax, [](A x, A y) { return x > y ? x : y; }, smem_x);
+  am = block_reduce(am, [](ArgMax<A> x, const ArgMax<A>& y) { x.merge(y); return x; }, smem_am);
   if (threadIdx.x == 0) {
-    const A xl = to_float(row[label]);
-    const A zl = tf.apply(xl);
+    const A zl = tf.apply(A(to_float(row[label])));
     const A lse = st.lse();
     a.logp.ptr<A>()[r] = zl - lse;
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
     if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = zsum / A(V);
-    if (a.top1.data) a.top1.ptr<bool>()[r] = xl >= xmax;  // raw logits: transform is increasing
+    if (a.top1.data) a.top1.ptr<bool>()[r] = am.i == label;
   }
 }
 

@@ -25,7 +25,7 @@ def token_stats(logits, labels, *, ignore_index=-100, temperature=1.0, logit_sca
     ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
     lss = torch.logsumexp(2 * logp_all, dim=-1)
     mean = transform(x, temperature, logit_scale, softcap).mean(-1)
-    top1 = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) >= x.max(-1).values
+    top1 = x.argmax(-1) == safe
     zero = torch.zeros_like(lp)
     return {
         "logprobs": torch.where(valid, lp, zero),

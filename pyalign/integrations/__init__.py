@@ -1,0 +1,1 @@
+"""Integrations of pyalign with training libraries (import the submodule you need)."""

@@ -1,0 +1,150 @@
+"""pyalign inside TRL's trainers (``pip install "pyalign[trl]"``).
+
+TRL computes per-token log-probs through its chunked fused LM head (``add_fused_lm_head``, used by
+``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer`` and ``SFTTrainer``), which returns
+``log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1``. :func:`patch_fused_lm_head` swaps
+that computation for :func:`pyalign.logprob.linear_token_logprobs` in every trainer at once;
+:func:`patch_trainer` does that and, for a ``DPOTrainer``, computes the loss with
+:func:`pyalign.losses.dpo_loss` (every loss type TRL offers, f-divergences, WPO weighting), logging
+the same metrics under the same names.
+
+    from pyalign.integrations.trl import patch_trainer
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    patch_trainer(trainer)
+    trainer.train()
+"""
+from __future__ import annotations
+
+import types
+from contextlib import nullcontext
+
+import torch
+
+import pyalign.logprob as _logprob
+
+# TRL's names for the optional per-token outputs -> pyalign's.
+_OUTPUT_NAMES = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
+                 "is_top1": "is_top1"}
+
+
+class PyalignChunkedLogProb:
+    """Drop-in for TRL's ``ChunkedLogProbFunction``: same ``apply`` arguments and 5-tuple result."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        del chunk_size  # pyalign sizes its chunks from V, the hidden size and the dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        elif weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        wanted = tuple(_OUTPUT_NAMES[n] for n in outputs if n in _OUTPUT_NAMES)
+        with torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(hidden.device.type) else nullcontext():
+            st = _logprob.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                                logit_scale=logit_scale, softcap=final_logit_softcapping,
+                                                outputs=wanted)
+        return st.logprobs, st.entropy, st.log_sum_sq_probs, st.mean_logit, st.is_top1
+
+
+def patch_fused_lm_head() -> callable:
+    """Routes TRL's fused LM head through pyalign in every trainer; returns a function that undoes it."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._ChunkedLogProbFunction
+    trl_utils._ChunkedLogProbFunction = PyalignChunkedLogProb
+
+    def undo():
+        trl_utils._ChunkedLogProbFunction = original
+    return undo
+
+
+def _dpo_compute_loss(self, model, inputs, return_outputs):
+    """``DPOTrainer._compute_loss`` with the loss from :func:`pyalign.losses.dpo_loss`.
+
+    Follows TRL's batch layout ([chosen; rejected] along the batch) and metric names. Options this
+    path does not cover (``ld_alpha``, MoE auxiliary loss, PEFT reference adapters) fall back to
+    TRL's own method.
+    """
+    from pyalign.losses import dpo_loss
+
+    if self.ld_alpha is not None or self.aux_loss_enabled or self.ref_model is None and not self.precompute_ref_logps:
+        return self._pyalign_original_compute_loss(model, inputs, return_outputs)
+    mode = "train" if self.model.training else "eval"
+    model_kwargs = {k: v for k, v in inputs.items() if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+    model_kwargs["use_cache"] = False
+    completion_mask = inputs["completion_mask"]
+    shift_mask = completion_mask[..., 1:]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    seq_len = shift_mask.size(1)
+    per_token = outputs.log_probs[:, -seq_len:]
+    chosen_logps, rejected_logps = per_token.sum(1).chunk(2)
+    if self.precompute_ref_logps:
+        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    else:
+        with torch.no_grad():
+            ref_out = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
+        ref_chosen, ref_rejected = ref_out.log_probs[:, -seq_len:].sum(1).chunk(2)
+    lengths_c, lengths_r = completion_mask.sum(1).clamp(min=1).chunk(2)
+    weights = None
+    if self.use_weighting:  # WPO, Zhou et al. 2024 (arXiv:2406.11827), eq. 2
+        with torch.no_grad():
+            aligned = (per_token - outputs.log_sum_sq_probs[:, -seq_len:]) * shift_mask
+            w = torch.exp(aligned.sum(1) / shift_mask.sum(1).clamp(min=1))
+            wc, wr = w.chunk(2)
+            weights = wc * wr
+    sft_lengths = None
+    if "sft" in self.loss_types:
+        sft_lengths = shift_mask.chunk(2)[0].sum(1)
+    loss, metrics = dpo_loss(
+        chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=list(self.loss_types),
+        loss_weights=list(self.loss_weights), beta=self.beta, label_smoothing=self.label_smoothing,
+        f_divergence=self.f_divergence_type, f_alpha=self.f_alpha_divergence_coef,
+        chosen_lengths=lengths_c, rejected_lengths=lengths_r, weights=weights,
+        **({"sft_lengths": sft_lengths} if sft_lengths is not None else {}),
+    )
+    self._pyalign_log_metrics(mode, outputs, shift_mask, seq_len, metrics, inputs)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _log_metrics(self, mode, outputs, shift_mask, seq_len, metrics, inputs):
+    acc = self.accelerator
+    m = self._metrics[mode]
+    ent = (outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()
+    ntok = shift_mask.sum()
+    ent, ntok = acc.gather_for_metrics(ent).sum(), acc.gather_for_metrics(ntok).sum()
+    m["entropy"].append((ent / ntok).item() if ntok > 0 else 0.0)
+    if mode == "train":
+        self._total_train_tokens += acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+    m["num_tokens"] = [self._total_train_tokens]
+    mean_c, mean_r = outputs.mean_logits[:, -seq_len:].chunk(2)
+    mask_c, mask_r = shift_mask.bool().chunk(2)
+    for name, vals, msk in (("logits/chosen", mean_c, mask_c), ("logits/rejected", mean_r, mask_r)):
+        tot = acc.gather_for_metrics(vals[msk].sum()).sum().item()
+        cnt = acc.gather_for_metrics(msk.sum()).sum().item()
+        m[name].append(tot / cnt if cnt > 0 else 0.0)
+    top1_c = outputs.is_top1[:, -seq_len:].chunk(2)[0] & mask_c
+    correct = acc.gather_for_metrics(top1_c.sum()).sum()
+    total = acc.gather_for_metrics(mask_c.sum()).sum()
+    m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        m[name].append(acc.gather(metrics[name].reshape(-1) if metrics[name].dim() else metrics[name].reshape(1)).mean().item())
+
+
+def patch_trainer(trainer):
+    """Routes ``trainer``'s log-prob head through pyalign and, for a ``DPOTrainer``, its loss too.
+
+    Returns the trainer. Call it after constructing the trainer (which installs TRL's fused head).
+    """
+    patch_fused_lm_head()
+    from trl import DPOTrainer
+
+    if isinstance(trainer, DPOTrainer) and not hasattr(trainer, "_pyalign_original_compute_loss"):
+        trainer._pyalign_original_compute_loss = trainer._compute_loss
+        trainer._compute_loss = types.MethodType(_dpo_compute_loss, trainer)
+        trainer._pyalign_log_metrics = types.MethodType(_log_metrics, trainer)
+    return trainer

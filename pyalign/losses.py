@@ -19,7 +19,6 @@ elements (as TRL does with its WPO weights), not by the sum of the weights.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Optional, Sequence, Union
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from pyalign import _checks
+from pyalign._ext import FLOAT_DTYPES, _C
 from pyalign.ops.losses import (CPO_TYPES, DPO_TYPES, F_DIVERGENCES, FAMILIES, KTO_TYPES, N_PARAMS,
                                 REDUCTIONS, preference_loss)
 
@@ -96,14 +96,20 @@ class Metrics(Mapping):
 # ------------------------------------------------------------------------------------------
 # Argument checks
 
+_HAS_CUDA = bool(_C.has_cuda())  # read once: no call into _C while torch.compile traces
+_NUMERIC = FLOAT_DTYPES + (torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
 def _vec(x, name: str, n: Optional[int], device, *, numeric: bool = False) -> Tensor:
     """A 1-d tensor of n elements on `device`: float (or, with numeric, any int/bool/float)."""
-    if numeric:
-        _checks.tensor(x, name)
-        if x.is_complex():
-            raise TypeError(f"{name}: expected a real tensor, got {x.dtype}")
-    else:
-        _checks.float_tensor(x, name)
+    _checks.tensor(x, name)
+    ok = _NUMERIC if numeric else FLOAT_DTYPES
+    if x.dtype not in ok:
+        raise TypeError(f"{name}: expected a {'real' if numeric else 'floating'} tensor "
+                        f"({', '.join(str(d) for d in ok)}), got {x.dtype}")
+    if x.device.type == "cuda" and not _HAS_CUDA:
+        raise RuntimeError(f"{name}: got a CUDA tensor, but this pyalign build has no CUDA kernels "
+                           "(built without nvcc or with PYALIGN_CUDA=OFF); reinstall with a CUDA toolkit present")
     if x.dim() != 1:
         raise ValueError(f"{name}: expected a 1-d tensor [batch], got shape {tuple(x.shape)}")
     if n is not None and x.shape[0] != n:
@@ -173,7 +179,7 @@ def dpo_loss(
     reference is given: reference-free), f-divergence scores ``s = f'(exp(r))`` (Wang et al. 2023,
     arXiv:2309.16240: ``reverse_kl`` s = r, ``forward_kl`` -exp(-r), ``js_divergence``
     log sigmoid(r), ``alpha_divergence`` exp((f_alpha - 1) r) / (f_alpha - 1); exponents capped at
-    80) and ``delta = s_c - s_r``, the per-pair losses are:
+    40, so that even the squared losses stay finite in fp32, with zero gradient beyond) and ``delta = s_c - s_r``, the per-pair losses are:
 
     - ``sigmoid``: -(1-e) log sigmoid(beta delta) - e log sigmoid(-beta delta); cDPO with e > 0.
     - ``sigmoid_norm``: -log sigmoid(beta (s_c / L_c - s_r / L_r)) (needs lengths).
@@ -467,7 +473,7 @@ def cpo_loss(
 
     Scores are the policy log-probs: summed for ``sigmoid``/``hinge``, per token (``logps /
     lengths``, lengths required) for ``ipo``/``simpo``. With ``alpha != 0`` each score l becomes
-    AlphaPO's reward ``(1 - exp(-alpha l)) / alpha`` (exponent capped at 80). With ``x = r_c - r_r``
+    AlphaPO's reward ``(1 - exp(-alpha l)) / alpha`` (exponent capped at 40). With ``x = r_c - r_r``
     (minus ``gamma / beta`` for ``simpo``) the preference term is the smoothed logistic loss
     ``-(1-e) log sigmoid(beta x) - e log sigmoid(-beta x)`` (sigmoid, simpo), ``relu(1 - beta x)``
     (hinge) or ``(x - 1/(2 beta))^2`` (ipo); ``cpo_alpha`` adds the chosen NLL (per token when
@@ -545,7 +551,7 @@ def reward_model_loss(
     n, dev = a.shape[0], a.device
     b = _vec(rewards_rejected, "rewards_rejected", n, dev)
     if margin is not None and not isinstance(margin, Tensor):
-        margin = torch.full((n,), _number(margin, "margin"), dtype=torch.float32, device=dev)
+        margin = torch.full((n,), _number(margin, "margin"), dtype=a.dtype, device=dev)
     m = _opt(margin, "margin", n, dev)
     center = 0.0 if center_rewards_coefficient is None else _number(center_rewards_coefficient,
                                                                     "center_rewards_coefficient")

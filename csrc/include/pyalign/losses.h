@@ -123,10 +123,24 @@ template <typename A> PYALIGN_HD A fdiv_score(int fdiv, A f_alpha, A r, A& ds) {
   }
 }
 
+// softplus(+-z) and sigmoid(+-z) from one exp and one log1p, without overflow or cancellation.
+template <typename A> struct Logistic {
+  A sp_pos, sp_neg, sig_pos, sig_neg;  // softplus(z), softplus(-z), sigmoid(z), sigmoid(-z)
+  PYALIGN_HD explicit Logistic(A z) {
+    const A az = z < A(0) ? -z : z;
+    const A e = std::exp(-az), l = std::log1p(e), r = A(1) / (A(1) + e);
+    sp_pos = (z > A(0) ? z : A(0)) + l;
+    sp_neg = (z < A(0) ? -z : A(0)) + l;
+    sig_pos = z >= A(0) ? r : e * r;
+    sig_neg = z >= A(0) ? e * r : r;
+  }
+};
+
 // cDPO / label-smoothed logistic loss in z: (1-e) softplus(-z) + e softplus(z).
 template <typename A> PYALIGN_HD A smoothed_logistic(A z, A eps, A& dz) {
-  dz = -(A(1) - eps) * sigmoid(-z) + eps * sigmoid(z);
-  return (A(1) - eps) * softplus(-z) + eps * softplus(z);
+  const Logistic<A> f(z);
+  dz = -(A(1) - eps) * f.sig_neg + eps * f.sig_pos;
+  return (A(1) - eps) * f.sp_neg + eps * f.sp_pos;
 }
 
 // sigmoid(z) (1 - sigmoid(z)) without cancellation.
@@ -202,9 +216,9 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
         A dz; l = smoothed_logistic(beta * delta, eps, dz); g_delta = beta * dz; break;
       }
       case DpoType::robust: {  // Chowdhury et al. 2024 (rDPO), eq. 8
-        const A z = beta * delta;
-        l = ((A(1) - eps) * softplus(-z) - eps * softplus(z)) / (A(1) - A(2) * eps);
-        g_delta = beta * (-(A(1) - eps) * sigmoid(-z) - eps * sigmoid(z)) / (A(1) - A(2) * eps);
+        const Logistic<A> f(beta * delta);
+        l = ((A(1) - eps) * f.sp_neg - eps * f.sp_pos) / (A(1) - A(2) * eps);
+        g_delta = beta * (-(A(1) - eps) * f.sig_neg - eps * f.sig_pos) / (A(1) - A(2) * eps);
         break;
       }
       case DpoType::hinge: {  // SLiC (Zhao et al. 2023): relu(1 - beta delta)
@@ -222,30 +236,30 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
       }
       case DpoType::sigmoid_norm: {  // length-normalized DPO: -log sigmoid(beta (sc/Lc - sr/Lr))
         const A Lc = load_len<A>(s.la, i), Lr = load_len<A>(s.lb, i);
-        const A z = beta * (sc / Lc - sr / Lr);
-        l = softplus(-z);
-        const A gz = -sigmoid(-z);
+        const Logistic<A> f(beta * (sc / Lc - sr / Lr));
+        l = f.sp_neg;
+        const A gz = -f.sig_neg;
         g_sc = gz * beta / Lc; g_sr = -gz * beta / Lr;
         break;
       }
       case DpoType::exo_pair: {  // Ji et al. 2024 (EXO), eq. 16: KL(softmax(z) || (1-e, e))
         const A z = beta * delta;
-        const A q = sigmoid(z), qn = sigmoid(-z);
-        l = q * (-softplus(-z) - std::log1p(-eps)) + qn * (-softplus(z) - std::log(eps));
-        g_delta = beta * q * qn * (z - (std::log1p(-eps) - std::log(eps)));
+        const Logistic<A> f(z);
+        l = f.sig_pos * (-f.sp_neg - std::log1p(-eps)) + f.sig_neg * (-f.sp_pos - std::log(eps));
+        g_delta = beta * f.sig_pos * f.sig_neg * (z - (std::log1p(-eps) - std::log(eps)));
         break;
       }
       case DpoType::nca_pair: {  // Chen et al. 2024 (NCA), pairwise form
-        const A zc = beta * sc, zr = beta * sr;
-        l = softplus(-zc) + A(0.5) * softplus(zc) + A(0.5) * softplus(zr);
-        g_sc = beta * (-sigmoid(-zc) + A(0.5) * sigmoid(zc));
-        g_sr = beta * A(0.5) * sigmoid(zr);
+        const Logistic<A> fc(beta * sc), fr(beta * sr);
+        l = fc.sp_neg + A(0.5) * fc.sp_pos + A(0.5) * fr.sp_pos;
+        g_sc = beta * (-fc.sig_neg + A(0.5) * fc.sig_pos);
+        g_sr = beta * A(0.5) * fr.sig_pos;
         break;
       }
       case DpoType::bco_pair: {  // Jung et al. 2024 (BCO), paired form without the reward shift
-        const A zc = beta * sc, zr = beta * sr;
-        l = softplus(-zc) + softplus(zr);
-        g_sc = -beta * sigmoid(-zc); g_sr = beta * sigmoid(zr);
+        const Logistic<A> fc(beta * sc), fr(beta * sr);
+        l = fc.sp_neg + fr.sp_pos;
+        g_sc = -beta * fc.sig_neg; g_sr = beta * fr.sig_pos;
         break;
       }
       case DpoType::sppo_hard: {  // Wu et al. 2024 (SPPO), eq. 4.7 with hard P in {0, 1}

@@ -494,6 +494,43 @@ def test_reward_model_matches_reference(device, margin_kind):
                       "rewards/accuracies": (rc > rr).double().mean()})
 
 
+@given(n=st.integers(1, 64), family=st.sampled_from(["kto", "apo_zero_unpaired", "orpo", "cpo", "simpo", "rm"]),
+       seed=st.integers(0, 10_000), beta=st.floats(0.01, 5.0), spread=st.floats(0.01, 30.0),
+       reduction=st.sampled_from(["none", "mean", "sum"]))
+def test_other_families_hypothesis(n, family, seed, beta, spread, reduction):
+    b = make_batch(n, seed=seed, spread=spread)
+    if family == "orpo":  # log-probs of whole completions are <= 0 (ORPO takes log(1 - p))
+        b["pc"], b["pr"] = -b["pc"].abs() - 1e-3, -b["pr"].abs() - 1e-3
+    desirable = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    names = ["pc", "pr", "rc", "rr", "w"]
+    xs, ys = leaves(*[b[k] for k in names]), leaves(*[b[k] for k in names])
+    up = torch.randn(n, dtype=torch.float64) if reduction == "none" else None
+    lc, lr = b["lc"], b["lr"]
+    if family in ("kto", "apo_zero_unpaired"):
+        kl = dict(policy_kl_logps=b["pr"], ref_kl_logps=b["rr"]) if family == "kto" else {}
+        loss, _ = L.kto_loss(xs[0], xs[2], desirable, beta=beta, loss_type=family,
+                             weights=xs[4], reduction=reduction, **kl)
+        per = R.kto_losses(ys[0], ys[2], desirable, beta=beta, loss_type=family,
+                           policy_kl=kl.get("policy_kl_logps"), ref_kl=kl.get("ref_kl_logps"))
+    elif family == "orpo":
+        loss, _ = L.orpo_loss(xs[0], xs[1], chosen_lengths=lc, rejected_lengths=lr, beta=beta, weights=xs[4],
+                              reduction=reduction)
+        per = R.orpo_losses(ys[0], ys[1], lc, lr, beta=beta)[0]
+    elif family in ("cpo", "simpo"):
+        lt = "sigmoid" if family == "cpo" else "simpo"
+        loss, _ = L.cpo_loss(xs[0], xs[1], loss_type=lt, beta=beta, alpha=0.1, cpo_alpha=0.3, chosen_lengths=lc,
+                             rejected_lengths=lr, weights=xs[4], reduction=reduction)
+        per = R.cpo_losses(ys[0], ys[1], loss_type=lt, beta=beta, alpha=0.1, cpo_alpha=0.3, lc=lc, lr=lr)[0]
+    else:
+        loss, _ = L.reward_model_loss(xs[0] / 10, xs[1] / 10, margin=xs[2] / 50, center_rewards_coefficient=beta,
+                                      weights=xs[4], reduction=reduction)
+        per = R.rm_losses(ys[0] / 10, ys[1] / 10, margin=ys[2] / 50, center=beta)
+    rl = R.reduce(per, ys[4], reduction)
+    close(loss, rl, rtol=1e-9, atol=1e-11 * max(1.0, rl.abs().max().item()))
+    for a, e in zip(grads_of(loss, xs, up), grads_of(rl, ys, up)):
+        close(a, e, rtol=1e-8, atol=1e-11 * max(1.0, e.abs().max().item()))
+
+
 # ------------------------------------------------------------------------------------------
 # gradcheck (float64, CPU) and opcheck
 

@@ -1,0 +1,71 @@
+// CUDA driver of the preference losses (math in pyalign/losses.h). A batch holds one value per
+// sequence (tens to thousands), so one block does the whole call: threads stride over the
+// elements, the three phases are separated by __syncthreads, and every sum is a fixed-order
+// block reduction, so results are bitwise reproducible. The aot ranks are counted (O(N^2 / T)
+// comparisons), which gives the same permutation as the CPU's sort under the same total order.
+#include "pyalign/losses.h"
+#include "common.cuh"
+
+namespace pyalign {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename A> __global__ void loss_kernel(LossArgs s) {
+  __shared__ A smem[32];
+  const int64_t n = s.a.shape[0];
+  const int tid = threadIdx.x;
+  auto add = [](A x, A y) { return x + y; };
+
+  // Phase 0: pre-pass sum and aot ranks.
+  A pre = 0;
+  const int64_t m = prepass_count<A>(s);
+  for (int64_t i = tid; i < m; i += blockDim.x) pre += prepass_term<A>(s, i);
+  pre = block_reduce(pre, add, smem);
+  const A shift = prepass_shift<A>(s, pre);
+  const int count = aot_count(s.p);
+  for (int k = 0; k < count; ++k) {
+    const int which = aot_which(s.p, k);
+    int32_t* base = s.work.ptr<int32_t>() + int64_t(k) * 4 * n;
+    for (int seq = 0; seq < 2; ++seq) {
+      int32_t* rank = base + (seq == 0 ? 0 : 2 * n);
+      int32_t* inv = rank + n;
+      for (int64_t i = tid; i < n; i += blockDim.x) {
+        const A v = seq == 0 ? aot_x<A>(s, which, i) : aot_y<A>(s, which, i);
+        int64_t r = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const A u = seq == 0 ? aot_x<A>(s, which, j) : aot_y<A>(s, which, j);
+          r += sort_less(u, j, v, i);
+        }
+        rank[i] = int32_t(r);
+        inv[r] = int32_t(i);
+      }
+    }
+  }
+  __syncthreads();  // ranks (global memory) visible to the whole block
+
+  // Phase 1: per element.
+  A sums[kSums];
+  for (int k = 0; k < kSums; ++k) sums[k] = A(0);
+  for (int64_t i = tid; i < n; i += blockDim.x) process_element<A>(s, i, shift, sums);
+
+  // Phase 2: reduce and finalize.
+  for (int k = 0; k < kSums; ++k) sums[k] = block_reduce(sums[k], add, smem);
+  if (tid == 0) finalize<A>(s, sums, shift);
+}
+
+}  // namespace
+
+void loss_forward_cuda(const LossArgs& s, void* stream) {
+  const int64_t n = s.a.shape[0];
+  require(n < (int64_t(1) << 31), "at most 2^31 - 1 elements are supported on CUDA");
+  DeviceGuard g(s.a.device);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int threads = int(std::min<int64_t>(kThreads, ((n + 31) / 32) * 32));
+  if (threads < 32) threads = 32;
+  if (s.grads.dtype == DType::f64) loss_kernel<double><<<1, threads, 0, st>>>(s);
+  else loss_kernel<float><<<1, threads, 0, st>>>(s);
+  cuda_check(cudaGetLastError(), "preference loss launch");
+}
+
+}  // namespace pyalign

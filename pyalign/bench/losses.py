@@ -1,0 +1,92 @@
+"""Preference-loss suite: pyalign's fused losses vs the same formulas in eager PyTorch and torch.compile.
+
+Each row times forward + backward of one loss on a batch of per-sequence log-probs (fp32). A call on
+64 pairs takes microseconds, so each timed function runs the loss ``REPEAT`` times and the row
+reports the time per call. ``pyalign`` is the public function (direct call outside torch.compile);
+``pyalign-op`` calls the registered custom op, to show the dispatcher's overhead the direct path
+avoids. The eager baseline is :mod:`pyalign.reference.losses` evaluated in fp32 (TRL's formulas).
+"""
+from __future__ import annotations
+
+import torch
+
+from pyalign import losses as L
+from pyalign.bench.common import record
+from pyalign.ops.losses import DPO_TYPES, FAMILIES, preference_loss_op
+from pyalign.reference import losses as R
+
+REPEAT = 50
+
+
+def _batch(n: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    lc = torch.randint(20, 400, (n,), generator=g)
+    lr = torch.randint(20, 400, (n,), generator=g)
+    rc = -torch.rand(n, generator=g) * lc
+    rr = -torch.rand(n, generator=g) * lr
+    pc, pr = rc + torch.randn(n, generator=g), rr + torch.randn(n, generator=g)
+    return [t.to(device) for t in (pc, pr, rc, rr, lc, lr)]
+
+
+def _cases():
+    """(op name, pyalign fn, eager fn, custom-op args builder or None)."""
+    def dpo(types, weights=None, eps=0.0):
+        ours = lambda pc, pr, rc, rr, lc, lr: L.dpo_loss(pc, pr, rc, rr, loss_type=types, loss_weights=weights,
+                                                          label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr)[0]
+        eager = lambda pc, pr, rc, rr, lc, lr: R.dpo_losses(pc, pr, rc, rr, loss_type=types, loss_weights=weights,
+                                                            label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
+                                                            dtype=torch.float32).mean()
+        tl = [types] if isinstance(types, str) else types
+        op = lambda pc, pr, rc, rr, lc, lr: preference_loss_op(
+            pc, pr, rc, rr, lc, lr, None, None, None, None, None, FAMILIES["dpo"], [DPO_TYPES.index(t) for t in tl],
+            [1.0] * len(tl) if weights is None else list(weights), [0.1, eps, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0], 0, 1)[0]
+        return ours, eager, op
+
+    cases = [("dpo sigmoid", *dpo("sigmoid")),
+             ("dpo ipo", *dpo("ipo")),
+             ("dpo mpo (sigmoid+bco_pair+sft)", *dpo(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])),
+             ("dpo aot", *dpo("aot", eps=0.1))]
+    ours = lambda pc, pr, rc, rr, lc, lr: L.kto_loss(pc, rc, lc > 200)[0]
+    eager = lambda pc, pr, rc, rr, lc, lr: R.kto_losses(pc, rc, lc > 200, dtype=torch.float32).mean()
+    cases.append(("kto", ours, eager, None))
+    ours = lambda pc, pr, rc, rr, lc, lr: L.orpo_loss(pc, pr, chosen_lengths=lc, rejected_lengths=lr)[0]
+    eager = lambda pc, pr, rc, rr, lc, lr: R.orpo_losses(pc, pr, lc, lr, dtype=torch.float32)[0].mean()
+    cases.append(("orpo", ours, eager, None))
+    ours = lambda pc, pr, rc, rr, lc, lr: L.simpo_loss(pc, pr, chosen_lengths=lc, rejected_lengths=lr)[0]
+    eager = lambda pc, pr, rc, rr, lc, lr: R.cpo_losses(pc, pr, loss_type="simpo", beta=2.0, cpo_alpha=0.0, lc=lc,
+                                                        lr=lr, dtype=torch.float32)[0].mean()
+    cases.append(("simpo", ours, eager, None))
+    return cases
+
+
+def _fwd_bwd(fn, inputs):
+    pc, pr, rc, rr, lc, lr = inputs
+
+    def run():
+        for _ in range(REPEAT):
+            a, b = pc.detach().requires_grad_(), pr.detach().requires_grad_()
+            loss = fn(a, b, rc, rr, lc, lr)
+            loss.backward()
+        return loss
+    return run
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    sizes = [64, 4096] if quick else [64, 4096, 65536]
+    for n in sizes:
+        inputs = _batch(n, device)
+        for name, ours, eager, op in _cases():
+            if n > 4096 and "aot" in name and device == "cuda":
+                continue  # the rank count is O(n^2) on one block
+            compiled = torch.compile(eager, dynamic=False)
+            impls = [("pyalign", ours), ("eager", eager), ("compile", compiled)]
+            if op is not None:
+                impls.insert(1, ("pyalign-op", op))
+            for impl, fn in impls:
+                row = record("losses", f"{name} fwd+bwd", f"{n} pairs fp32", impl, _fwd_bwd(fn, inputs), device,
+                             measure_memory=False, note=f"per call (batches of {REPEAT})")
+                if row["median_ms"] is not None:
+                    row["median_ms"] /= REPEAT
+                rows.append(row)
+    return rows

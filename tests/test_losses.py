@@ -1,0 +1,698 @@
+"""Preference losses against plain-PyTorch references written from the papers' formulas.
+
+Tolerances: float64 inputs are compared at 1e-9 relative. For float32/bfloat16/float16 inputs the
+kernel computes in float32; its error against a float64 reference must be at most twice the error
+of the same formula evaluated eagerly by PyTorch in float32 on the same inputs (gradients rounded
+to the input dtype on both sides), plus a floor of 1e-6 relative to the value's scale.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pyalign
+from pyalign import losses as L
+from pyalign.ops.losses import DPO_TYPES, preference_loss_op, _compute, _Direct
+from pyalign.reference import losses as R
+
+SMOOTH = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
+F_DIV_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+REF_FREE_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+
+
+def make_batch(n, *, seed=0, dtype=torch.float64, device="cpu", spread=3.0):
+    """Summed log-probs of chosen/rejected completions, a nearby reference, lengths, weights."""
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randint(1, 60, (n,), generator=g)
+    lr = torch.randint(1, 60, (n,), generator=g)
+    rc = -(torch.rand(n, generator=g, dtype=torch.float64) * 1.5 + 0.2) * lc
+    rr = -(torch.rand(n, generator=g, dtype=torch.float64) * 1.5 + 0.2) * lr
+    pc = rc + torch.randn(n, generator=g, dtype=torch.float64) * spread
+    pr = rr + torch.randn(n, generator=g, dtype=torch.float64) * spread
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    cast = lambda t: t.to(dtype=dtype, device=device)
+    return dict(pc=cast(pc), pr=cast(pr), rc=cast(rc), rr=cast(rr), lc=lc.to(device), lr=lr.to(device), w=cast(w))
+
+
+def leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def grads_of(loss, ts, upstream=None):
+    if upstream is None:
+        upstream = torch.ones_like(loss)
+    gs = torch.autograd.grad(loss, ts, upstream, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, ts)]
+
+
+def close(actual, expected, rtol=1e-9, atol=1e-12):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
+
+
+def check_metrics(m, expected, rtol=1e-9, atol=1e-12):
+    for k, v in expected.items():
+        close(m[k], torch.as_tensor(v, dtype=torch.float64), rtol, atol)
+
+
+# ------------------------------------------------------------------------------------------
+# DPO family vs the reference (float64)
+
+def run_dpo_both(b, loss_type, *, ref=True, weights=True, reduction="mean", upstream=None, **kw):
+    """pyalign and the reference on the same leaves; returns ((loss, grads, metrics), (loss, grads))."""
+    names = ["pc", "pr", "rc", "rr", "w"] if ref else ["pc", "pr", "w"]
+    xs = leaves(*[b[k] for k in names])
+    d = dict(zip(names, xs))
+    w = d["w"] if weights else None
+    args = (d["pc"], d["pr"], d.get("rc"), d.get("rr"))
+    loss, m = L.dpo_loss(*args, loss_type=loss_type, chosen_lengths=b["lc"], rejected_lengths=b["lr"],
+                         weights=w, reduction=reduction, **kw)
+    g = grads_of(loss, xs, upstream)
+    ys = leaves(*[b[k] for k in names])
+    e = dict(zip(names, ys))
+    per = R.dpo_losses(e["pc"], e["pr"], e.get("rc"), e.get("rr"), loss_type=loss_type,
+                       chosen_lengths=b["lc"], rejected_lengths=b["lr"], **kw)
+    ref_loss = R.reduce(per, e["w"] if weights else None, reduction)
+    rg = grads_of(ref_loss, ys, upstream)
+    return (loss, g, m), (ref_loss, rg)
+
+
+@pytest.mark.parametrize("loss_type", DPO_TYPES)
+def test_dpo_each_type_matches_reference(device, loss_type):
+    b = make_batch(13, seed=1, device=device)
+    kw = dict(label_smoothing=SMOOTH.get(loss_type, 0.0), beta=0.3)
+    (loss, g, m), (rl, rg) = run_dpo_both(b, loss_type, **kw)
+    assert loss.dtype == torch.float64 and loss.shape == ()
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    check_metrics(m, R.dpo_metrics(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.3))
+    assert set(m) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected"}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_down", "discopop", "sft"])
+def test_dpo_reductions_and_weights(device, reduction, loss_type):
+    b = make_batch(9, seed=2, device=device)
+    up = torch.randn(9, dtype=torch.float64, device=device) if reduction == "none" else None
+    (loss, g, _), (rl, rg) = run_dpo_both(b, loss_type, reduction=reduction, upstream=up, beta=0.2)
+    assert loss.shape == ((9,) if reduction == "none" else ())
+    close(loss, rl)
+    for a, e in zip(g, rg):  # includes d loss / d weights
+        close(a, e)
+
+
+@pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", F_DIV_TYPES)
+def test_dpo_f_divergences(device, f_divergence, loss_type):
+    b = make_batch(11, seed=3, device=device, spread=1.0)
+    kw = dict(label_smoothing=SMOOTH.get(loss_type, 0.0), f_divergence=f_divergence, f_alpha=0.3, beta=0.5)
+    (loss, g, _), (rl, rg) = run_dpo_both(b, loss_type, **kw)
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+
+
+def test_alpha_divergence_limit_is_reverse_kl(device):
+    b = make_batch(7, seed=4, device=device)
+    l1, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], f_divergence="alpha_divergence", f_alpha=1.0)
+    l2, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"])
+    close(l1, l2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", REF_FREE_TYPES)
+def test_dpo_reference_free(device, loss_type):
+    b = make_batch(10, seed=5, device=device)
+    (loss, g, m), (rl, rg) = run_dpo_both(b, loss_type, ref=False, label_smoothing=SMOOTH.get(loss_type, 0.0),
+                                          beta=0.05)
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    check_metrics(m, R.dpo_metrics(b["pc"], b["pr"], beta=0.05))
+
+
+def test_dpo_loss_lists_mpo_rpo_and_aot_mixture(device):
+    b = make_batch(17, seed=6, device=device)
+    # MPO: sigmoid + bco_pair + sft with weights.
+    (loss, g, _), (rl, rg) = run_dpo_both(b, ["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.1)
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    # aot and aot_unpaired mixed with a per-pair loss, per-pair weights: the cross-pair gradients.
+    (loss, g, _), (rl, rg) = run_dpo_both(b, ["aot", "sigmoid", "aot_unpaired"], loss_weights=[0.5, 1.0, 2.0],
+                                          label_smoothing=0.05, beta=0.2, reduction="sum")
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    # rpo_alpha is the sft term.
+    l1, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], rpo_alpha=0.7, chosen_lengths=b["lc"])
+    l2, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], loss_type=["sigmoid", "sft"], loss_weights=[1, 0.7],
+                       chosen_lengths=b["lc"])
+    close(l1, l2, rtol=0, atol=0)
+
+
+@given(n=st.integers(1, 64), type_idx=st.integers(0, len(DPO_TYPES) - 1), seed=st.integers(0, 10_000),
+       beta=st.floats(0.01, 5.0), spread=st.floats(0.01, 30.0), reduction=st.sampled_from(["mean", "sum"]),
+       weighted=st.booleans())
+def test_dpo_hypothesis(n, type_idx, seed, beta, spread, reduction, weighted):
+    t = DPO_TYPES[type_idx]
+    b = make_batch(n, seed=seed, spread=spread)
+    (loss, g, _), (rl, rg) = run_dpo_both(b, t, beta=beta, reduction=reduction, weights=weighted,
+                                          label_smoothing=SMOOTH.get(t, 0.0))
+    scale = max(1.0, rl.abs().item())
+    close(loss, rl, rtol=1e-9, atol=1e-11 * scale)
+    for a, e in zip(g, rg):
+        close(a, e, rtol=1e-8, atol=1e-11 * max(1.0, e.abs().max().item()))
+
+
+def _errors(fn_kernel, fn_ref, inputs, dtype):
+    """Max abs errors of kernel and of eager fp32 vs fp64, for the loss and each input gradient."""
+    def run(fn, cast_dtype):
+        xs = leaves(*[x.to(cast_dtype) for x in inputs])
+        out = fn(xs, cast_dtype)
+        gs = grads_of(out, xs)
+        return out.double(), [gg.to(dtype).double() for gg in gs]
+    k_out, k_g = fn_kernel(inputs)
+    t_out, t_g = run(fn_ref, torch.float64)
+    e_out, e_g = run(fn_ref, torch.float32)
+    return (k_out, k_g), (t_out, t_g), (e_out, e_g)
+
+
+def assert_within_eager(kernel, truth, eager):
+    (k_out, k_g), (t_out, t_g), (e_out, e_g) = kernel, truth, eager
+    def ok(k, t, e):
+        floor = 1e-6 * max(1.0, t.abs().max().item())
+        err_k = (k.double().cpu() - t.double().cpu()).abs().max().item()
+        err_e = (e.double().cpu() - t.double().cpu()).abs().max().item()
+        assert err_k <= 2 * err_e + floor, (err_k, err_e, floor)
+    ok(k_out, t_out, e_out)
+    for k, t, e in zip(k_g, t_g, e_g):
+        ok(k, t, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "exo_pair", "nca_pair", "sppo_hard", "aot", "discopop",
+                                       "apo_zero", "sigmoid_norm"])
+def test_dpo_low_precision(device, dtype, loss_type):
+    b = make_batch(24, seed=7, dtype=dtype, device=device)
+    ins = [b["pc"], b["pr"], b["rc"], b["rr"]]
+    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTH.get(loss_type, 0.0))
+
+    def kernel(inputs):
+        xs = leaves(*inputs)
+        loss, _ = L.dpo_loss(*xs, chosen_lengths=b["lc"], rejected_lengths=b["lr"], **kw)
+        assert loss.dtype == torch.float32
+        gs = grads_of(loss, xs)
+        assert all(gg.dtype == dtype for gg in gs)
+        return loss, gs
+
+    def ref(xs, dt):
+        return R.dpo_losses(*xs, chosen_lengths=b["lc"], rejected_lengths=b["lr"], dtype=dt,
+                            **{k: v for k, v in kw.items() if k != "loss_type"}, loss_type=loss_type).mean()
+
+    assert_within_eager(*_errors(kernel, ref, ins, dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# Properties
+
+def test_sigmoid_loss_decreases_in_margin(device):
+    margins = torch.linspace(-50, 50, 201, dtype=torch.float64, device=device)
+    zero = torch.zeros_like(margins)
+    loss, _ = L.dpo_loss(margins, zero, zero, zero, beta=0.1, reduction="none")
+    assert bool((loss[1:] < loss[:-1]).all())
+    # and its gradient w.r.t. the chosen log-prob is negative everywhere
+    x = margins.clone().requires_grad_(True)
+    l2, _ = L.dpo_loss(x, zero, zero, zero, beta=0.1, reduction="sum")
+    (gx,) = torch.autograd.grad(l2, x)
+    assert bool((gx < 0).all())
+
+
+def test_robust_with_zero_smoothing_equals_sigmoid(device):
+    b = make_batch(31, seed=8, device=device)
+    xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"])
+    l1, _ = L.dpo_loss(*xs, loss_type="robust", label_smoothing=0.0, reduction="none")
+    l2, _ = L.dpo_loss(*xs, loss_type="sigmoid", label_smoothing=0.0, reduction="none")
+    close(l1, l2, rtol=1e-15, atol=0)
+    g1 = grads_of(l1.sum(), xs)
+    g2 = grads_of(l2.sum(), xs)
+    for a, e in zip(g1, g2):
+        close(a, e, rtol=1e-15, atol=0)
+
+
+def test_ipo_minimal_at_normalized_margin_half_inverse_beta(device):
+    beta = 0.25
+    target = 1 / (2 * beta)
+    lc = torch.tensor([7], device=device)
+    lr = torch.tensor([3], device=device)
+    offsets = [i / 20 for i in range(-20, 21)]
+    vals = []
+    for o in offsets:
+        # choose the rejected score so that sc/7 - sr/3 = target + o
+        pc = torch.tensor([-14.0], dtype=torch.float64, device=device)
+        pr = ((pc / 7 - (target + o)) * 3).requires_grad_(True)
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        loss, _ = L.dpo_loss(pc, pr, zero, zero, loss_type="ipo", beta=beta, chosen_lengths=lc, rejected_lengths=lr)
+        vals.append(loss.item())
+        if o == 0:
+            (g,) = torch.autograd.grad(loss, pr)
+            assert abs(g.item()) < 1e-12 and loss.item() < 1e-24
+    k = int(torch.tensor(vals).argmin())
+    assert offsets[k] == 0.0
+    assert all(v > 0 for i, v in enumerate(vals) if i != k)
+
+
+def test_kto_symmetric_with_equal_weights_and_zero_kl(device):
+    b = make_batch(20, seed=9, device=device)
+    desirable = torch.arange(20, device=device) % 3 == 0
+    r = b["pc"] - b["rc"]
+    zero = torch.zeros_like(r)
+    l1, _ = L.kto_loss(r, zero, desirable, beta=0.3, reduction="none")
+    l2, _ = L.kto_loss(-r, zero, ~desirable, beta=0.3, reduction="none")
+    close(l1, l2, rtol=1e-15, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Stability, determinism, consistency of the two call paths
+
+@pytest.mark.parametrize("loss_type", DPO_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dpo_finite_at_extreme_margins(device, loss_type, dtype):
+    big = 6e4 if dtype == torch.float16 else 1e5  # beta * margin up to 1e4 (fp16: 6e3)
+    pc = torch.tensor([big, -big, 0.0, big, -big], dtype=dtype, device=device)
+    pr = torch.tensor([-big, big, 0.0, 0.0, 0.0], dtype=dtype, device=device)
+    zero = torch.zeros(5, dtype=dtype, device=device)
+    lengths = torch.ones(5, dtype=torch.int64, device=device)
+    for fd in (["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] if loss_type in F_DIV_TYPES
+               else ["reverse_kl"]):
+        xs = leaves(pc, pr, zero, zero)
+        loss, m = L.dpo_loss(*xs, loss_type=loss_type, beta=0.1, label_smoothing=SMOOTH.get(loss_type, 0.0),
+                             chosen_lengths=lengths, rejected_lengths=lengths, f_divergence=fd)
+        gs = grads_of(loss, xs)
+        assert torch.isfinite(loss), (fd, loss)
+        if dtype == torch.float16 and fd != "reverse_kl":
+            # Exponential scores (capped at exp(40)) have true gradients beyond fp16's range; the
+            # gradient is returned in the input dtype, so only the loss is required finite here.
+            continue
+        assert all(bool(torch.isfinite(gg.float()).all()) for gg in gs), (fd, gs)
+
+
+def test_orpo_finite_near_zero_logps(device):
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        pc = torch.tensor([0.0, -1e-9, -1e-4, -3.0], dtype=dtype, device=device)
+        pr = torch.tensor([-1e-7, 0.0, -2.0, -1e-6], dtype=dtype, device=device)
+        ones = torch.ones(4, device=device)
+        xs = leaves(pc, pr)
+        loss, m = L.orpo_loss(*xs, chosen_lengths=ones, rejected_lengths=ones)
+        gs = grads_of(loss, xs)
+        assert torch.isfinite(loss) and all(bool(torch.isfinite(g.float()).all()) for g in gs)
+        assert all(math.isfinite(v) for v in m.to_floats().values())
+
+
+def test_deterministic(device):
+    b = make_batch(300, seed=10, dtype=torch.float32, device=device)
+    outs = []
+    for _ in range(2):
+        xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
+        loss, m = L.dpo_loss(*xs[:4], loss_type=["sigmoid", "aot", "discopop"], weights=xs[4], label_smoothing=0.1)
+        outs.append([loss, m.values, *grads_of(loss, xs)])
+    for a, e in zip(*outs):
+        assert torch.equal(a, e)
+
+
+def test_direct_path_equals_custom_op(device):
+    b = make_batch(12, seed=11, device=device)
+    args = (b["pc"], b["pr"], b["rc"], b["rr"], b["lc"], b["lr"], b["w"], None, None, None, None, 0,
+            [DPO_TYPES.index("ipo"), DPO_TYPES.index("aot")], [1.0, 0.5], [0.1, 0.1, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0],
+            0, 1)
+    x1 = leaves(*args[:4])
+    o1 = preference_loss_op(*x1, *args[4:])
+    x2 = leaves(*args[:4])
+    o2 = _Direct.apply(*x2, *args[4:])
+    for a, e in zip(o1, o2):
+        assert torch.equal(a, e)
+    for a, e in zip(grads_of(o1[0], x1), grads_of(o2[0], x2)):
+        assert torch.equal(a, e)
+
+
+def test_nan_input_gives_nan_not_crash(device):
+    b = make_batch(6, seed=12, device=device)
+    pc = b["pc"].clone()
+    pc[2] = float("nan")
+    loss, _ = L.dpo_loss(pc, b["pr"], b["rc"], b["rr"], loss_type=["aot", "aot_unpaired"])
+    assert torch.isnan(loss)
+    ties = torch.zeros(6, dtype=torch.float64, device=device)  # all tied: a valid permutation still
+    loss, _ = L.dpo_loss(ties, ties, ties, ties, loss_type="aot")
+    close(loss, torch.tensor(math.log(2), dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------
+# KTO, BCO, ORPO, CPO/SimPO/AlphaPO, reward model
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_kto_matches_reference(device, loss_type, reduction):
+    b = make_batch(15, seed=13, device=device)
+    desirable = torch.arange(15, device=device) % 4 != 1
+    kl = dict(policy_kl=b["pr"] + 0.5, ref_kl=b["rr"]) if loss_type == "kto" else {}
+    xs = leaves(b["pc"], b["rc"], b["w"])
+    loss, m = L.kto_loss(xs[0], xs[1], desirable, weights=xs[2], beta=0.2, desirable_weight=1.3,
+                         undesirable_weight=0.7, loss_type=loss_type, reduction=reduction,
+                         policy_kl_logps=kl.get("policy_kl"), ref_kl_logps=kl.get("ref_kl"))
+    up = torch.randn(15, dtype=torch.float64, device=device) if reduction == "none" else None
+    g = grads_of(loss, xs, up)
+    ys = leaves(b["pc"], b["rc"], b["w"])
+    per = R.kto_losses(ys[0], ys[1], desirable, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7,
+                       loss_type=loss_type, **kl)
+    rl = R.reduce(per, ys[2], reduction)
+    close(loss, rl)
+    for a, e in zip(g, grads_of(rl, ys, up)):
+        close(a, e)
+    rew = 0.2 * (b["pc"] - b["rc"])
+    exp = {"rewards/chosen": rew[desirable].mean(), "rewards/rejected": rew[~desirable].mean(),
+           "logps/chosen": b["pc"][desirable].mean(), "logps/rejected": b["pc"][~desirable].mean(),
+           "count/chosen": desirable.sum(), "count/rejected": (~desirable).sum()}
+    exp["rewards/margins"] = exp["rewards/chosen"] - exp["rewards/rejected"]
+    if loss_type == "kto":
+        exp["kl"] = (kl["policy_kl"] - kl["ref_kl"]).mean().clamp(min=0)
+    check_metrics(m, exp)
+
+
+def test_kto_kl_is_clamped_and_detached(device):
+    b = make_batch(8, seed=14, device=device)
+    desirable = torch.arange(8, device=device) % 2 == 0
+    pk = (b["pr"] - 5.0).requires_grad_(True)  # negative KL estimate -> clamped to 0
+    l1, m = L.kto_loss(b["pc"], b["rc"], desirable, policy_kl_logps=pk, ref_kl_logps=b["rr"])
+    l0, _ = L.kto_loss(b["pc"], b["rc"], desirable)
+    close(l1, l0, rtol=0, atol=0)
+    assert m["kl"].item() == 0.0
+    assert not l1.requires_grad
+
+
+def test_kto_empty_class_metrics_are_nan(device):
+    b = make_batch(5, seed=15, device=device)
+    loss, m = L.kto_loss(b["pc"], b["rc"], torch.ones(5, dtype=torch.bool, device=device))
+    f = m.to_floats()
+    assert math.isnan(f["rewards/rejected"]) and math.isfinite(f["rewards/chosen"]) and math.isfinite(loss.item())
+
+
+def test_bco_running_mean_and_loss(device):
+    run = L.BCORunningMean()
+    mean, count = 0.0, 0
+    for seed in (16, 17, 18):
+        b = make_batch(10, seed=seed, device=device)
+        desirable = torch.arange(10, device=device) % 3 != 0
+        xs = leaves(b["pc"], b["rc"])
+        loss, m = L.bco_loss(xs[0], xs[1], desirable, run, beta=0.1)
+        g = grads_of(loss, xs)
+        ys = leaves(b["pc"], b["rc"])
+        per, delta = R.bco_losses(ys[0], ys[1], desirable, running_mean=mean, running_count=count, beta=0.1)
+        rl = per.mean()
+        close(loss, rl)
+        for a, e in zip(g, grads_of(rl, ys)):
+            close(a, e)
+        mean, count = delta.item(), count + 1
+        close(m["delta"], torch.tensor(mean, dtype=torch.float64))
+        assert run.count.item() == count and abs(run.mean.item() - mean) < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_orpo_matches_reference(device, reduction):
+    b = make_batch(14, seed=19, device=device)
+    xs = leaves(b["pc"], b["pr"], b["w"])
+    loss, m = L.orpo_loss(xs[0], xs[1], chosen_lengths=b["lc"], rejected_lengths=b["lr"], beta=0.25,
+                          weights=xs[2], reduction=reduction)
+    up = torch.randn(14, dtype=torch.float64, device=device) if reduction == "none" else None
+    g = grads_of(loss, xs, up)
+    ys = leaves(b["pc"], b["pr"], b["w"])
+    per, lo = R.orpo_losses(ys[0], ys[1], b["lc"], b["lr"], beta=0.25)
+    rl = R.reduce(per, ys[2], reduction)
+    close(loss, rl)
+    for a, e in zip(g, grads_of(rl, ys, up)):
+        close(a, e)
+    mc, mr = b["pc"] / b["lc"], b["pr"] / b["lr"]
+    check_metrics(m, {"rewards/chosen": 0.25 * mc.mean(), "rewards/rejected": 0.25 * mr.mean(),
+                      "rewards/accuracies": (mc > mr).double().mean(), "nll_loss": (-mc).mean(),
+                      "log_odds_chosen": lo.mean(), "log_odds_ratio": torch.nn.functional.logsigmoid(lo).mean(),
+                      "logps/chosen": b["pc"].mean()})
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, -0.5])
+def test_cpo_simpo_alphapo_match_reference(device, loss_type, alpha):
+    b = make_batch(12, seed=20, device=device, spread=1.0)
+    eps = 0.1 if loss_type in ("sigmoid", "simpo") else 0.0
+    beta = 2.0 if loss_type == "simpo" else 0.1
+    xs = leaves(b["pc"], b["pr"])
+    loss, m = L.cpo_loss(*xs, loss_type=loss_type, beta=beta, label_smoothing=eps, gamma=0.8, alpha=alpha,
+                         cpo_alpha=0.6, chosen_lengths=b["lc"], rejected_lengths=b["lr"])
+    g = grads_of(loss, xs)
+    ys = leaves(b["pc"], b["pr"])
+    per, rc, rr = R.cpo_losses(*ys, loss_type=loss_type, beta=beta, label_smoothing=eps, gamma=0.8, alpha=alpha,
+                               cpo_alpha=0.6, lc=b["lc"], lr=b["lr"])
+    rl = per.mean()
+    close(loss, rl)
+    for a, e in zip(g, grads_of(rl, ys)):
+        close(a, e)
+    check_metrics(m, {"rewards/chosen": beta * rc.detach().mean(), "rewards/rejected": beta * rr.detach().mean(),
+                      "rewards/accuracies": (rc > rr).double().mean(),
+                      "nll_loss": (-b["pc"] / b["lc"]).mean()})
+
+
+def test_simpo_is_cpo_simpo_without_nll(device):
+    b = make_batch(9, seed=21, device=device)
+    l1, _ = L.simpo_loss(b["pc"], b["pr"], chosen_lengths=b["lc"], rejected_lengths=b["lr"], beta=2.0, gamma=1.0)
+    l2, _ = L.cpo_loss(b["pc"], b["pr"], loss_type="simpo", beta=2.0, gamma=1.0, cpo_alpha=0.0,
+                       chosen_lengths=b["lc"], rejected_lengths=b["lr"])
+    close(l1, l2, rtol=0, atol=0)
+    # SimPO eq. 6 written out
+    mc, mr = b["pc"] / b["lc"], b["pr"] / b["lr"]
+    close(l1, -torch.nn.functional.logsigmoid(2.0 * (mc - mr) - 1.0).mean())
+
+
+@pytest.mark.parametrize("margin_kind", [None, "tensor", "float"])
+def test_reward_model_matches_reference(device, margin_kind):
+    g0 = torch.Generator().manual_seed(22)
+    rc = torch.randn(16, generator=g0, dtype=torch.float64).to(device)
+    rr = torch.randn(16, generator=g0, dtype=torch.float64).to(device)
+    mt = torch.rand(16, generator=g0, dtype=torch.float64).to(device)
+    xs = leaves(rc, rr, mt)
+    margin = xs[2] if margin_kind == "tensor" else (0.3 if margin_kind == "float" else None)
+    loss, m = L.reward_model_loss(xs[0], xs[1], margin=margin, center_rewards_coefficient=0.01)
+    g = grads_of(loss, xs)
+    ys = leaves(rc, rr, mt)
+    rmargin = ys[2] if margin_kind == "tensor" else (torch.full((16,), 0.3, dtype=torch.float64, device=device)
+                                                      if margin_kind == "float" else None)
+    rl = R.rm_losses(ys[0], ys[1], margin=rmargin, center=0.01).mean()
+    close(loss, rl)
+    for a, e in zip(g, grads_of(rl, ys)):
+        close(a, e)
+    check_metrics(m, {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (rc - rr).mean(),
+                      "rewards/accuracies": (rc > rr).double().mean()})
+
+
+@given(n=st.integers(1, 64), family=st.sampled_from(["kto", "apo_zero_unpaired", "orpo", "cpo", "simpo", "rm"]),
+       seed=st.integers(0, 10_000), beta=st.floats(0.01, 5.0), spread=st.floats(0.01, 30.0),
+       reduction=st.sampled_from(["none", "mean", "sum"]))
+def test_other_families_hypothesis(n, family, seed, beta, spread, reduction):
+    b = make_batch(n, seed=seed, spread=spread)
+    if family == "orpo":  # log-probs of whole completions are <= 0 (ORPO takes log(1 - p))
+        b["pc"], b["pr"] = -b["pc"].abs() - 1e-3, -b["pr"].abs() - 1e-3
+    desirable = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    names = ["pc", "pr", "rc", "rr", "w"]
+    xs, ys = leaves(*[b[k] for k in names]), leaves(*[b[k] for k in names])
+    up = torch.randn(n, dtype=torch.float64) if reduction == "none" else None
+    lc, lr = b["lc"], b["lr"]
+    if family in ("kto", "apo_zero_unpaired"):
+        kl = dict(policy_kl_logps=b["pr"], ref_kl_logps=b["rr"]) if family == "kto" else {}
+        loss, _ = L.kto_loss(xs[0], xs[2], desirable, beta=beta, loss_type=family,
+                             weights=xs[4], reduction=reduction, **kl)
+        per = R.kto_losses(ys[0], ys[2], desirable, beta=beta, loss_type=family,
+                           policy_kl=kl.get("policy_kl_logps"), ref_kl=kl.get("ref_kl_logps"))
+    elif family == "orpo":
+        loss, _ = L.orpo_loss(xs[0], xs[1], chosen_lengths=lc, rejected_lengths=lr, beta=beta, weights=xs[4],
+                              reduction=reduction)
+        per = R.orpo_losses(ys[0], ys[1], lc, lr, beta=beta)[0]
+    elif family in ("cpo", "simpo"):
+        lt = "sigmoid" if family == "cpo" else "simpo"
+        loss, _ = L.cpo_loss(xs[0], xs[1], loss_type=lt, beta=beta, alpha=0.1, cpo_alpha=0.3, chosen_lengths=lc,
+                             rejected_lengths=lr, weights=xs[4], reduction=reduction)
+        per = R.cpo_losses(ys[0], ys[1], loss_type=lt, beta=beta, alpha=0.1, cpo_alpha=0.3, lc=lc, lr=lr)[0]
+    else:
+        loss, _ = L.reward_model_loss(xs[0] / 10, xs[1] / 10, margin=xs[2] / 50, center_rewards_coefficient=beta,
+                                      weights=xs[4], reduction=reduction)
+        per = R.rm_losses(ys[0] / 10, ys[1] / 10, margin=ys[2] / 50, center=beta)
+    rl = R.reduce(per, ys[4], reduction)
+    close(loss, rl, rtol=1e-9, atol=1e-11 * max(1.0, rl.abs().max().item()))
+    for a, e in zip(grads_of(loss, xs, up), grads_of(rl, ys, up)):
+        close(a, e, rtol=1e-8, atol=1e-11 * max(1.0, e.abs().max().item()))
+
+
+# ------------------------------------------------------------------------------------------
+# gradcheck (float64, CPU) and opcheck
+
+def test_gradcheck_all_families():
+    b = make_batch(6, seed=23)
+    desirable = torch.tensor([True, False, True, True, False, False])
+    cases = [
+        lambda pc, pr, rc, rr, w: L.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "ipo", "exo_pair"],
+                                             label_smoothing=0.01, chosen_lengths=b["lc"], rejected_lengths=b["lr"],
+                                             weights=w)[0],
+        lambda pc, pr, rc, rr, w: L.dpo_loss(pc, pr, rc, rr, loss_type=["aot", "aot_unpaired", "discopop"],
+                                             weights=w, beta=0.5, reduction="sum")[0],
+        lambda pc, pr, rc, rr, w: L.dpo_loss(pc, pr, rc, rr, loss_type="nca_pair", f_divergence="reverse_kl",
+                                             weights=w, reduction="none")[0],
+        lambda pc, pr, rc, rr, w: L.dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.2,
+                                             f_divergence="js_divergence", weights=w)[0],
+        lambda pc, pr, rc, rr, w: L.kto_loss(pc, rc, desirable, policy_kl_logps=pr.detach(),
+                                             ref_kl_logps=rr.detach(), weights=w)[0],
+        lambda pc, pr, rc, rr, w: L.orpo_loss(pc, pr, chosen_lengths=b["lc"], rejected_lengths=b["lr"], weights=w)[0],
+        lambda pc, pr, rc, rr, w: L.simpo_loss(pc, pr, chosen_lengths=b["lc"], rejected_lengths=b["lr"], alpha=0.3,
+                                               cpo_alpha=0.5, weights=w)[0],
+        lambda pc, pr, rc, rr, w: L.reward_model_loss(pc / 40, pr / 40, margin=rc / 40,
+                                                      center_rewards_coefficient=0.1, weights=w)[0],
+    ]
+    xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
+    for fn in cases:
+        assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # BCO's shift is detached (a running mean): with a huge running count it does not move when
+    # gradcheck perturbs the inputs, so finite differences see only the differentiable path.
+    def bco(pc, rc, w):
+        r = L.BCORunningMean()
+        r.state = torch.tensor([0.3, 1e12], dtype=torch.float64)
+        return L.bco_loss(pc, rc, desirable, r, weights=w)[0]
+    assert torch.autograd.gradcheck(bco, (xs[0], xs[2], xs[4]), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _op_args(family, device, **over):
+    b = make_batch(5, seed=24, device=device)
+    base = dict(a=b["pc"], b=b["pr"], c=b["rc"], d=b["rr"], la=b["lc"], lb=b["lr"], w=b["w"], label=None,
+                kla=None, klb=None, state=None, family=family, types=[0], type_weights=[1.0],
+                params=[0.1, 0.0, 0.5, 0.05, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0], fdiv=0, reduction=1)
+    base.update(over)
+    for k in ("a", "b", "c", "d", "w"):
+        if base[k] is not None:
+            base[k] = base[k].detach().clone().requires_grad_(True)
+    return tuple(base.values())
+
+
+@pytest.mark.parametrize("case", ["dpo_mean", "dpo_none", "dpo_aot", "kto", "bco", "orpo", "cpo", "rm"])
+def test_opcheck(device, case):
+    lab = torch.tensor([True, False, True, False, True], device=device)
+    cfg = {
+        "dpo_mean": dict(family=0, types=[0, 3, 14], type_weights=[1.0, 0.5, 0.2]),
+        "dpo_none": dict(family=0, types=[13], reduction=0),
+        "dpo_aot": dict(family=0, types=[9, 10], type_weights=[1.0, 1.0], reduction=2),
+        "kto": dict(family=1, b=None, d=None, la=None, lb=None, label=lab),
+        "bco": dict(family=2, b=None, d=None, la=None, lb=None, label=lab,
+                    state=torch.tensor([0.1, 3.0], dtype=torch.float64, device=device)),
+        "orpo": dict(family=3, c=None, d=None),
+        "cpo": dict(family=4, c=None, d=None, types=[3]),
+        "rm": dict(family=5, d=None, la=None, lb=None),
+    }[case]
+    args = _op_args(cfg.pop("family"), device, **cfg) if "family" in cfg else None
+    torch.library.opcheck(preference_loss_op, args)
+
+
+def test_torch_compile_fullgraph():
+    b = make_batch(8, seed=25, dtype=torch.float32)
+
+    def f(pc, pr, rc, rr, w):
+        loss, m = L.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], chosen_lengths=b["lc"], weights=w)
+        return loss, m.values
+
+    xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    l1, m1 = cf(*xs)
+    g1 = grads_of(l1, xs)
+    ys = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
+    l2, m2 = f(*ys)
+    g2 = grads_of(l2, ys)
+    assert torch.equal(l1, l2) and torch.equal(m1, m2)
+    for a, e in zip(g1, g2):
+        assert torch.equal(a, e)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+def test_bad_inputs():
+    b = make_batch(4, seed=26)
+    pc, pr, rc, rr = b["pc"], b["pr"], b["rc"], b["rr"]
+    lc, lr = b["lc"], b["lr"]
+    cases = [
+        (ValueError, "unknown loss type 'dpo'.*sigmoid, sigmoid_norm", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="dpo")),
+        (ValueError, "unknown loss type", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "nope"])),
+        (ValueError, "exo_pair.*\\(0.0, 1.0\\).*1e-3", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")),
+        (ValueError, "robust.*\\[0.0, 0.5\\)", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.5)),
+        (ValueError, "sigmoid.*\\[0.0, 0.5\\]", lambda: L.dpo_loss(pc, pr, rc, rr, label_smoothing=0.7)),
+        (ValueError, "label_smoothing.*do not use it", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="hinge", label_smoothing=0.1)),
+        (ValueError, "ipo.*length", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="ipo")),
+        (ValueError, "sigmoid_norm.*length", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="sigmoid_norm", chosen_lengths=lc)),
+        (ValueError, "apo_zero need reference", lambda: L.dpo_loss(pc, pr, loss_type="apo_zero")),
+        (ValueError, "aot need reference", lambda: L.dpo_loss(pc, pr, loss_type=["sigmoid", "aot"])),
+        (ValueError, "both reference log-probs or neither", lambda: L.dpo_loss(pc, pr, rc)),
+        (ValueError, "policy_rejected_logps: expected 4 elements", lambda: L.dpo_loss(pc, pr[:3], rc, rr)),
+        (ValueError, "ref_rejected_logps: expected 4", lambda: L.dpo_loss(pc, pr, rc, rr[:2])),
+        (ValueError, "chosen_lengths: expected 4", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=lc[:1], rejected_lengths=lr)),
+        (ValueError, "weights: expected 4", lambda: L.dpo_loss(pc, pr, rc, rr, weights=b["w"][:3])),
+        (ValueError, "1-d tensor", lambda: L.dpo_loss(pc[None], pr[None])),
+        (ValueError, "at least one element", lambda: L.dpo_loss(pc[:0], pr[:0])),
+        (TypeError, "policy_chosen_logps: expected a floating tensor", lambda: L.dpo_loss(lc, pr)),
+        (TypeError, "expected a torch.Tensor", lambda: L.dpo_loss([1.0], pr)),
+        (ValueError, "reduction: expected one of", lambda: L.dpo_loss(pc, pr, reduction="avg")),
+        (ValueError, "'none' is not defined for aot", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="aot", reduction="none")),
+        (ValueError, "f_divergence: expected one of", lambda: L.dpo_loss(pc, pr, rc, rr, f_divergence="kl")),
+        (ValueError, "forward_kl.*only defined.*nca_pair", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="nca_pair", f_divergence="forward_kl")),
+        (ValueError, "loss_weights: expected 2", lambda: L.dpo_loss(pc, pr, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])),
+        (ValueError, "beta: expected a finite number > 0", lambda: L.dpo_loss(pc, pr, beta=0.0)),
+        (ValueError, "beta: expected a finite number > 0", lambda: L.dpo_loss(pc, pr, beta=float("nan"))),
+        (ValueError, "discopop_tau", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=-1.0)),
+        (ValueError, "rpo_alpha", lambda: L.dpo_loss(pc, pr, rpo_alpha=float("inf"))),
+        (TypeError, "desirable: expected a bool", lambda: L.kto_loss(pc, rc, torch.ones(4))),
+        (ValueError, "desirable: expected 4", lambda: L.kto_loss(pc, rc, torch.ones(3, dtype=torch.bool))),
+        (ValueError, "ref_logps: this loss needs reference", lambda: L.kto_loss(pc, None, torch.ones(4, dtype=torch.bool))),
+        (ValueError, "no KL term", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), loss_type="apo_zero_unpaired",
+                                                      policy_kl_logps=pr, ref_kl_logps=rr)),
+        (ValueError, "both KL-batch", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), policy_kl_logps=pr)),
+        (ValueError, "loss_type: expected one of 'kto'", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), loss_type="sigmoid")),
+        (TypeError, "running: expected a pyalign.losses.BCORunningMean", lambda: L.bco_loss(pc, rc, torch.ones(4, dtype=torch.bool), None)),
+        (ValueError, "orpo_loss is length-normalized", lambda: L.orpo_loss(pc, pr, chosen_lengths=None, rejected_lengths=lr)),
+        (ValueError, "'simpo' is length-normalized", lambda: L.cpo_loss(pc, pr, loss_type="simpo")),
+        (ValueError, "hinge' does not use it", lambda: L.cpo_loss(pc, pr, loss_type="hinge", label_smoothing=0.1)),
+        (ValueError, "loss_type: expected one of 'sigmoid', 'hinge', 'ipo', 'simpo'", lambda: L.cpo_loss(pc, pr, loss_type="orpo")),
+        (ValueError, "margin: expected 4", lambda: L.reward_model_loss(pc, pr, margin=torch.zeros(3))),
+        (ValueError, "center_rewards_coefficient", lambda: L.reward_model_loss(pc, pr, center_rewards_coefficient=float("nan"))),
+    ]
+    for exc, pattern, fn in cases:
+        with pytest.raises(exc, match=pattern):
+            fn()
+
+
+def test_bad_inputs_reaching_the_binding():
+    """The compiled core validates by itself: a wrong call raises, never crashes."""
+    from pyalign._ext import _C, desc
+    a = torch.zeros(4)
+    loss = torch.empty(())
+    grads = torch.empty(5, 4)
+    metrics = torch.empty(16)
+    p = [0.1, 0, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="expected a 1-d tensor of 4 elements"):
+        _C.loss_forward(desc(a, "a"), desc(torch.zeros(3), "b"), None, None, None, None, None, None, None, None,
+                        None, desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [0], [1.0],
+                        p, 0, 1, 0)
+    with pytest.raises(ValueError, match="grads.*wrong shape"):
+        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+                        desc(loss, "loss"), desc(torch.empty(5, 3), "grads"), desc(metrics, "metrics"), None, 0, [0],
+                        [1.0], p, 0, 1, 0)
+    with pytest.raises(ValueError, match="aot losses need reference"):
+        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+                        desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [9], [1.0], p, 0,
+                        1, 0)
+    with pytest.raises(ValueError, match="unknown loss type code"):
+        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+                        desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [99], [1.0], p, 0,
+                        1, 0)

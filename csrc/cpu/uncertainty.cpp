@@ -1,13 +1,16 @@
 // CPU kernels of the uncertainty family. token_uncertainty: tokens across OpenMP threads; per
-// token, pass 1 reads each member's row once (online max/sum over L1-sized chunks, vectorized
-// fast_exp), pass 2 reads it once more to build the mean distribution chunk by chunk and sums
-// -pbar log pbar (vectorized fast_log). Backward: one read and one write per member row.
+// token, one read of each member's row (online max/sum over L1-sized chunks, vectorized
+// fast_exp) that also keeps exp(z - chunk max) in a per-thread [M, V] scratch (L2-resident for
+// usual sizes); the mean distribution is then rebuilt from the scratch with one scale per member
+// and chunk and -pbar log pbar summed (vectorized neg_plogp): one exp per logit, one log per
+// vocabulary entry. Backward: one read and one write per member row.
 // Reward statistics: columns across threads, members in a fixed order (deterministic).
 #include "pyalign/uncertainty.h"
 #include "pyalign/cpu_dispatch.h"
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 namespace pyalign {
 namespace {
@@ -30,10 +33,21 @@ struct TokCtx {
   int64_t M, rows, V;
 };
 
-template <typename T, bool LAB> PYALIGN_HD void token_row(const TokCtx& c, int64_t r) {
+// Per-thread view: the shared context plus the thread's scratch for one token (all members):
+// exp(z - chunk max) for every logit [M * V] and one scale per member and chunk [M * chunks].
+template <typename A> struct TokThread {
+  const TokCtx* c;
+  A* ws;
+  A* scale;
+  A* buf;  // [kChunk]
+};
+
+template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typename acc_type<T>::type>& th, int64_t r) {
   using A = typename acc_type<T>::type;
+  const TokCtx& c = *th.c;
   const TokenUncertaintyArgs& a = c.a;
   const int64_t M = c.M, rows = c.rows, V = c.V;
+  const int64_t nch = (V + kChunk - 1) / kChunk;
   A* lse = a.lse.ptr<A>();
   int64_t label = 0;
   if (LAB) {
@@ -48,28 +62,38 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokCtx& c, int64
   }
   const A it = A(a.inv_temp);
   const T* base = a.logits.ptr<T>();
-  A buf[kChunk];
+  const A inv_m = A(1) / A(M);
 
-  // Pass 1: per-member log-normalizer and entropy.
+  // The only pass over the logits: per member and chunk, e = exp(z - chunk max) into the
+  // scratch (L2-resident for usual M x V) and online softmax statistics (lse_m, H_m).
   A ent_sum = 0;
   for (int64_t m = 0; m < M; ++m) {
     const T* row = base + c.logits_rows.offset(m * rows + r);
+    A* ws = th.ws + m * V;
+    A* sc = th.scale + m * nch;
     SoftmaxStats<A> st;
-    for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, V - j0);
+    for (int64_t ci = 0; ci < nch; ++ci) {
+      const int64_t j0 = ci * kChunk, n = std::min(kChunk, V - j0);
+      A* w = ws + j0;
       A bm = -INFINITY;
 #pragma omp simd reduction(max : bm)
       for (int64_t j = 0; j < n; ++j) {
         A z = A(to_float(row[j0 + j])) * it;
-        buf[j] = z;
+        w[j] = z;
         bm = z > bm ? z : bm;
       }
-      if (bm == A(-INFINITY)) continue;
+      sc[ci] = bm;
+      if (bm == A(-INFINITY)) {  // an all-masked chunk contributes nothing
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) w[j] = 0;
+        continue;
+      }
       A s = 0, d = 0;
 #pragma omp simd reduction(+ : s, d)
       for (int64_t j = 0; j < n; ++j) {
-        A t = buf[j] - bm;
+        A t = w[j] - bm;
         A e = fast_exp(t);
+        w[j] = e;
         s += e;
         d += e > A(0) ? e * t : A(0);
       }
@@ -77,8 +101,12 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokCtx& c, int64
       cs.m = bm; cs.s = s; cs.d = d;
       st.merge(cs);
     }
-    lse[m * rows + r] = st.lse();
+    const A l = st.lse();
+    lse[m * rows + r] = l;
     ent_sum += st.entropy();
+    // p_mv = e_v * exp(chunk max - lse_m); the 1/M of the mean is folded in.
+    for (int64_t ci = 0; ci < nch; ++ci)
+      sc[ci] = sc[ci] == A(-INFINITY) ? A(0) : std::exp(sc[ci] - l) * inv_m;
   }
 
   // The label's probability under each member, their log-mean and variance.
@@ -104,22 +132,26 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokCtx& c, int64
     a.label_var.ptr<A>()[r] = pv / A(M);
   }
 
-  // Pass 2: entropy of the mean distribution.
-  const A inv_m = A(1) / A(M);
+  // Entropy of the mean distribution, from the scratch (no second exp).
+  A* buf = th.buf;
   A tot = 0;
-  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - j0);
+  for (int64_t ci = 0; ci < nch; ++ci) {
+    const int64_t j0 = ci * kChunk, n = std::min(kChunk, V - j0);
+    {
+      const A* w = th.ws + j0;
+      const A f = th.scale[ci];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) buf[j] = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* row = base + c.logits_rows.offset(m * rows + r) + j0;
-      const A l = lse[m * rows + r];
+      for (int64_t j = 0; j < n; ++j) buf[j] = w[j] * f;
+    }
+    for (int64_t m = 1; m < M; ++m) {
+      const A* w = th.ws + m * V + j0;
+      const A f = th.scale[m * nch + ci];
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) buf[j] += fast_exp(A(to_float(row[j])) * it - l);
+      for (int64_t j = 0; j < n; ++j) buf[j] += w[j] * f;
     }
     A acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) acc += neg_plogp(buf[j] * inv_m);
+    for (int64_t j = 0; j < n; ++j) acc += neg_plogp(buf[j]);
     tot += acc;
   }
   const A expected = ent_sum * inv_m;
@@ -129,7 +161,8 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokCtx& c, int64
   a.mutual_info.ptr<A>()[r] = mi > A(0) ? mi : A(0);  // >= 0 exactly; rounding can dip below
 }
 
-PYALIGN_CPU_CLONES(token_rows, token_row, TokCtx, typename T COMMA bool LAB, T COMMA LAB)
+PYALIGN_CPU_CLONES(token_rows, token_row, TokThread<typename acc_type<T>::type>, typename T COMMA bool LAB,
+                   T COMMA LAB)
 
 struct TokBwdCtx {
   TokenUncertaintyBackwardArgs a;
@@ -174,10 +207,15 @@ PYALIGN_CPU_CLONES(token_bwd_rows, token_bwd_row, TokBwdCtx, typename T, T)
 int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1)); }
 
 template <typename T> void token_forward_typed(const TokCtx& c) {
+  using A = typename acc_type<T>::type;
   const bool lab = c.a.labels.present();
+  const int64_t nch = (c.V + kChunk - 1) / kChunk;
   parallel_rows(c.rows, grain_for(c.V * c.M), [&](int64_t b, int64_t e) {
-    if (lab) token_rows<T, true>(c, b, e);
-    else token_rows<T, false>(c, b, e);
+    // Thread scratch: O(M x V), independent of the number of tokens.
+    std::vector<A> ws(size_t(c.M * c.V)), scale(size_t(c.M * nch)), buf(static_cast<size_t>(kChunk));
+    const TokThread<A> th{&c, ws.data(), scale.data(), buf.data()};
+    if (lab) token_rows<T, true>(th, b, e);
+    else token_rows<T, false>(th, b, e);
   });
 }
 
@@ -188,6 +226,7 @@ template <typename T> void token_backward_typed(const TokBwdCtx& c) {
 // ---- reward statistics over the member dimension ----
 
 constexpr int64_t kCols = 256;
+constexpr int64_t kLocal = 128;
 
 template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int64_t n1) {
   using A = typename acc_type<T>::type;
@@ -229,10 +268,17 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
       a.max.ptr<A>()[col] = nan && mean[j] != mean[j] ? mean[j] : mx[j];
     }
     if (a.quantile.data) {
+      A local[kLocal];  // the column's values, contiguous, when M is small (the usual case)
       for (int64_t j = 0; j < n; ++j) {
         const T* col = R + (c0 + j) * s1;
-        auto at = [&](int64_t i) { return A(to_float(col[i * s0])); };
-        a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);
+        if (M <= kLocal) {
+          for (int64_t i = 0; i < M; ++i) local[i] = to_float(col[i * s0]);
+          auto at = [&](int64_t i) { return local[i]; };
+          a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);
+        } else {
+          auto at = [&](int64_t i) { return A(to_float(col[i * s0])); };
+          a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);
+        }
       }
     }
     if (a.aleatoric.data) {

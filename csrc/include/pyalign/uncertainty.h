@@ -8,8 +8,9 @@
 //   mutual info       H(pbar) - mean_m H(p_m)          (>= 0, Jensen)
 //   ensemble logprob  log mean_m p_m(label)
 //   label variance    var_m p_m(label)                 (population variance, ddof = 0)
-// Pass 1 over each member's row: online softmax statistics (lse_m, H_m). Pass 2: pbar chunk by
-// chunk and sum pbar log pbar. No [M, tokens, V] tensor is formed.
+// CPU: one read of each member's row (online softmax statistics lse_m, H_m, keeping the chunk-
+// relative exps in an O(M x V) per-thread scratch), then pbar chunk by chunk from the scratch.
+// CUDA: pass 1 statistics, pass 2 re-reads the rows for pbar. No [M, tokens, V] tensor is formed.
 //
 // Reward ensembles, rewards [M, N]: per column the (weighted) mean, variance, min, max, a
 // linearly interpolated quantile and the mean of per-member variances (aleatoric part).
@@ -18,23 +19,20 @@
 
 namespace pyalign {
 
-// log(x) for finite x > 0 that the host compiler can inline and vectorize (#pragma omp simd):
-// x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log(m) by the Cephes degree-9 polynomial in m - 1
-// (max rel. error ~2 ulp). Returns -inf for x == 0 (callers guard 0 * log 0 themselves).
-PYALIGN_HD float fast_log(float x) {
+// -p log p for p in [0, 1] (0 at p == 0), branch-free so the host compiler inlines and
+// vectorizes it (#pragma omp simd): log is taken of p + FLT_MIN (equal to p for p > 2^-100; for
+// smaller p, p log p is below 1e-28 either way), x = 2^k * m with m in [sqrt(1/2), sqrt(2)) by
+// integer arithmetic on the bits, and log(m) by the Cephes degree-9 polynomial in m - 1 (max
+// rel. error ~2 ulp). NaN propagates through the final product.
+PYALIGN_HD float neg_plogp(float p) {
 #if defined(__CUDA_ARCH__)
-  return logf(x);
+  return p == 0.0f ? 0.0f : -p * logf(p);
 #else
-  uint32_t u = float_to_bits(x);
-  // Subnormals are scaled up by 2^23 first so their exponent is read correctly.
-  const bool sub = u < 0x00800000u;
-  const float xs = sub ? x * 8388608.0f : x;
-  u = float_to_bits(xs);
-  int32_t e = int32_t(u >> 23) - 127 - (sub ? 23 : 0);
-  float m = bits_to_float((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
+  const float x = p + 1.17549435e-38f;
+  const int32_t u = int32_t(float_to_bits(x));
+  const int32_t ix = u - 0x3f3504f3;                 // offset so that m lands in [sqrt(1/2), sqrt(2))
+  const float k = float(ix >> 23);                   // arithmetic shift: the exponent
+  const float m = bits_to_float(uint32_t(u - (ix & int32_t(0xff800000u))));
   const float f = m - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
@@ -47,18 +45,13 @@ PYALIGN_HD float fast_log(float x) {
   y = y * f - 2.4999993993e-1f;
   y = y * f + 3.3333331174e-1f;
   y = y * f * z;
-  const float ef = float(e);
-  y += -2.12194440e-4f * ef;
+  y += -2.12194440e-4f * k;
   y += -0.5f * z;
-  float r = f + y + 0.693359375f * ef;
-  r = x == 0.0f ? -INFINITY : r;
-  return x != x ? x : r;
+  const float logx = f + y + 0.693359375f * k;
+  return -p * logx;
 #endif
 }
-PYALIGN_HD double fast_log(double x) { return std::log(x); }
-
-// -p log p, 0 at p == 0.
-template <typename A> PYALIGN_HD A neg_plogp(A p) { return p > A(0) ? -p * fast_log(p) : A(0); }
+PYALIGN_HD double neg_plogp(double p) { return p > 0 ? -p * std::log(p) : p * 0.0; }
 
 // Weight of member m in the gradient of the ensemble log-prob: p_m(y) / sum_k p_k(y), from the
 // label's transformed logit z_y, the member's log-normalizer and the ensemble log-prob.

@@ -236,6 +236,18 @@ def test_aggregate_methods(device, method):
     assert (agg.reward <= agg.max + 1e-6).all()
 
 
+def test_quantile_many_members_and_ties(device):
+    # M above the CPU kernel's local-sort size uses rank counting; ties and NaN behave like torch.
+    g = torch.Generator().manual_seed(2)
+    r = torch.randn(130, 6, generator=g).to(device)
+    q = U.aggregate_rewards(r, method="quantile", q=0.37).reward
+    torch.testing.assert_close(q.cpu(), torch.quantile(r.cpu(), 0.37, dim=0), atol=1e-6, rtol=0)
+    t = torch.tensor([[1.0, 2.0], [1.0, float("nan")], [3.0, 0.0], [1.0, 5.0]], device=device)
+    med = U.aggregate_rewards(t, method="median")
+    assert float(med.reward[0]) == 1.0 and torch.isnan(med.reward[1])
+    assert torch.isnan(med.min[1]) and torch.isnan(med.max[1]) and torch.isnan(med.mean[1])
+
+
 def test_member_weights_and_posterior(device):
     r = torch.randn(4, 10, device=device)
     logev = torch.tensor([-3.0, -1.0, -2.0, -1.5], device=device)

@@ -272,9 +272,16 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
       for (int64_t j = 0; j < n; ++j) {
         const T* col = R + (c0 + j) * s1;
         if (M <= kLocal) {
-          for (int64_t i = 0; i < M; ++i) local[i] = to_float(col[i * s0]);
-          auto at = [&](int64_t i) { return local[i]; };
-          a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);
+          // Insertion sort of the (small) column: the same value as column_quantile's ranks.
+          bool nan = false;
+          for (int64_t i = 0; i < M; ++i) {
+            const A x = to_float(col[i * s0]);
+            nan |= x != x;
+            int64_t k = i;
+            for (; k > 0 && local[k - 1] > x; --k) local[k] = local[k - 1];
+            local[k] = x;
+          }
+          a.quantile.ptr<A>()[c0 + j] = nan ? A(NAN) : quantile_of_sorted<A>(local, M, a.q);
         } else {
           auto at = [&](int64_t i) { return A(to_float(col[i * s0])); };
           a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);

@@ -103,6 +103,15 @@ void token_uncertainty_backward_cuda(const TokenUncertaintyBackwardArgs& a, void
 void reward_stats_cuda(const RewardStatsArgs& a, void* stream);
 #endif
 
+// Linear-interpolated quantile (torch.quantile's default) of sorted values x[0..M-1].
+template <typename A> PYALIGN_HD A quantile_of_sorted(const A* x, int64_t M, double q) {
+  const double pos = q * double(M - 1);
+  int64_t lo = int64_t(pos);
+  if (lo > M - 1) lo = M - 1;
+  const int64_t hi = lo + 1 < M ? lo + 1 : lo;
+  return x[lo] + A(pos - double(lo)) * (x[hi] - x[lo]);
+}
+
 // Linear-interpolated quantile (torch.quantile's default) of column values x(0..M-1) read
 // through `at`: the order statistics are found by rank counting (O(M^2), no workspace, the same
 // code on host and device; ties are broken by member index). NaN if any value is NaN.

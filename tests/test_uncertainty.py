@@ -620,3 +620,16 @@ def test_public_names():
     assert pyalign.uncertainty is U
     for name in U.__all__:
         assert hasattr(U, name)
+
+
+def test_deterministic_and_compiles_without_graph_break(device):
+    x = _logits(3, (4, 6), 999, torch.float32, device, seed=9)
+    lab = _labels((4, 6), 999, device, seed=9)
+    a, b = U.token_uncertainty(x, lab), U.token_uncertainty(x, lab)
+    for k in TOKEN_FIELDS:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k   # bitwise run to run
+    f = torch.compile(lambda t, l: U.token_uncertainty(t, l).logprobs, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x, lab), a.logprobs)
+    r = torch.randn(5, 8, device=device)
+    g = torch.compile(lambda t: U.aggregate_rewards(t, method="lcb", lam=0.5).reward, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(g(r), U.aggregate_rewards(r, method="lcb", lam=0.5).reward)

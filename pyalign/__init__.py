@@ -1,8 +1,7 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
 from pyalign._ext import _C
-from pyalign import logprob
-from pyalign import losses
-from pyalign.logprob import sequence_logprobs, token_logprobs
+from pyalign import distributed, logprob, losses, plasticity, uncertainty
+from pyalign.logprob import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs, token_logprobs
 
 __version__ = _C.__version__
 
@@ -21,8 +20,13 @@ __all__ = [
     "__version__",
     "has_cuda",
     "cuda_available",
+    "distributed",
     "logprob",
     "losses",
+    "plasticity",
+    "uncertainty",
     "token_logprobs",
     "sequence_logprobs",
+    "linear_token_logprobs",
+    "linear_sequence_logprobs",
 ]

@@ -1,0 +1,156 @@
+"""Bench of the uncertainty family: ``run(device, quick) -> list[dict]``.
+
+token_uncertainty (M members, tokens, V) against the eager softmax-based computation a user
+would write (log_softmax, exp, mean over members, entropies: it materializes several
+``[M, tokens, V]`` tensors), forward and forward+backward of the ensemble log-prob; the reward
+reductions against eager torch (mean/var/amin/amax/quantile over M).
+
+Timing: median wall time after warm-up. Peak extra memory: see ``_peak_extra_mb``.
+Run: ``python -m pyalign.bench.uncertainty [--quick] [--device cpu|cuda]``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+
+import torch
+
+from pyalign import uncertainty as U
+
+try:  # the suite's shared helpers, when present
+    from pyalign.bench.common import median_ms as _median_ms, peak_extra_mb as _peak_extra_mb
+except ImportError:  # pragma: no cover - standalone fallback
+    def _sync(device):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def _median_ms(fn, device, *, warmup=1, reps=3, max_seconds=20.0):
+        """Median wall time of fn() in ms after warm-up."""
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times, start = [], time.perf_counter()
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1e3)
+            if time.perf_counter() - start > max_seconds and len(times) >= 1:
+                break
+        return statistics.median(times)
+
+    def _status_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(field)
+
+    def _peak_extra_mb(fn, device):
+        """Peak memory of fn() above what was allocated before it, in MiB.
+
+        CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM) is
+        reset through /proc/self/clear_refs ("5") before the call and read after it, minus the
+        resident set before; torch's CPU allocator returns large blocks to the OS, so this counts
+        every large temporary. None where /proc is unavailable.
+        """
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            del out
+            return peak / 2**20
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _status_kb("VmRSS")
+        except OSError:
+            return None
+        out = fn()
+        peak = _status_kb("VmHWM")
+        del out
+        return max(peak - before, 0) / 1024
+
+
+def eager_token_uncertainty(logits, labels, temperature=1.0):
+    """The eager softmax-based computation (fp32), as a user would write it."""
+    m = logits.shape[0]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    p = logp.exp()
+    expected = -(p * logp).sum(-1).mean(0)
+    pbar = p.mean(0)
+    total = -torch.xlogy(pbar, pbar).sum(-1)
+    mi = total - expected
+    mlp = logp.gather(-1, labels.unsqueeze(0).unsqueeze(-1).expand(m, *labels.shape, 1)).squeeze(-1)
+    ens = torch.logsumexp(mlp, 0) - math.log(m)
+    return total, expected, mi, ens, mlp.exp().var(0, unbiased=False)
+
+
+def _row(op, size, impl, ms, mem, **extra):
+    return {"op": op, "size": size, "impl": impl, "median_ms": ms, "peak_mem_mb": mem, **extra}
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    out = []
+    m, t, v = (5, 256, 32000) if quick else (5, 2048, 32000)
+    size = f"M={m} tokens={t} V={v} fp32"
+    x = torch.randn(m, t, v, device=device)
+    lab = torch.randint(0, v, (t,), device=device)
+    fused = lambda: U.token_uncertainty(x, lab)
+    eager = lambda: eager_token_uncertainty(x, lab)
+    for impl, fn in (("pyalign", fused), ("eager", eager)):
+        out.append(_row("token_uncertainty", size, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+
+    # Forward + backward of the ensemble log-prob (the trainable output).
+    tb = t if quick else 512
+    xb = x[:, :tb].detach().clone().requires_grad_()
+    labb = lab[:tb]
+
+    # torch.autograd.grad returns a fresh gradient each call (no accumulation into .grad).
+    fused_bwd = lambda: torch.autograd.grad(U.token_uncertainty(xb, labb).logprobs.sum(), xb)[0]
+    eager_bwd = lambda: torch.autograd.grad(eager_token_uncertainty(xb, labb)[3].sum(), xb)[0]
+
+    size_b = f"M={m} tokens={tb} V={v} fp32"
+    for impl, fn in (("pyalign", fused_bwd), ("eager", eager_bwd)):
+        out.append(_row("token_uncertainty_fwd_bwd", size_b, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    del x, xb
+
+    # Reward reductions.
+    mr, n = (8, 100_000) if quick else (8, 1_000_000)
+    r = torch.randn(mr, n, device=device)
+    size_r = f"M={mr} N={n} fp32"
+    fused_r = lambda: U.aggregate_rewards(r, method="quantile", q=0.1)
+    eager_r = lambda: (r.mean(0), r.var(0, unbiased=False), r.amin(0), r.amax(0), torch.quantile(r, 0.1, dim=0))
+    for impl, fn in (("pyalign", fused_r), ("eager", eager_r)):
+        out.append(_row("aggregate_rewards_quantile", size_r, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    fused_u = lambda: U.aggregate_rewards(r, method="uwo", lam=0.5)
+    eager_u = lambda: (lambda mu, var: (mu - 0.5 * var, mu, var, var.sqrt(), r.amin(0), r.amax(0)))(r.mean(0), r.var(0, unbiased=False))
+    for impl, fn in (("pyalign", fused_u), ("eager", eager_u)):
+        out.append(_row("aggregate_rewards_uwo", size_r, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    rows = run(args.device, args.quick)
+    base = {(r["op"], r["size"]): r for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        e = base.get((r["op"], r["size"]))
+        ratio = f"{e['median_ms'] / r['median_ms']:6.2f}x" if e and r["impl"] != "eager" else "      "
+        mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+        print(f"{r['op']:28s} {r['size']:30s} {r['impl']:8s} {r['median_ms']:10.2f} ms {ratio} peak {mem} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
 from pyalign._ext import _C
 from pyalign import logprob
+from pyalign import plasticity
 from pyalign.logprob import sequence_logprobs, token_logprobs
 
 __version__ = _C.__version__
@@ -21,6 +22,7 @@ __all__ = [
     "has_cuda",
     "cuda_available",
     "logprob",
+    "plasticity",
     "token_logprobs",
     "sequence_logprobs",
 ]

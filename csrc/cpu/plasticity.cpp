@@ -42,7 +42,7 @@ PYALIGN_HD void update_row(const UpdCtx& c, int64_t i) {
     A en;
     A v = plastic_value<A>(k, to_float(w[j]), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
     if (HAS_E) e[j] = en;
-    w[j] = from_float<T>(clip_value<A>(v * scale, lo, hi));
+    w[j] = to_storage<T, A>(clip_value<A>(v * scale, lo, hi));
   }
 }
 PYALIGN_CPU_CLONES(update_rows, update_row, UpdCtx, typename T COMMA bool HAS_E COMMA bool HAS_G2,
@@ -78,7 +78,7 @@ template <typename T, bool GRAD> PYALIGN_HD void penalty_chunk(const PenCtx& c, 
   for (int64_t j = b; j < e; ++j) {
     A gj;
     s += penalty_term<A>(to_float(p[j]), to_float(anc[j]), imp[j], coef, &gj);
-    if (GRAD) grad[j] = from_float<T>(A(to_float(grad[j])) + gj);
+    if (GRAD) grad[j] = to_storage<T, A>(A(to_float(grad[j])) + gj);
   }
   a.partial.ptr<A>()[ch] = s;
 }

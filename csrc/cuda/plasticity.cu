@@ -38,7 +38,7 @@ __global__ void update_kernel(PlasticArgs a) {
     A en;
     A v = plastic_value<A>(k, A(to_float(w[j])), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
     if (HAS_E) e[j] = en;
-    w[j] = from_float<T>(clip_value<A>(v * scale, lo, hi));
+    w[j] = to_storage<T, A>(clip_value<A>(v * scale, lo, hi));
   }
 }
 
@@ -65,7 +65,7 @@ template <typename T, bool GRAD> __global__ void penalty_kernel(PenaltyArgs a, i
   for (int64_t j = b + threadIdx.x; j < e; j += blockDim.x) {
     A gj;
     s += penalty_term<A>(A(to_float(p[j])), A(to_float(anc[j])), imp[j], coef, &gj);
-    if (GRAD) grad[j] = from_float<T>(A(to_float(grad[j])) + gj);
+    if (GRAD) grad[j] = to_storage<T, A>(A(to_float(grad[j])) + gj);
   }
   s = block_reduce(s, [](A x, A y) { return x + y; }, smem);
   if (threadIdx.x == 0) a.partial.ptr<A>()[blockIdx.x] = s;

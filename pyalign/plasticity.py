@@ -89,8 +89,10 @@ def _activity(t, name: str, size: int, size_name: str, weight: Tensor, validate:
         raise ValueError(f"{name}: expected at least one sample, got shape {tuple(t.shape)}")
     if validate is None:
         validate = t.device.type == "cpu"
-    if validate and not bool(torch.isfinite(t2).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
+    if validate:
+        lo, hi = torch.aminmax(t2)  # one pass; NaN and +-inf propagate to the extremes
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError(f"{name}: contains NaN or infinite values")
     return t2
 
 
@@ -119,10 +121,11 @@ class _Common:
 
 
 def _apply(weight: Tensor, cm: _Common, g: Tensor, *, g2=None, trace=None, row_coef=None,
-           a=1.0, b=0.0, c=0.0, lam=0.0) -> Tensor:
-    """Runs the fused kernel; handles weights whose rows are not contiguous through a copy."""
+           a=1.0, b=0.0, c=0.0, lam=0.0, s=1.0) -> Tensor:
+    """Runs the fused kernel (coefficients as in plasticity.h: PlasticCoeffs); handles weights whose
+    rows are not contiguous through a copy."""
     keep = 1.0 - cm.lr * cm.weight_decay
-    args = (g, g2, trace, row_coef, float(a), float(b), float(c), float(lam), cm.lr, keep,
+    args = (g, g2, trace, row_coef, float(a), float(b), float(c), float(lam), float(s), cm.lr, keep,
             cm.w_min, cm.w_max, cm.norm, cm.norm_mode)
     with torch.no_grad():
         if weight.stride(1) == 1 or weight.shape[1] <= 1:
@@ -134,9 +137,9 @@ def _apply(weight: Tensor, cm: _Common, g: Tensor, *, g2=None, trace=None, row_c
     return weight
 
 
-def _outer_mean(y: Tensor, x: Tensor) -> Tensor:
-    """<y x^T> = y^T x / N as one GEMM (the 1/N folded into the [N, in] operand)."""
-    return torch.matmul(y.t(), x * (1.0 / x.shape[0]))
+def _outer(y: Tensor, x: Tensor) -> Tensor:
+    """y^T x (one GEMM); the 1/N of the sample mean is a coefficient of the fused kernel."""
+    return torch.matmul(y.t(), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, y, validate)
-    return _apply(weight, cm, _outer_mean(y2, x2))
+    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0])
 
 
 def anti_hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float = 0.0,
@@ -160,7 +163,7 @@ def anti_hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: 
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, y, validate)
-    return _apply(weight, cm, _outer_mean(y2, x2), a=-1.0)
+    return _apply(weight, cm, _outer(y2, x2), a=-1.0 / x2.shape[0])
 
 
 def _default_y(weight: Tensor, x, y):
@@ -184,7 +187,7 @@ def oja(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, wei
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, _default_y(weight, x, y), validate)
-    return _apply(weight, cm, _outer_mean(y2, x2), row_coef=(y2 * y2).mean(0))
+    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0], row_coef=(y2 * y2).mean(0))
 
 
 def sanger(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, weight_decay: float = 0.0,
@@ -198,10 +201,9 @@ def sanger(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, 
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, _default_y(weight, x, y), validate)
-    n = x2.shape[0]
-    lower = torch.tril(torch.matmul(y2.t(), y2 * (1.0 / n)))
-    g = torch.addmm(_outer_mean(y2, x2), lower, weight.detach().to(x2.dtype), alpha=-1.0)
-    return _apply(weight, cm, g)
+    lower = torch.tril(torch.matmul(y2.t(), y2))
+    g = torch.addmm(_outer(y2, x2), lower, weight.detach().to(x2.dtype), alpha=-1.0)
+    return _apply(weight, cm, g, a=1.0 / x2.shape[0])
 
 
 def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: float = 100.0,
@@ -221,7 +223,7 @@ def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: 
     x2, y2 = _pair(weight, x, y, validate)
     _state(theta, "theta", (weight.shape[0],), weight)
     phi = y2 * (y2 - theta)
-    _apply(weight, cm, _outer_mean(phi, x2))
+    _apply(weight, cm, _outer(phi, x2), a=1.0 / x2.shape[0])
     with torch.no_grad():
         theta.add_(((y2 * y2).mean(0) - theta) / tau)
     return weight
@@ -237,7 +239,7 @@ def soft_hebb(weight: Tensor, x: Tensor, u: Optional[Tensor] = None, *, lr: floa
     temperature = _checks.positive(temperature, "temperature")
     x2, u2 = _pair(weight, x, _default_y(weight, x, u), validate)
     y2 = torch.softmax(u2 / temperature, dim=-1)
-    return _apply(weight, cm, _outer_mean(y2, x2), row_coef=(y2 * u2).mean(0))
+    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0], row_coef=(y2 * u2).mean(0))
 
 
 def _state(t, name: str, shape, weight: Tensor) -> Tensor:
@@ -304,8 +306,8 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
         xb.add_(pre_s[t])
         yb.add_(post_s[t])
     u = torch.cat(us, 0)
-    v = torch.cat(vs, 0) * (1.0 / B)
-    _apply(weight, cm, torch.matmul(u.t(), v))
+    v = torch.cat(vs, 0)
+    _apply(weight, cm, torch.matmul(u.t(), v), a=1.0 / B)
     with torch.no_grad():
         pre_trace.copy_(xb)
         post_trace.copy_(yb)
@@ -336,7 +338,8 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
         raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
     x2, y2 = _pair(weight, x, y, validate)
     _state(trace, "trace", tuple(weight.shape), weight)
-    g = _outer_mean(y2, x2)
+    g = _outer(y2, x2)
+    inv_n = 1.0 / x2.shape[0]
     if isinstance(modulator, Tensor) and modulator.numel() != 1:
         _checks.float_tensor(modulator, "modulator")
         if modulator.dim() != 1 or modulator.shape[0] != x2.shape[0]:
@@ -345,12 +348,13 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
         m = modulator.detach().to(x2.dtype)
         if not bool(torch.isfinite(m).all()):
             raise ValueError("modulator: contains NaN or infinite values")
-        g2 = _outer_mean(y2 * m[:, None], x2)
-        return _apply(weight, cm, g, g2=g2, trace=trace, a=0.0, b=decay * float(m.mean()), c=1.0, lam=decay)
+        g2 = _outer(y2 * m[:, None], x2)
+        return _apply(weight, cm, g, g2=g2, trace=trace, a=0.0, b=decay * float(m.mean()), c=inv_n, lam=decay,
+                      s=inv_n)
     if isinstance(modulator, Tensor):
         modulator = float(modulator.detach().reshape(()))
     m = _checks.finite(modulator, "modulator")
-    return _apply(weight, cm, g, trace=trace, a=m, b=m * decay, lam=decay)
+    return _apply(weight, cm, g, trace=trace, a=m * inv_n, b=m * decay, lam=decay, s=inv_n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Smoke test of examples/continual_alignment.py (quick mode)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "continual_alignmen
 def test_continual_alignment_example_runs():
     # Run from outside the repository so the installed pyalign (with _C) is imported.
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True,
-                          timeout=300, cwd="/")
+                          timeout=300, cwd="/", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line.strip()}
     assert set(lines) == {"none", "EWC", "SI", "MAS"}, proc.stdout

@@ -516,8 +516,8 @@ def test_opcheck():
     g = torch.randn(4, 6)
     tr = torch.randn(4, 6)
     r = torch.rand(4)
-    torch.library.opcheck(plastic_update_, (w, g, None, None, r, 1.0, 0.0, 0.0, 0.0, 0.1, 0.99, -1.0, 1.0, 1.0, 1))
-    torch.library.opcheck(plastic_update_, (w, g, g.clone(), tr, None, 0.0, 0.5, 1.0, 0.9, 0.1, 1.0,
+    torch.library.opcheck(plastic_update_, (w, g, None, None, r, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.99, -1.0, 1.0, 1.0, 1))
+    torch.library.opcheck(plastic_update_, (w, g, g.clone(), tr, None, 0.0, 0.5, 1.0, 0.9, 0.25, 0.1, 1.0,
                                             -math.inf, math.inf, 0.0, 0))
     p = torch.randn(100)
     torch.library.opcheck(quad_penalty_, (p, torch.randn(100), torch.rand(100), torch.zeros(100), 0.5))
@@ -589,7 +589,7 @@ def test_bad_input():
     from pyalign._ext import _C, desc
     with pytest.raises(ValueError, match="g.*expected the shape"):
         _C.plastic_update(desc(w, "weight"), desc(torch.zeros(3, 6), "g"), None, None, None,
-                          1.0, 0.0, 0.0, 0.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
+                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
     with pytest.raises(ValueError, match="expected dtype float32"):
         _C.plastic_update(desc(w, "weight"), desc(torch.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
-                          1.0, 0.0, 0.0, 0.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
+                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)

@@ -24,7 +24,7 @@ void check_vector(const TensorArg& t, int64_t n, DType dt) {
 }
 
 void update(TensorArg w, TensorArg g, TensorArg g2, TensorArg e, TensorArg r, double a, double b,
-            double c, double lam, double lr, double keep, double w_min, double w_max, double norm,
+            double c, double lam, double s, double lr, double keep, double w_min, double w_max, double norm,
             int norm_mode, uintptr_t stream) {
   require(w.present() && g.present(), "weight and the matmul result are required");
   require(is_float(w.dtype), w.describe() + ": expected float32, float16, bfloat16 or float64");
@@ -37,9 +37,9 @@ void update(TensorArg w, TensorArg g, TensorArg g2, TensorArg e, TensorArg r, do
   require(norm_mode >= 0 && norm_mode <= 2, "norm_mode: expected 0 (none), 1 (max) or 2 (exact)");
   require(norm_mode == 0 || (norm > 0 && std::isfinite(norm)), "norm: expected a finite value > 0");
   require(!(w_min > w_max), "w_min: expected w_min <= w_max");
-  for (double v : {a, b, c, lam, lr, keep})
+  for (double v : {a, b, c, lam, s, lr, keep})
     require(std::isfinite(v), "plasticity coefficients must be finite");
-  PlasticArgs args{w, g, g2, e, r, PlasticCoeffs{a, b, c, lam, lr, keep, w_min, w_max, norm, norm_mode}};
+  PlasticArgs args{w, g, g2, e, r, PlasticCoeffs{a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode}};
   int dev = common_device({&w, &g, &g2, &e, &r});
   dispatch("plastic_update", dev, [&] { plastic_update_cpu(args); }, [&] {
 #ifdef PYALIGN_WITH_CUDA

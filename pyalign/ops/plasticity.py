@@ -20,17 +20,17 @@ NORM_MODES = {"none": 0, "max": 1, "exact": 2}
 @torch.library.custom_op("pyalign::plastic_update_", mutates_args=("weight", "trace"))
 def plastic_update_(
     weight: Tensor, g: Tensor, g2: Optional[Tensor], trace: Optional[Tensor], row_coef: Optional[Tensor],
-    a: float, b: float, c: float, lam: float, lr: float, keep: float, w_min: float, w_max: float,
+    a: float, b: float, c: float, lam: float, s: float, lr: float, keep: float, w_min: float, w_max: float,
     norm: float, norm_mode: int,
 ) -> None:
     _C.plastic_update(
         desc(weight, "weight"), desc(g, "g"), desc(g2, "g2"), desc(trace, "trace"), desc(row_coef, "row_coef"),
-        a, b, c, lam, lr, keep, w_min, w_max, norm, norm_mode, stream_of(weight),
+        a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode, stream_of(weight),
     )
 
 
 @plastic_update_.register_fake
-def _(weight, g, g2, trace, row_coef, a, b, c, lam, lr, keep, w_min, w_max, norm, norm_mode):
+def _(weight, g, g2, trace, row_coef, a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode):
     return None
 
 

@@ -9,7 +9,7 @@ namespace pyalign {
 
 // One update of a weight w [out, in] from matmul results G (and optionally G2) [out, in]:
 //
-//   e'  = lam * e + G                                  (only with a trace e)
+//   e'  = lam * e + s * G                              (only with a trace e)
 //   d   = a * G + b * e + c * G2                       (e: the trace before this update)
 //   w'  = keep * w + lr * (d - r_i * w)                (keep = 1 - lr * weight_decay)
 //   w'' = clip(s_i * w', w_min, w_max)
@@ -21,7 +21,7 @@ namespace pyalign {
 // Clipping comes last, so the bounds always hold; when w_min <= 0 <= w_max clipping only
 // shrinks magnitudes, so the norm constraint holds too.
 struct PlasticCoeffs {
-  double a = 1, b = 0, c = 0, lam = 0;
+  double a = 1, b = 0, c = 0, lam = 0, s = 1;
   double lr = 0, keep = 1;
   double w_min = -INFINITY, w_max = INFINITY;
   double norm = 0;
@@ -31,7 +31,7 @@ struct PlasticCoeffs {
 // w' (before the norm scaling and clipping) for one element; writes the new trace value.
 template <typename A>
 PYALIGN_HD A plastic_value(const PlasticCoeffs& k, A w, A g, A e, A g2, A r, A* e_new) {
-  *e_new = A(k.lam) * e + g;
+  *e_new = A(k.lam) * e + A(k.s) * g;
   const A d = A(k.a) * g + A(k.b) * e + A(k.c) * g2;
   return A(k.keep) * w + A(k.lr) * (d - r * w);
 }

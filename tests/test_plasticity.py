@@ -314,28 +314,21 @@ def test_attached_three_factor_and_bcm_objects():
 @pytest.mark.parametrize("mode", ["decay", "neuromodulated"])
 def test_plastic_linear_gradcheck(mode):
     torch.manual_seed(0)
-    layer = PlasticLinearFP64 = P.PlasticLinear(4, 3, mode=mode, eta=0.3, alpha=0.5, clip=0.4, dtype=torch.float64)
+    layer = P.PlasticLinear(4, 3, mode=mode, eta=0.3, alpha=0.5, clip=0.4, dtype=torch.float64)
+    names = ["weight", "alpha", "bias"] + (["eta"] if mode == "decay" else [])
     x1 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     mod = torch.tensor([0.7, -1.3], dtype=torch.float64, requires_grad=True)
-    params = [layer.weight, layer.alpha, layer.bias] + ([layer.eta] if mode == "decay" else [])
 
     def f(x1, x2, mod, *ps):
-        with torch.no_grad():
-            for p, v in zip(params, ps):
-                p.copy_(v)
+        # Three steps from a fresh trace: gradients flow through the trace into every input.
         layer.reset_trace()
-        # Rebind parameters to the gradcheck inputs through a functional call.
-        names = ["weight", "alpha", "bias"] + (["eta"] if mode == "decay" else [])
         state = dict(zip(names, ps))
         kw = {} if mode == "decay" else {"modulator": mod}
-        y1 = torch.func.functional_call(layer, state, (x1,), kw)
-        y2 = torch.func.functional_call(layer, state, (x2,), kw)
-        y3 = torch.func.functional_call(layer, state, (x1,), kw)
-        return y1, y2, y3
+        return tuple(torch.func.functional_call(layer, state, (x,), kw) for x in (x1, x2, x1))
 
-    inputs = (x1, x2, mod) + tuple(p.detach().clone().requires_grad_(True) for p in params)
-    assert torch.autograd.gradcheck(f, inputs)
+    params = tuple(getattr(layer, n).detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(f, (x1, x2, mod) + params)
 
 
 def test_plastic_linear_matches_reference_and_trace_api():

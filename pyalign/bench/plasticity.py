@@ -27,19 +27,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device, warmup=2, reps=7, budget_s=20.0):
-    for _ in range(warmup):
-        fn()
+def _medians_ms(fns: dict, device, warmup=2, reps=7, budget_s=60.0) -> dict:
+    """Median wall time of each function, timed round-robin (one call of each per round) so that
+    all implementations of an op see the same machine load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times, t_all = [], time.perf_counter()
+    times = {k: [] for k in fns}
+    t_all = time.perf_counter()
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-        if time.perf_counter() - t_all > budget_s and len(times) >= 3:
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() - t_all > budget_s and len(times[k]) >= 3:
             break
-    return statistics.median(times)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _kb(field):
@@ -114,15 +119,22 @@ def run(device: str, quick: bool) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def record(op, impl, fn, dtype):
+    def record(op, fns: dict, dtype):
+        label = f"{size} {str(dtype).replace('torch.', '')}"
         try:
-            ms = _median_ms(fn, device)
-            mem = _peak_mb(fn, device)
-            rows.append(dict(op=op, size=f"{size} {str(dtype).replace('torch.', '')}", impl=impl,
-                             median_ms=round(ms, 3), peak_mem_mb=None if mem is None else round(mem, 1)))
+            ms = _medians_ms(fns, device)
         except Exception as e:  # a baseline failing here is reported, not fatal
-            rows.append(dict(op=op, size=size, impl=impl, median_ms=None, peak_mem_mb=None,
-                             note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+            ms = {k: None for k in fns}
+            note = f"failed: {type(e).__name__}: {str(e)[:100]}"
+        for impl, fn in fns.items():
+            row = dict(op=op, size=label, impl=impl, median_ms=None if ms[impl] is None else round(ms[impl], 2),
+                       peak_mem_mb=None)
+            if ms[impl] is None:
+                row["note"] = note
+            else:
+                mem = _peak_mb(fn, device)
+                row["peak_mem_mb"] = None if mem is None else round(mem, 1)
+            rows.append(row)
 
     for dtype in (torch.float32, torch.bfloat16):
         w = (torch.randn(out_f, in_f, generator=g) * 0.01).to(dtype).to(device)
@@ -134,26 +146,33 @@ def run(device: str, quick: bool) -> list[dict]:
         # Eager baselines compute in fp32 like the fused kernel (weights cast up and back).
         up = (lambda t: t) if dtype == torch.float32 else (lambda t: t.float())
 
-        record("hebb+decay+norm+bounds", "pyalign", lambda: P.hebb(w, x, y, lr=LR, **opts), dtype)
-        record("hebb+decay+norm+bounds", "eager", lambda: w.copy_(_hebb_formula(up(w), xf, yf)), dtype)
+        fns = {"pyalign": lambda: P.hebb(w, x, y, lr=LR, **opts),
+               "eager": lambda: w.copy_(_hebb_formula(up(w), xf, yf))}
         if dtype == torch.float32:
-            record("hebb+decay+norm+bounds", "eager_inplace", lambda: _hebb_inplace(w, xf, yf), dtype)
-        record("oja", "pyalign", lambda: P.oja(w, x, y, lr=LR), dtype)
-        record("oja", "eager", lambda: w.copy_(_oja_formula(up(w), xf, yf)), dtype)
+            fns["eager_inplace"] = lambda: _hebb_inplace(w, xf, yf)
+        record("hebb+decay+norm+bounds", fns, dtype)
+
+        fns = {"pyalign": lambda: P.oja(w, x, y, lr=LR), "eager": lambda: w.copy_(_oja_formula(up(w), xf, yf))}
         if dtype == torch.float32:
-            record("oja", "eager_inplace", lambda: _oja_inplace(w, xf, yf), dtype)
-        record("three_factor", "pyalign", lambda: P.three_factor(w, x, y, e, MOD, lr=LR, decay=DECAY), dtype)
+            fns["eager_inplace"] = lambda: _oja_inplace(w, xf, yf)
+            if not quick:
+                try:
+                    oja_c = torch.compile(_oja_formula)
+                    oja_c(w, xf, yf)  # compiles here, outside the timing
+                    fns["compile"] = lambda: w.copy_(oja_c(w, xf, yf))
+                except Exception as e:  # reported, not fatal
+                    rows.append(dict(op="oja", size=size, impl="compile", median_ms=None, peak_mem_mb=None,
+                                     note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+        record("oja", fns, dtype)
 
         def tf_eager():
             w2, e2 = _tf_formula(up(w), e, xf, yf)
             w.copy_(w2)
             e.copy_(e2)
-        record("three_factor", "eager", tf_eager, dtype)
+        fns = {"pyalign": lambda: P.three_factor(w, x, y, e, MOD, lr=LR, decay=DECAY), "eager": tf_eager}
         if dtype == torch.float32:
-            record("three_factor", "eager_inplace", lambda: _tf_inplace(w, e, xf, yf), dtype)
-            if not quick:
-                oja_c = torch.compile(_oja_formula)
-                record("oja", "compile", lambda: w.copy_(oja_c(w, xf, yf)), dtype)
+            fns["eager_inplace"] = lambda: _tf_inplace(w, e, xf, yf)
+        record("three_factor", fns, dtype)
 
     # Consolidation: penalty value and its gradient over one weight-sized parameter.
     p = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g).to(device))
@@ -161,14 +180,12 @@ def run(device: str, quick: bool) -> list[dict]:
     ewc = P.EWC([p], strength=1.0)
     ewc.importance = [torch.rand(out_f, in_f, generator=g).to(device)]
     ewc.anchors = [p.detach() + 0.01]
-    record("ewc_penalty+grad", "pyalign", lambda: ewc.penalty(), torch.float32)
-
     def ewc_eager():
         p.grad.zero_()
         loss = 0.5 * (ewc.importance[0] * (p - ewc.anchors[0]) ** 2).sum()
         loss.backward()
         return loss.detach()
-    record("ewc_penalty+grad", "eager_autograd", ewc_eager, torch.float32)
+    record("ewc_penalty+grad", {"pyalign": ewc.penalty, "eager_autograd": ewc_eager}, torch.float32)
     return rows
 
 

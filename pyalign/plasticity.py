@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyalign import _checks
-from pyalign.ops.plasticity import NORM_MODES, plastic_update_, quad_penalty_
+from pyalign.ops import plasticity as _ops
+from pyalign.ops.plasticity import NORM_MODES
 
 __all__ = [
     "hebb", "oja", "sanger", "bcm", "anti_hebb", "soft_hebb", "stdp", "three_factor",
@@ -127,12 +128,13 @@ def _apply(weight: Tensor, cm: _Common, g: Tensor, *, g2=None, trace=None, row_c
     keep = 1.0 - cm.lr * cm.weight_decay
     args = (g, g2, trace, row_coef, float(a), float(b), float(c), float(lam), float(s), cm.lr, keep,
             cm.w_min, cm.w_max, cm.norm, cm.norm_mode)
+    update = _ops.plastic_update_ if torch.compiler.is_compiling() else _ops.plastic_update
     with torch.no_grad():
         if weight.stride(1) == 1 or weight.shape[1] <= 1:
-            plastic_update_(weight, *args)
+            update(weight, *args)
         else:
             w = weight.contiguous()
-            plastic_update_(w, *args)
+            update(w, *args)
             weight.copy_(w)
     return weight
 
@@ -678,6 +680,7 @@ class _Quadratic:
             return torch.zeros((), dtype=acc, device=self.params[0].device)
         total = None
         coef = 0.5 * self.strength
+        penalty = _ops.quad_penalty_ if torch.compiler.is_compiling() else _ops.quad_penalty
         for p, anc, imp in zip(self.params, self.anchors, self.importance):
             grad = None
             if add_grad:
@@ -687,7 +690,7 @@ class _Quadratic:
             pf = p.detach().reshape(-1) if p.is_contiguous() else p.detach().contiguous().view(-1)
             direct = grad is not None and grad.is_contiguous()
             gbuf = grad.view(-1) if direct else (torch.zeros_like(pf) if grad is not None else None)
-            part = quad_penalty_(pf, anc.view(-1), imp.view(-1), gbuf, coef).sum(dtype=torch.float64)
+            part = penalty(pf, anc.view(-1), imp.view(-1), gbuf, coef).sum(dtype=torch.float64)
             if grad is not None and not direct:
                 grad.add_(gbuf.view(p.shape))
             total = part if total is None else total + part

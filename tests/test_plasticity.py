@@ -586,3 +586,18 @@ def test_bad_input():
     with pytest.raises(ValueError, match="expected dtype float32"):
         _C.plastic_update(desc(w, "weight"), desc(torch.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
                           1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
+
+
+def test_custom_op_and_direct_call_agree(device):
+    from pyalign.ops.plasticity import plastic_update, plastic_update_, quad_penalty, quad_penalty_
+    w, x, y = _inputs("three_factor", 5, 33, 4, torch.float32, device)
+    g = y.float().t() @ x.float()
+    args = (g, g.clone() * 0.5, None, torch.rand(5, device=device), 0.3, 0.2, 0.1, 0.9, 0.25, 0.1, 0.99,
+            -0.4, 0.4, 1.5, 1)
+    t1, t2 = torch.ones_like(g), torch.ones_like(g)
+    a, b = w.clone(), w.clone()
+    plastic_update(a, args[0], args[1], t1, *args[3:])
+    plastic_update_(b, args[0], args[1], t2, *args[3:])
+    assert torch.equal(a, b) and torch.equal(t1, t2)
+    p, an, imp = w.flatten(), torch.zeros(165, device=device), torch.rand(165, device=device)
+    assert torch.equal(quad_penalty(p, an, imp, None, 0.5), quad_penalty_(p, an, imp, None, 0.5))

@@ -174,6 +174,24 @@ def run(device: str, quick: bool) -> list[dict]:
             fns["eager_inplace"] = lambda: _tf_inplace(w, e, xf, yf)
         record("three_factor", fns, dtype)
 
+    # The elementwise part alone (matmul result given): decay + Oja term + norm + bounds.
+    w = (torch.randn(out_f, in_f, generator=g) * 0.01).to(device)
+    gm = torch.randn(out_f, in_f, generator=g).to(device)
+    r = torch.rand(out_f, generator=g).to(device)
+    keep = 1 - LR * WD
+    from pyalign.ops.plasticity import plastic_update
+
+    def ew_eager():
+        h = gm / B
+        h.addcmul_(r[:, None], w, value=-1.0)
+        w.mul_(keep).add_(h, alpha=LR)
+        w.mul_((NORM / w.norm(dim=1, keepdim=True)).clamp_(max=1.0))
+        w.clamp_(W_MIN, W_MAX)
+    record("elementwise only (oja term+decay+norm+bounds)", {
+        "pyalign": lambda: plastic_update(w, gm, None, None, r, 1.0 / B, 0.0, 0.0, 0.0, 1.0, LR, keep, W_MIN, W_MAX,
+                                          NORM, 1),
+        "eager_inplace": ew_eager}, torch.float32)
+
     # Consolidation: penalty value and its gradient over one weight-sized parameter.
     p = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g).to(device))
     p.grad = torch.zeros_like(p)

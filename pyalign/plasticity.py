@@ -7,6 +7,8 @@ the Hebbian terms are sample means. Every rule takes
     lr            learning rate (>= 0)
     weight_decay  Δw -= lr * weight_decay * w
     w_min, w_max  elementwise bounds, applied last (they always hold)
+    workspace     optional fp32 (fp64 for fp64 weights) ``[out, in]`` buffer reused for the matmul
+                  result (rule objects keep one); saves a weight-sized allocation per update
     norm          per-row norm target; ``norm_mode="max"`` rescales rows whose L2 norm exceeds it,
                   ``"exact"`` rescales every non-zero row to it (applied before the bounds)
 
@@ -139,9 +141,22 @@ def _apply(weight: Tensor, cm: _Common, g: Tensor, *, g2=None, trace=None, row_c
     return weight
 
 
-def _outer(y: Tensor, x: Tensor) -> Tensor:
+def _outer(y: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """y^T x (one GEMM); the 1/N of the sample mean is a coefficient of the fused kernel."""
-    return torch.matmul(y.t(), x)
+    return torch.matmul(y.t(), x, out=out)
+
+
+def _workspace(ws, weight: Tensor) -> Optional[Tensor]:
+    """Checks a caller-provided buffer for the matmul result (reusing one avoids allocating, and
+    on CPU page-faulting in, a weight-sized tensor on every update)."""
+    if ws is None:
+        return None
+    _checks.tensor(ws, "workspace")
+    if ws.dtype != _acc(weight) or tuple(ws.shape) != tuple(weight.shape) or not ws.is_contiguous():
+        raise ValueError(f"workspace: expected a contiguous {_acc(weight)} tensor of shape {tuple(weight.shape)}, "
+                         f"got {ws.dtype} {tuple(ws.shape)}")
+    _checks.same_device(("weight", weight), ("workspace", ws))
+    return ws
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,22 +165,22 @@ def _outer(y: Tensor, x: Tensor) -> Tensor:
 
 def hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float = 0.0,
          w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-         norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+         norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """Plain Hebbian update ``Δw = lr <y x^T>`` (in place). See the module docstring for the options."""
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, y, validate)
-    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0])
+    return _apply(weight, cm, _outer(y2, x2, _workspace(workspace, weight)), a=1.0 / x2.shape[0])
 
 
 def anti_hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float = 0.0,
               w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-              norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+              norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """Anti-Hebbian update ``Δw = -lr <y x^T>`` (Földiák 1990): lateral weights that decorrelate units."""
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, y, validate)
-    return _apply(weight, cm, _outer(y2, x2), a=-1.0 / x2.shape[0])
+    return _apply(weight, cm, _outer(y2, x2, _workspace(workspace, weight)), a=-1.0 / x2.shape[0])
 
 
 def _default_y(weight: Tensor, x, y):
@@ -181,7 +196,7 @@ def _default_y(weight: Tensor, x, y):
 
 def oja(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, weight_decay: float = 0.0,
         w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-        norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+        norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """Oja's rule ``Δw_i = lr <y_i (x - y_i w_i)>`` (Oja 1982), ``y = W x`` when not given.
 
     Each row converges to a unit-norm first principal component of ``x`` (for a small ``lr``).
@@ -189,12 +204,12 @@ def oja(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, wei
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, _default_y(weight, x, y), validate)
-    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0], row_coef=(y2 * y2).mean(0))
+    return _apply(weight, cm, _outer(y2, x2, _workspace(workspace, weight)), a=1.0 / x2.shape[0], row_coef=(y2 * y2).mean(0))
 
 
 def sanger(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, weight_decay: float = 0.0,
            w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-           norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+           norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """Sanger's generalized Hebbian algorithm ``Δw = lr (<y x^T> - tril(<y y^T>) W)``, ``y = W x`` by default.
 
     Row ``i`` converges to the ``i``-th principal component (Sanger 1989). The correction term is
@@ -204,13 +219,14 @@ def sanger(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, 
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = _pair(weight, x, _default_y(weight, x, y), validate)
     lower = torch.tril(torch.matmul(y2.t(), y2))
-    g = torch.addmm(_outer(y2, x2), lower, weight.detach().to(x2.dtype), alpha=-1.0)
+    g = _outer(y2, x2, _workspace(workspace, weight))
+    g.addmm_(lower, weight.detach().to(x2.dtype), alpha=-1.0)
     return _apply(weight, cm, g, a=1.0 / x2.shape[0])
 
 
 def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: float = 100.0,
         weight_decay: float = 0.0, w_min: Optional[float] = None, w_max: Optional[float] = None,
-        norm: Optional[float] = None, norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+        norm: Optional[float] = None, norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """BCM rule ``Δw = lr <y (y - θ) x^T>`` with the sliding threshold ``θ <- θ + (<y^2> - θ) / tau``.
 
     ``theta`` (``[out]``, fp32; fp64 for fp64 weights) is updated in place after the weight.
@@ -225,7 +241,7 @@ def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: 
     x2, y2 = _pair(weight, x, y, validate)
     _state(theta, "theta", (weight.shape[0],), weight)
     phi = y2 * (y2 - theta)
-    _apply(weight, cm, _outer(phi, x2), a=1.0 / x2.shape[0])
+    _apply(weight, cm, _outer(phi, x2, _workspace(workspace, weight)), a=1.0 / x2.shape[0])
     with torch.no_grad():
         theta.add_(((y2 * y2).mean(0) - theta) / tau)
     return weight
@@ -233,7 +249,7 @@ def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: 
 
 def soft_hebb(weight: Tensor, x: Tensor, u: Optional[Tensor] = None, *, lr: float, temperature: float = 1.0,
               weight_decay: float = 0.0, w_min: Optional[float] = None, w_max: Optional[float] = None,
-              norm: Optional[float] = None, norm_mode: str = "max", validate: Optional[bool] = None) -> Tensor:
+              norm: Optional[float] = None, norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """SoftHebb (Moraitis et al. 2022): ``y = softmax(u / temperature)`` over units, ``u = W x`` by default,
     ``Δw_k = lr <y_k (x - u_k w_k)>``: soft winner-take-all competitive learning."""
     _check_weight(weight)
@@ -241,7 +257,7 @@ def soft_hebb(weight: Tensor, x: Tensor, u: Optional[Tensor] = None, *, lr: floa
     temperature = _checks.positive(temperature, "temperature")
     x2, u2 = _pair(weight, x, _default_y(weight, x, u), validate)
     y2 = torch.softmax(u2 / temperature, dim=-1)
-    return _apply(weight, cm, _outer(y2, x2), a=1.0 / x2.shape[0], row_coef=(y2 * u2).mean(0))
+    return _apply(weight, cm, _outer(y2, x2, _workspace(workspace, weight)), a=1.0 / x2.shape[0], row_coef=(y2 * u2).mean(0))
 
 
 def _state(t, name: str, shape, weight: Tensor) -> Tensor:
@@ -259,7 +275,7 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
          post_trace: Optional[Tensor] = None, *, lr: float, a_plus: float = 1.0, a_minus: float = 1.0,
          tau_plus: float = 20.0, tau_minus: float = 20.0, dt: float = 1.0, weight_decay: float = 0.0,
          w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-         norm_mode: str = "max", validate: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+         norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Pair-based STDP with exponential traces (Song, Miller and Abbott 2000; Morrison et al. 2008).
 
     ``pre [T, B, in]`` and ``post [T, B, out]`` are spike trains (or ``[B, n]`` for one step).
@@ -309,7 +325,7 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
         yb.add_(post_s[t])
     u = torch.cat(us, 0)
     v = torch.cat(vs, 0)
-    _apply(weight, cm, torch.matmul(u.t(), v), a=1.0 / B)
+    _apply(weight, cm, _outer(u, v, _workspace(workspace, weight)), a=1.0 / B)
     with torch.no_grad():
         pre_trace.copy_(xb)
         post_trace.copy_(yb)
@@ -319,7 +335,7 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
 def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator: Union[float, Tensor], *,
                  lr: float, decay: float = 0.9, weight_decay: float = 0.0, w_min: Optional[float] = None,
                  w_max: Optional[float] = None, norm: Optional[float] = None, norm_mode: str = "max",
-                 validate: Optional[bool] = None) -> Tensor:
+                 validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> Tensor:
     """Neuromodulated (three-factor) Hebbian update with an eligibility trace (Frémaux & Gerstner 2016).
 
     ``trace [out, in]`` (fp32; fp64 for fp64 weights) is updated in place:
@@ -340,7 +356,7 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
         raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
     x2, y2 = _pair(weight, x, y, validate)
     _state(trace, "trace", tuple(weight.shape), weight)
-    g = _outer(y2, x2)
+    g = _outer(y2, x2, _workspace(workspace, weight))
     inv_n = 1.0 / x2.shape[0]
     if isinstance(modulator, Tensor) and modulator.numel() != 1:
         _checks.float_tensor(modulator, "modulator")
@@ -381,6 +397,14 @@ class Rule:
         self._handle = None
         self._xs: list[Tensor] = []
         self._ys: list[Tensor] = []
+        self._ws: Optional[Tensor] = None
+
+    def _kw(self, weight: Tensor) -> dict:
+        """The options plus a matmul workspace kept between steps (allocated on first use)."""
+        ws = self._ws
+        if ws is None or ws.shape != weight.shape or ws.device != weight.device or ws.dtype != _acc(weight):
+            ws = self._ws = torch.empty(weight.shape, dtype=_acc(weight), device=weight.device)
+        return dict(self.options, workspace=ws)
 
     def step(self, weight: Tensor, x: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:
         raise NotImplementedError
@@ -444,28 +468,28 @@ class Hebb(Rule):
     """Object form of :func:`hebb`."""
 
     def step(self, weight, x, y=None):
-        return hebb(weight, x, y, **self.options)
+        return hebb(weight, x, y, **self._kw(weight))
 
 
 class AntiHebb(Rule):
     """Object form of :func:`anti_hebb`."""
 
     def step(self, weight, x, y=None):
-        return anti_hebb(weight, x, y, **self.options)
+        return anti_hebb(weight, x, y, **self._kw(weight))
 
 
 class Oja(Rule):
     """Object form of :func:`oja`."""
 
     def step(self, weight, x, y=None):
-        return oja(weight, x, y, **self.options)
+        return oja(weight, x, y, **self._kw(weight))
 
 
 class Sanger(Rule):
     """Object form of :func:`sanger`."""
 
     def step(self, weight, x, y=None):
-        return sanger(weight, x, y, **self.options)
+        return sanger(weight, x, y, **self._kw(weight))
 
 
 class SoftHebb(Rule):
@@ -476,7 +500,7 @@ class SoftHebb(Rule):
         self.temperature = _checks.positive(temperature, "temperature")
 
     def step(self, weight, x, y=None):
-        return soft_hebb(weight, x, y, temperature=self.temperature, **self.options)
+        return soft_hebb(weight, x, y, temperature=self.temperature, **self._kw(weight))
 
 
 class BCM(Rule):
@@ -498,7 +522,7 @@ class BCM(Rule):
             raise ValueError("y: BCM needs the postsynaptic activity")
         if self.theta is None or self.theta.shape[0] != weight.shape[0] or self.theta.device != weight.device:
             self.theta = torch.full((weight.shape[0],), self.theta0, dtype=_acc(weight), device=weight.device)
-        return bcm(weight, x, y, self.theta, tau=self.tau, **self.options)
+        return bcm(weight, x, y, self.theta, tau=self.tau, **self._kw(weight))
 
 
 class STDP(Rule):
@@ -521,7 +545,7 @@ class STDP(Rule):
         if self.pre_trace is not None and self.pre_trace.shape[0] != B:
             self.pre_trace = self.post_trace = None  # batch size changed: start fresh traces
         self.pre_trace, self.post_trace = stdp(weight, pre, post, self.pre_trace, self.post_trace,
-                                               **self.params, **self.options)
+                                               **self.params, **self._kw(weight))
         return weight
 
 
@@ -543,7 +567,7 @@ class ThreeFactor(Rule):
             raise ValueError("three_factor needs y and a modulator")
         if self.trace is None or tuple(self.trace.shape) != tuple(weight.shape) or self.trace.device != weight.device:
             self.trace = torch.zeros(weight.shape, dtype=_acc(weight), device=weight.device)
-        return three_factor(weight, x, y, self.trace, modulator, decay=self.decay, **self.options)
+        return three_factor(weight, x, y, self.trace, modulator, decay=self.decay, **self._kw(weight))
 
 
 # ----------------------------------------------------------------------------------------------

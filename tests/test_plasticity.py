@@ -51,23 +51,26 @@ def _run_both(rule, w, x, y, opts, lr=0.05):
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     dev = w.device
     got = w.clone()
+    opts = dict(opts)
+    ws = opts.pop("workspace", None)
+    popts = dict(opts, workspace=ws) if ws is not None else opts
     wd, xd, yd = (t.double().cpu().clone() for t in (w, x, y))
     states = []
     if rule in ("hebb", "anti_hebb", "oja", "sanger"):
-        getattr(P, rule)(got, x, y, lr=lr, **opts)
+        getattr(P, rule)(got, x, y, lr=lr, **popts)
         ref = getattr(R, rule)(wd, xd, yd, lr=lr, **opts)
     elif rule == "soft_hebb":
-        P.soft_hebb(got, x, y, lr=lr, temperature=0.7, **opts)
+        P.soft_hebb(got, x, y, lr=lr, temperature=0.7, **popts)
         ref = R.soft_hebb(wd, xd, yd, lr=lr, temperature=0.7, **opts)
     elif rule == "bcm":
         theta = torch.linspace(0.1, 1.5, w.shape[0], dtype=acc, device=dev)
         theta_ref = theta.double().cpu().clone()
-        P.bcm(got, x, y, theta, lr=lr, tau=10.0, **opts)
+        P.bcm(got, x, y, theta, lr=lr, tau=10.0, **popts)
         ref, theta_ref = R.bcm(wd, xd, yd, theta_ref, lr=lr, tau=10.0, **opts)
         states.append((theta, theta_ref))
     elif rule == "stdp":
         kw = dict(a_plus=1.0, a_minus=0.8, tau_plus=5.0, tau_minus=8.0)
-        xt, yt = P.stdp(got, x, y, lr=lr, **kw, **opts)
+        xt, yt = P.stdp(got, x, y, lr=lr, **kw, **popts)
         ref, xr, yr = R.stdp(wd, xd, yd, lr=lr, **kw, **opts)
         states += [(xt, xr), (yt, yr)]
     else:
@@ -78,7 +81,7 @@ def _run_both(rule, w, x, y, opts, lr=0.05):
         else:
             mod = torch.randn(x.shape[0], generator=_gen(6), dtype=torch.float64).to(acc).to(dev)
             mod_ref = mod.double().cpu().clone()
-        P.three_factor(got, x, y, trace, mod, lr=lr, decay=0.8, **opts)
+        P.three_factor(got, x, y, trace, mod, lr=lr, decay=0.8, **popts)
         ref, trace_ref = R.three_factor(wd, xd, yd, trace_ref, mod_ref, lr=lr, decay=0.8, **opts)
         states.append((trace, trace_ref))
     return got, ref, states
@@ -601,3 +604,21 @@ def test_custom_op_and_direct_call_agree(device):
     assert torch.equal(a, b) and torch.equal(t1, t2)
     p, an, imp = w.flatten(), torch.zeros(165, device=device), torch.rand(165, device=device)
     assert torch.equal(quad_penalty(p, an, imp, None, 0.5), quad_penalty_(p, an, imp, None, 0.5))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_workspace_gives_same_result(rule):
+    w, x, y = _inputs(rule, 6, 10, 3, torch.float32, "cpu")
+    a, _, sa = _run_both(rule, w, x, y, {"norm": 1.0})
+    b, _, sb = _run_both(rule, w, x, y, {"norm": 1.0, "workspace": torch.full((6, 10), float("nan"))})
+    assert torch.equal(a, b)
+    for (s1, _), (s2, _) in zip(sa, sb):
+        assert torch.equal(s1, s2)
+
+
+def test_bad_workspace():
+    w, x, y = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="workspace: expected a contiguous torch.float32"):
+        P.hebb(w, x, y, lr=0.1, workspace=torch.empty(6, 4))
+    with pytest.raises(ValueError, match="workspace"):
+        P.hebb(w, x, y, lr=0.1, workspace=torch.empty(4, 6, dtype=torch.float64))

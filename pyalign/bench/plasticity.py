@@ -1,6 +1,7 @@
 """Bench of the plasticity family: fused rule updates and consolidation penalty vs eager PyTorch.
 
-Each rule update (matmul included) is timed for pyalign, for the formula written the way the
+Each rule update (matmul included) is timed for pyalign (``pyalign``: a fresh matmul result per
+call; ``pyalign_ws``: a reused workspace, as the rule objects do), for the formula written the way the
 papers state it (``eager``: out of place, then copied into the weight) and for a hand-tuned
 in-place eager version (``eager_inplace``), and, unless ``quick``, for ``torch.compile`` of the
 out-of-place formula. The consolidation penalty is timed with its gradient added to ``.grad``.
@@ -146,13 +147,16 @@ def run(device: str, quick: bool) -> list[dict]:
         # Eager baselines compute in fp32 like the fused kernel (weights cast up and back).
         up = (lambda t: t) if dtype == torch.float32 else (lambda t: t.float())
 
+        ws = torch.empty(out_f, in_f, device=device)  # what the rule objects keep between steps
         fns = {"pyalign": lambda: P.hebb(w, x, y, lr=LR, **opts),
+               "pyalign_ws": lambda: P.hebb(w, x, y, lr=LR, workspace=ws, **opts),
                "eager": lambda: w.copy_(_hebb_formula(up(w), xf, yf))}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _hebb_inplace(w, xf, yf)
         record("hebb+decay+norm+bounds", fns, dtype)
 
-        fns = {"pyalign": lambda: P.oja(w, x, y, lr=LR), "eager": lambda: w.copy_(_oja_formula(up(w), xf, yf))}
+        fns = {"pyalign": lambda: P.oja(w, x, y, lr=LR), "pyalign_ws": lambda: P.oja(w, x, y, lr=LR, workspace=ws),
+               "eager": lambda: w.copy_(_oja_formula(up(w), xf, yf))}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _oja_inplace(w, xf, yf)
             if not quick:
@@ -169,7 +173,9 @@ def run(device: str, quick: bool) -> list[dict]:
             w2, e2 = _tf_formula(up(w), e, xf, yf)
             w.copy_(w2)
             e.copy_(e2)
-        fns = {"pyalign": lambda: P.three_factor(w, x, y, e, MOD, lr=LR, decay=DECAY), "eager": tf_eager}
+        fns = {"pyalign": lambda: P.three_factor(w, x, y, e, MOD, lr=LR, decay=DECAY),
+               "pyalign_ws": lambda: P.three_factor(w, x, y, e, MOD, lr=LR, decay=DECAY, workspace=ws),
+               "eager": tf_eager}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _tf_inplace(w, e, xf, yf)
         record("three_factor", fns, dtype)

@@ -362,21 +362,21 @@ def test_plastic_linear_matches_reference_and_trace_api():
 # ---------------------------------------------------------------------------------------------- consolidation
 
 
-def _model(seed=0, dtype=torch.float32):
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(dtype)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(device)
 
 
-def _task_batches(seed, n=3):
+def _task_batches(seed, n=3, device="cpu"):
     g = _gen(seed)
-    return [(torch.randn(8, 5, generator=g), torch.randn(8, 2, generator=g)) for _ in range(n)]
+    return [(torch.randn(8, 5, generator=g).to(device), torch.randn(8, 2, generator=g).to(device)) for _ in range(n)]
 
 
 def _perturb(model, seed=9):
     g = _gen(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.3)
 
 
 def _check_penalty(model, reg, anchors, imps, const=0.0):
@@ -384,22 +384,23 @@ def _check_penalty(model, reg, anchors, imps, const=0.0):
         p.grad = None
     val = reg.penalty()
     grads = [p.grad.clone() for p in model.parameters()]
-    params = [p.detach().double().requires_grad_(True) for p in model.parameters()]
-    ref = R.quadratic_penalty(params, [a.double() for a in anchors], [i.double() for i in imps], reg.strength, const)
+    params = [p.detach().double().cpu().requires_grad_(True) for p in model.parameters()]
+    ref = R.quadratic_penalty(params, [a.double().cpu() for a in anchors], [i.double().cpu() for i in imps],
+                              reg.strength, const)
     ref_grads = torch.autograd.grad(ref, params)
-    torch.testing.assert_close(val.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(val.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-6)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.double().cpu(), rg, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("online", [False, True])
-def test_ewc_penalty_and_gradient_equal_autograd(online):
-    model = _model()
+def test_ewc_penalty_and_gradient_equal_autograd(device, online):
+    model = _model(device=device)
     ewc = P.EWC(model, strength=3.0, online=online, decay=0.5)
     fishers, anchors = [], []
     for task in range(2):
         fisher = [torch.zeros_like(p) for p in model.parameters()]
-        for x, t in _task_batches(task):
+        for x, t in _task_batches(task, device=device):
             model.zero_grad()
             ((model(x) - t) ** 2).mean().backward()
             ewc.accumulate()
@@ -414,16 +415,16 @@ def test_ewc_penalty_and_gradient_equal_autograd(online):
         _check_penalty(model, ewc, anchors[1], imps)
     else:
         # Sum of the two tasks' quadratics, each with its own anchor.
-        params = [p.detach().double().requires_grad_(True) for p in model.parameters()]
-        ref = sum(R.quadratic_penalty(params, [a.double() for a in anchors[t]], [f.double() for f in fishers[t]], 3.0)
-                  for t in range(2))
+        params = [p.detach().double().cpu().requires_grad_(True) for p in model.parameters()]
+        ref = sum(R.quadratic_penalty(params, [a.double().cpu() for a in anchors[t]],
+                                      [f.double().cpu() for f in fishers[t]], 3.0) for t in range(2))
         ref_grads = torch.autograd.grad(ref, params)
         for p in model.parameters():
             p.grad = None
         val = ewc.penalty()
-        torch.testing.assert_close(val.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(val.double().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
         for p, rg in zip(model.parameters(), ref_grads):
-            torch.testing.assert_close(p.grad.double(), rg, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(p.grad.double().cpu(), rg, rtol=1e-4, atol=1e-6)
 
 
 def test_si_penalty_and_gradient_equal_autograd():

@@ -26,6 +26,7 @@ Rules (Δw per update, ``<.>`` the mean over samples):
     anti_hebb   Δw = -lr <y x^T>                                        (Földiák 1990, decorrelation)
     soft_hebb   y = softmax(u / T), u = W x:  Δw = lr (<y x^T> - diag<y u> W)   (Moraitis et al. 2022)
     stdp        pair-based STDP with pre/post traces                    (Song, Miller, Abbott 2000)
+                and optional triplet terms                              (Pfister & Gerstner 2006)
     three_factor e <- λ e + <y x^T>,  Δw = lr m e                       (Frémaux & Gerstner 2016)
 
 Each rule also exists as an object holding its state (:class:`Oja`, :class:`BCM`, ...), with
@@ -273,10 +274,13 @@ def _state(t, name: str, shape, weight: Tensor) -> Tensor:
 
 def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] = None,
          post_trace: Optional[Tensor] = None, *, lr: float, a_plus: float = 1.0, a_minus: float = 1.0,
-         tau_plus: float = 20.0, tau_minus: float = 20.0, dt: float = 1.0, weight_decay: float = 0.0,
+         tau_plus: float = 20.0, tau_minus: float = 20.0, dt: float = 1.0, a3_plus: float = 0.0,
+         a3_minus: float = 0.0, tau_x: float = 101.0, tau_y: float = 125.0, weight_decay: float = 0.0,
          w_min: Optional[float] = None, w_max: Optional[float] = None, norm: Optional[float] = None,
-         norm_mode: str = "max", validate: Optional[bool] = None, workspace: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Pair-based STDP with exponential traces (Song, Miller and Abbott 2000; Morrison et al. 2008).
+         norm_mode: str = "max", validate: Optional[bool] = None,
+         workspace: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Pair-based STDP with exponential traces (Song, Miller and Abbott 2000; Morrison et al. 2008),
+    optionally triplet STDP (Pfister and Gerstner 2006).
 
     ``pre [T, B, in]`` and ``post [T, B, out]`` are spike trains (or ``[B, n]`` for one step).
     At each step ``t`` the traces are first decayed, ``x̄ <- exp(-dt/tau_plus) x̄`` and
@@ -285,13 +289,20 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
     potentiates, post-before-pre depresses, and coincident spikes do neither. The weight changes by
     ``lr`` times the sum over steps of the batch mean, applied once (one GEMM, one fused pass).
 
-    ``pre_trace [B, in]`` and ``post_trace [B, out]`` carry the state between calls (zeros when
-    None) and are updated in place. Returns ``(pre_trace, post_trace)``.
+    Triplet terms (when ``a3_plus`` or ``a3_minus`` > 0): slow traces ``x̄₂`` (``tau_x``) and ``ȳ₂``
+    (``tau_y``) scale the pair terms, ``a_plus -> a_plus + a3_plus ȳ₂`` at a post spike and
+    ``a_minus -> a_minus + a3_minus x̄₂`` at a pre spike (both read before the step's spikes are added).
+
+    ``pre_trace`` and ``post_trace`` carry the state between calls (zeros when None) and are updated
+    in place: ``[B, n]`` for the pair rule, ``[2, B, n]`` (fast, slow) with triplet terms.
+    Returns ``(pre_trace, post_trace)``.
     """
     _check_weight(weight)
     cm = _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     a_plus, a_minus = _nonneg(a_plus, "a_plus"), _nonneg(a_minus, "a_minus")
+    a3_plus, a3_minus = _nonneg(a3_plus, "a3_plus"), _nonneg(a3_minus, "a3_minus")
     tau_plus, tau_minus = _checks.positive(tau_plus, "tau_plus"), _checks.positive(tau_minus, "tau_minus")
+    tau_x, tau_y = _checks.positive(tau_x, "tau_x"), _checks.positive(tau_y, "tau_y")
     dt = _checks.positive(dt, "dt")
     for t, name in ((pre, "pre"), (post, "post")):
         _checks.float_tensor(t, name)
@@ -306,21 +317,30 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
     pre_s = _activity(pre3, "pre", in_f, "in_features", weight, validate).view(T, B, in_f)
     post_s = _activity(post3, "post", out_f, "out_features", weight, validate).view(T, B, out_f)
     acc = _acc(weight)
+    triplet = a3_plus > 0 or a3_minus > 0
+    lead = (2, B) if triplet else (B,)
     if pre_trace is None:
-        pre_trace = torch.zeros(B, in_f, dtype=acc, device=weight.device)
+        pre_trace = torch.zeros(*lead, in_f, dtype=acc, device=weight.device)
     if post_trace is None:
-        post_trace = torch.zeros(B, out_f, dtype=acc, device=weight.device)
-    _state(pre_trace, "pre_trace", (B, in_f), weight)
-    _state(post_trace, "post_trace", (B, out_f), weight)
+        post_trace = torch.zeros(*lead, out_f, dtype=acc, device=weight.device)
+    _state(pre_trace, "pre_trace", (*lead, in_f), weight)
+    _state(post_trace, "post_trace", (*lead, out_f), weight)
     dp, dm = math.exp(-dt / tau_plus), math.exp(-dt / tau_minus)
-    # Rows of U^T V: potentiation s_post (x) a+ x̄ and depression ȳ (x) (-a-) s_pre, all steps at once.
+    if triplet:  # per-slot decay of the (fast, slow) traces
+        dp = torch.tensor([dp, math.exp(-dt / tau_x)], dtype=acc, device=weight.device).view(2, 1, 1)
+        dm = torch.tensor([dm, math.exp(-dt / tau_y)], dtype=acc, device=weight.device).view(2, 1, 1)
+    # Rows of U^T V, all steps at once: potentiation  s_post·(a+ [+ a3+ ȳ₂]) (x) x̄  and
+    # depression  ȳ (x) -s_pre·(a- [+ a3- x̄₂]).
     us, vs = [], []
     xb, yb = pre_trace.clone(), post_trace.clone()
     for t in range(T):
         xb.mul_(dp)
         yb.mul_(dm)
-        us += [post_s[t], yb.clone()]
-        vs += [xb * a_plus, pre_s[t] * -a_minus]
+        x1, y1 = (xb[0], yb[0]) if triplet else (xb, yb)
+        pot = post_s[t] * (a_plus + a3_plus * yb[1]) if triplet else post_s[t] * a_plus
+        dep = pre_s[t] * (a_minus + a3_minus * xb[1]) if triplet else pre_s[t] * a_minus
+        us += [pot, y1.clone()]
+        vs += [x1.clone(), -dep]
         xb.add_(pre_s[t])
         yb.add_(post_s[t])
     u = torch.cat(us, 0)
@@ -528,9 +548,11 @@ class BCM(Rule):
 class STDP(Rule):
     """Object form of :func:`stdp`; holds the pre/post traces between steps (``step(weight, pre, post)``)."""
 
-    def __init__(self, lr, *, a_plus=1.0, a_minus=1.0, tau_plus=20.0, tau_minus=20.0, dt=1.0, **kw):
+    def __init__(self, lr, *, a_plus=1.0, a_minus=1.0, tau_plus=20.0, tau_minus=20.0, dt=1.0, a3_plus=0.0,
+                 a3_minus=0.0, tau_x=101.0, tau_y=125.0, **kw):
         super().__init__(lr, **kw)
-        self.params = dict(a_plus=a_plus, a_minus=a_minus, tau_plus=tau_plus, tau_minus=tau_minus, dt=dt)
+        self.params = dict(a_plus=a_plus, a_minus=a_minus, tau_plus=tau_plus, tau_minus=tau_minus, dt=dt,
+                           a3_plus=a3_plus, a3_minus=a3_minus, tau_x=tau_x, tau_y=tau_y)
         self.pre_trace: Optional[Tensor] = None
         self.post_trace: Optional[Tensor] = None
 
@@ -542,7 +564,7 @@ class STDP(Rule):
         if post is None:
             raise ValueError("post: STDP needs the postsynaptic spikes")
         B = pre.shape[-2] if pre.dim() >= 2 else None
-        if self.pre_trace is not None and self.pre_trace.shape[0] != B:
+        if self.pre_trace is not None and self.pre_trace.shape[-2] != B:
             self.pre_trace = self.post_trace = None  # batch size changed: start fresh traces
         self.pre_trace, self.post_trace = stdp(weight, pre, post, self.pre_trace, self.post_trace,
                                                **self.params, **self._kw(weight))

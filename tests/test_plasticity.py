@@ -21,7 +21,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # few fp32 ulps; two ulps of the storage dtype cover both.
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
-RULES = ["hebb", "anti_hebb", "oja", "sanger", "bcm", "soft_hebb", "stdp", "three_factor", "three_factor_ps"]
+RULES = ["hebb", "anti_hebb", "oja", "sanger", "bcm", "soft_hebb", "stdp", "stdp_triplet", "three_factor",
+         "three_factor_ps"]
 OPTIONS = {
     "plain": {},
     "decay_bounds_max": dict(weight_decay=0.1, w_min=-0.3, w_max=0.35, norm=1.0, norm_mode="max"),
@@ -36,7 +37,7 @@ def _gen(seed):
 def _inputs(rule, out_f, in_f, n, dtype, device, seed=0):
     g = _gen(seed)
     w = (torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.3).to(dtype)
-    if rule == "stdp":
+    if rule.startswith("stdp"):
         x = (torch.rand(4, n, in_f, generator=g) < 0.3).double()
         y = (torch.rand(4, n, out_f, generator=g) < 0.3).double()
     else:
@@ -68,8 +69,10 @@ def _run_both(rule, w, x, y, opts, lr=0.05):
         P.bcm(got, x, y, theta, lr=lr, tau=10.0, **popts)
         ref, theta_ref = R.bcm(wd, xd, yd, theta_ref, lr=lr, tau=10.0, **opts)
         states.append((theta, theta_ref))
-    elif rule == "stdp":
+    elif rule.startswith("stdp"):
         kw = dict(a_plus=1.0, a_minus=0.8, tau_plus=5.0, tau_minus=8.0)
+        if rule == "stdp_triplet":
+            kw.update(a3_plus=0.5, a3_minus=0.2, tau_x=12.0, tau_y=15.0)
         xt, yt = P.stdp(got, x, y, lr=lr, **kw, **popts)
         ref, xr, yr = R.stdp(wd, xd, yd, lr=lr, **kw, **opts)
         states += [(xt, xr), (yt, yr)]
@@ -230,11 +233,27 @@ def test_stdp_sign_follows_spike_order():
     assert run(1, 0) < run(4, 0) < 0
 
 
-def test_stdp_one_step_with_carried_traces_equals_train():
+def test_triplet_stdp_post_pre_post_potentiates_more():
+    # A post spike shortly before a pre-post pair raises the slow post trace, so the triplet rule
+    # potentiates the pair more than the pair rule does (Pfister and Gerstner 2006).
+    pre = torch.zeros(8, 1, 1)
+    post = torch.zeros(8, 1, 1)
+    post[1] = 1
+    pre[3] = 1
+    post[5] = 1
+    def dw(a3):
+        w = torch.zeros(1, 1)
+        P.stdp(w, pre, post, lr=1.0, a_minus=0.0, a3_plus=a3, tau_plus=5.0, tau_y=20.0)
+        return float(w)
+    assert dw(1.0) > dw(1e-12) > 0
+
+
+@pytest.mark.parametrize("a3", [0.0, 0.4])
+def test_stdp_one_step_with_carried_traces_equals_train(a3):
     w, pre, post = _inputs("stdp", 5, 7, 3, torch.float32, "cpu")
     a = w.clone()
-    P.stdp(a, pre, post, lr=0.1)
-    rule = P.STDP(0.1)
+    P.stdp(a, pre, post, lr=0.1, a3_plus=a3, a3_minus=a3 / 2)
+    rule = P.STDP(0.1, a3_plus=a3, a3_minus=a3 / 2)
     b = w.clone()
     for t in range(pre.shape[0]):
         rule.step(b, pre[t], post[t])

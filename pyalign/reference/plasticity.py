@@ -80,24 +80,38 @@ def soft_hebb(w, x, u=None, *, lr, temperature=1.0, weight_decay=0.0, w_min=None
 
 
 def stdp(w, pre, post, pre_trace=None, post_trace=None, *, lr, a_plus=1.0, a_minus=1.0, tau_plus=20.0,
-         tau_minus=20.0, dt=1.0, weight_decay=0.0, w_min=None, w_max=None, norm=None, norm_mode="max"):
-    """Step-by-step pair-based STDP; returns (w, pre_trace, post_trace)."""
+         tau_minus=20.0, dt=1.0, a3_plus=0.0, a3_minus=0.0, tau_x=101.0, tau_y=125.0, weight_decay=0.0,
+         w_min=None, w_max=None, norm=None, norm_mode="max"):
+    """Step-by-step pair (and triplet) STDP; returns (w, pre_trace, post_trace). Traces are
+    [B, n], or [2, B, n] (fast, slow) with triplet terms."""
     if pre.dim() == 2:
         pre, post = pre[None], post[None]
     T, B = pre.shape[:2]
-    xb = torch.zeros(B, pre.shape[-1], dtype=w.dtype) if pre_trace is None else pre_trace.clone()
-    yb = torch.zeros(B, post.shape[-1], dtype=w.dtype) if post_trace is None else post_trace.clone()
-    dp, dm = math.exp(-dt / tau_plus), math.exp(-dt / tau_minus)
+    triplet = a3_plus > 0 or a3_minus > 0
+    zeros = lambda n: torch.zeros((2, B, n) if triplet else (B, n), dtype=w.dtype)
+    xb = zeros(pre.shape[-1]) if pre_trace is None else pre_trace.clone()
+    yb = zeros(post.shape[-1]) if post_trace is None else post_trace.clone()
+    x1, y1 = (xb[0], yb[0]) if triplet else (xb, yb)
+    x2, y2 = (xb[1], yb[1]) if triplet else (None, None)
     dw = torch.zeros_like(w)
     for t in range(T):
-        xb = xb * dp
-        yb = yb * dm
+        x1 = x1 * math.exp(-dt / tau_plus)
+        y1 = y1 * math.exp(-dt / tau_minus)
+        if triplet:
+            x2 = x2 * math.exp(-dt / tau_x)
+            y2 = y2 * math.exp(-dt / tau_y)
         for b in range(B):
-            dw += a_plus * torch.outer(post[t, b], xb[b])    # post spike after pre: potentiate
-            dw -= a_minus * torch.outer(yb[b], pre[t, b])    # pre spike after post: depress
-        xb = xb + pre[t]
-        yb = yb + post[t]
-    return _finish(w, dw / B, lr, weight_decay, w_min, w_max, norm, norm_mode), xb, yb
+            amp_p = a_plus + (a3_plus * y2[b] if triplet else 0.0)   # per post neuron
+            amp_m = a_minus + (a3_minus * x2[b] if triplet else 0.0)  # per pre neuron
+            dw += torch.outer(post[t, b] * amp_p, x1[b])   # post spike after pre: potentiate
+            dw -= torch.outer(y1[b], pre[t, b] * amp_m)    # pre spike after post: depress
+        x1, y1 = x1 + pre[t], y1 + post[t]
+        if triplet:
+            x2, y2 = x2 + pre[t], y2 + post[t]
+    w_new = _finish(w, dw / B, lr, weight_decay, w_min, w_max, norm, norm_mode)
+    if triplet:
+        return w_new, torch.stack([x1, x2]), torch.stack([y1, y2])
+    return w_new, x1, y1
 
 
 def three_factor(w, x, y, trace, modulator, *, lr, decay=0.9, weight_decay=0.0, w_min=None, w_max=None,

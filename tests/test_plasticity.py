@@ -642,3 +642,16 @@ def test_bad_workspace():
         P.hebb(w, x, y, lr=0.1, workspace=torch.empty(6, 4))
     with pytest.raises(ValueError, match="workspace"):
         P.hebb(w, x, y, lr=0.1, workspace=torch.empty(4, 6, dtype=torch.float64))
+
+
+def test_torch_compile_fullgraph(device):
+    # Under torch.compile the rules go through the custom op (validate=False: no host check).
+    w, x, y = _inputs("oja", 4, 6, 3, torch.float32, device)
+    trace = torch.zeros(4, 6, device=device)
+    f = torch.compile(lambda w, x, y, e: P.three_factor(P.oja(w, x, y, lr=0.1, validate=False, norm=1.0), x, y, e, 0.5,
+                                                        lr=0.1, validate=False), fullgraph=True)
+    a, b = w.clone(), w.clone()
+    ea, eb = trace.clone(), trace.clone()
+    f(a, x, y, ea)
+    P.three_factor(P.oja(b, x, y, lr=0.1, norm=1.0), x, y, eb, 0.5, lr=0.1)
+    assert torch.equal(a, b) and torch.equal(ea, eb)

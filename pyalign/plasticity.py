@@ -7,10 +7,10 @@ the Hebbian terms are sample means. Every rule takes
     lr            learning rate (>= 0)
     weight_decay  Δw -= lr * weight_decay * w
     w_min, w_max  elementwise bounds, applied last (they always hold)
-    workspace     optional fp32 (fp64 for fp64 weights) ``[out, in]`` buffer reused for the matmul
-                  result (rule objects keep one); saves a weight-sized allocation per update
     norm          per-row norm target; ``norm_mode="max"`` rescales rows whose L2 norm exceeds it,
                   ``"exact"`` rescales every non-zero row to it (applied before the bounds)
+    workspace     optional fp32 (fp64 for fp64 weights) ``[out, in]`` buffer reused for the matmul
+                  result (rule objects keep one); saves a weight-sized allocation per update
 
 The matrix products go through ``torch.matmul`` (fp32 math for fp32/bf16/fp16 weights, fp64 for
 fp64); everything elementwise around them (decay, Oja's ``-y^2 w``, traces, bounds, norm) is one
@@ -41,7 +41,7 @@ continual training, each computing the penalty and adding its gradient in one pa
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -405,11 +405,14 @@ class Rule:
     After :func:`attach`, forward passes of the module record its input and output and
     :meth:`apply` runs ``step`` on the module's weight with everything recorded since the last
     call (samples from several forward passes are concatenated).
+
+    ``keep_workspace``: keep the fp32 ``[out, in]`` matmul result buffer between steps (faster;
+    costs that much memory per rule, e.g. twice a bf16 weight). False allocates it per step.
     """
 
     def __init__(self, lr: float, *, weight_decay: float = 0.0, w_min: Optional[float] = None,
                  w_max: Optional[float] = None, norm: Optional[float] = None, norm_mode: str = "max",
-                 validate: Optional[bool] = None):
+                 validate: Optional[bool] = None, keep_workspace: bool = True):
         _Common(lr, weight_decay, w_min, w_max, norm, norm_mode)  # validates eagerly
         self.options = dict(lr=lr, weight_decay=weight_decay, w_min=w_min, w_max=w_max, norm=norm,
                             norm_mode=norm_mode, validate=validate)
@@ -418,9 +421,12 @@ class Rule:
         self._xs: list[Tensor] = []
         self._ys: list[Tensor] = []
         self._ws: Optional[Tensor] = None
+        self.keep_workspace = bool(keep_workspace)
 
     def _kw(self, weight: Tensor) -> dict:
         """The options plus a matmul workspace kept between steps (allocated on first use)."""
+        if not self.keep_workspace:
+            return dict(self.options)
         ws = self._ws
         if ws is None or ws.shape != weight.shape or ws.device != weight.device or ws.dtype != _acc(weight):
             ws = self._ws = torch.empty(weight.shape, dtype=_acc(weight), device=weight.device)

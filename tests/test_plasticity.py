@@ -146,6 +146,12 @@ def test_noncontiguous_weight_and_determinism():
     P.oja(wt, x, y, lr=0.1, norm=1.0)
     assert torch.equal(a, b)
     assert torch.equal(a, wt)
+    big = torch.zeros(16, 310)
+    view = big[:, 5:305]  # rows with a stride other than their length, updated in place
+    view.copy_(w)
+    P.oja(view, x, y, lr=0.1, norm=1.0)
+    assert torch.equal(view, a)
+    assert not big[:, :5].any() and not big[:, 305:].any()
 
 
 def test_leading_dims_flattened(device):

@@ -53,7 +53,8 @@ __global__ void forward_kernel(KernelArgs k) {
   const int64_t r = blockIdx.x;
   const int64_t V = k.V;
   const int64_t label = load_label(a.labels, k.label_rows.offset(r));
-  if (label == a.ignore_index || label < 0 || label >= V) {
+  const bool in_slice = label >= 0 && label < V;
+  if (label == a.ignore_index || (!in_slice && !a.vocab_slice)) {
     if (threadIdx.x == 0) {
       // Out-of-range labels never index memory: they give NaN (see token_logprobs' docs).
       A v = label == a.ignore_index ? A(0) : A(NAN);
@@ -93,15 +94,15 @@ __global__ void forward_kernel(KernelArgs k) {
   zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
   xmax = block_reduce(xmax, [](A x, A y) { return x > y ? x : y; }, smem_x);
   if (threadIdx.x == 0) {
-    const A xl = to_float(row[label]);
-    const A zl = tf.apply(xl);
+    const A xl = in_slice ? A(to_float(row[label])) : A(-INFINITY);
+    const A zl = in_slice ? tf.apply(xl) : A(-INFINITY);
     const A lse = st.lse();
     a.logp.ptr<A>()[r] = zl - lse;
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
     if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = zsum / A(V);
-    if (a.top1.data) a.top1.ptr<bool>()[r] = xl >= xmax;  // raw logits: transform is increasing
+    if (a.top1.data) a.top1.ptr<bool>()[r] = in_slice && xl >= xmax;  // raw logits: transform is increasing
   }
 }
 
@@ -120,7 +121,7 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const int64_t label = load_label(a.labels, k.label_rows.offset(r));
   T* out = a.grad_logits.ptr<T>() + k.grad_rows.offset(r);
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
-  const bool skip = label == a.ignore_index || label < 0 || label >= V;
+  const bool skip = label == a.ignore_index || ((label < 0 || label >= V) && !a.vocab_slice);
   const A g_lp = (!skip && a.grad_logp.data) ? a.grad_logp.ptr<A>()[r] : A(0);
   const A g_ent = (!skip && a.grad_entropy.data) ? a.grad_entropy.ptr<A>()[r] : A(0);
   const A lse = skip ? A(0) : a.lse.ptr<A>()[r];

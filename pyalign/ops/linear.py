@@ -210,9 +210,9 @@ def linear_token_logprobs_backward_op(
     dh, dw, db = chunked_backward(sel(grad_logp), sel(grad_entropy), sel(hidden), weight, bias,
                                   sel(labels), sel(lse), sel(entropy), temperature, logit_scale,
                                   softcap, chunk_size, needs, ignore_index=ignore_index)
-    empty = hidden.new_empty(0)
-    return (empty if dh is None else _scatter_rows(dh, idx, n), empty if dw is None else dw,
-            empty if db is None else db)
+    empty = lambda: hidden.new_empty(0)  # distinct tensors: outputs may not alias each other
+    return (empty() if dh is None else _scatter_rows(dh, idx, n), empty() if dw is None else dw,
+            empty() if db is None else db)
 
 
 @linear_token_logprobs_backward_op.register_fake

@@ -102,6 +102,10 @@ struct BwdCtx {
   int64_t V;
 };
 
+// Stores a gradient in the logits' dtype; fp64 keeps full precision (it is the gradcheck dtype).
+template <typename T, typename A> inline T store_grad(A g) { return from_float<T>(float(g)); }
+template <> inline double store_grad<double, double>(double g) { return g; }
+
 template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
   const LogprobBackwardArgs& a = c.a;
@@ -125,7 +129,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   for (int64_t j = 0; j < V; ++j) {
     A x = to_float(row[j]);
     A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, j == label);
-    out[j] = from_float<T>(gz * tf.grad_t<SC>(x));
+    out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
   }
 }
 PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT COMMA bool SC,

@@ -161,7 +161,7 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
 
 def _scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:
     """Rows of ``values`` (computed for the valid rows only) placed at ``idx`` of ``n`` zeros."""
-    if idx is None or values.numel() == 0:
+    if idx is None:
         return values
     out = values.new_zeros((n,) + tuple(values.shape[1:]))
     return out.index_copy_(0, idx, values)
@@ -183,8 +183,10 @@ def linear_token_logprobs_op(
     hv, lv = _select(hidden, idx), _select(labels, idx)
     r = chunked_stats(hv, weight, bias, lv, temperature, logit_scale, softcap, outputs, chunk_size,
                       ignore_index=ignore_index)
-    keys = ("logp", "lse", "entropy", "log_sum_sq", "mean_logit", "top1")
-    return tuple(_scatter_rows(r[k], idx, n) for k in keys)
+    flags = {"logp": -1, "lse": -1, "entropy": ENTROPY, "log_sum_sq": LOG_SUM_SQ, "mean_logit": MEAN_LOGIT,
+             "top1": TOP1}
+    # Absent optional outputs stay empty [0] tensors (the schema is fixed).
+    return tuple(_scatter_rows(r[k], idx, n) if (f < 0 or outputs & f) else r[k] for k, f in flags.items())
 
 
 @linear_token_logprobs_op.register_fake

@@ -164,3 +164,7 @@ def sequence_logprobs(
     if reduction == "mean":
         total = total / counts.clamp(min=1).to(total.dtype)
     return total, counts
+
+
+# The fused linear head (pyalign/linear.py) belongs to this family's public API.
+from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs  # noqa: E402

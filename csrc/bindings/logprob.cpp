@@ -38,6 +38,7 @@ LogitTransform make_transform(double temperature, double logit_scale, double sof
   return tf;
 }
 
+template <bool SLICE>
 void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, TensorArg entropy,
              TensorArg log_sum_sq, TensorArg mean_logit, TensorArg top1, double temperature,
              double logit_scale, double softcap, int64_t ignore_index, uintptr_t stream) {
@@ -48,7 +49,7 @@ void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, 
   for (const TensorArg* t : {&logp, &lse, &entropy, &log_sum_sq, &mean_logit}) check_rows(*t, rows, adt);
   check_rows(top1, rows, DType::b8);
   LogprobForwardArgs a{logits, labels, logp, lse, entropy, log_sum_sq, mean_logit, top1,
-                       make_transform(temperature, logit_scale, softcap), ignore_index};
+                       make_transform(temperature, logit_scale, softcap), ignore_index, SLICE};
   int dev = common_device({&logits, &labels, &logp, &lse, &entropy, &log_sum_sq, &mean_logit, &top1});
   dispatch("token_logprobs", dev, [&] { logprob_forward_cpu(a); }, [&] {
 #ifdef PYALIGN_WITH_CUDA
@@ -57,6 +58,7 @@ void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, 
   });
 }
 
+template <bool SLICE>
 void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entropy, TensorArg grad_logp,
               TensorArg grad_entropy, TensorArg grad_logits, double temperature, double logit_scale,
               double softcap, int64_t ignore_index, uintptr_t stream) {
@@ -71,7 +73,7 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
     require(grad_logits.shape[d] == logits.shape[d], grad_logits.describe() + ": expected the shape of " + logits.describe());
   require(grad_logits.stride(-1) == 1 || logits.size(-1) == 1, grad_logits.describe() + ": the vocabulary dimension must have stride 1");
   LogprobBackwardArgs a{logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
-                        make_transform(temperature, logit_scale, softcap), ignore_index};
+                        make_transform(temperature, logit_scale, softcap), ignore_index, SLICE};
   int dev = common_device({&logits, &labels, &lse, &entropy, &grad_logp, &grad_entropy, &grad_logits});
   dispatch("token_logprobs backward", dev, [&] { logprob_backward_cpu(a); }, [&] {
 #ifdef PYALIGN_WITH_CUDA
@@ -83,8 +85,11 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
 }  // namespace
 
 void bind_logprob(py::module_& m) {
-  m.def("logprob_forward", &forward, "Per-token log-probs and softmax statistics (writes the given outputs)");
-  m.def("logprob_backward", &backward, "Gradient of log-probs/entropy w.r.t. logits (writes grad_logits)");
+  m.def("logprob_forward", &forward<false>, "Per-token log-probs and softmax statistics (writes the given outputs)");
+  m.def("logprob_backward", &backward<false>, "Gradient of log-probs/entropy w.r.t. logits (writes grad_logits)");
+  // The same on a vocabulary slice: labels outside [0, V) (not ignore_index) lie in another slice.
+  m.def("logprob_forward_slice", &forward<true>, "logprob_forward on a slice of the vocabulary");
+  m.def("logprob_backward_slice", &backward<true>, "logprob_backward on a slice of the vocabulary");
 }
 
 }  // namespace pyalign

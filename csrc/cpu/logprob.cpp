@@ -45,7 +45,8 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
     write_optional(0, 0, 0, false);
     return;
   }
-  if (label < 0 || label >= V) bad_label(r, label, V, a.ignore_index);
+  const bool in_slice = label >= 0 && label < V;
+  if (!in_slice && !a.vocab_slice) bad_label(r, label, V, a.ignore_index);
 
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
@@ -88,13 +89,17 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
     st.merge(cs);
   }
   // The label's transformed logit is recomputed from its (single) element rather than kept.
-  const A x_label = to_float(row[label]);
-  const A z_label = tf.apply_t<SC>(x_label);
+  const A x_label = in_slice ? A(to_float(row[label])) : A(-INFINITY);
+  const A z_label = in_slice ? tf.apply_t<SC>(x_label) : A(-INFINITY);
   const A lse = st.lse();
   logp[r] = z_label - lse;
   lse_out[r] = lse;
   write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), zsum / A(V),
+<<<<<<< HEAD
                  label == argmax);  // on raw logits: the transform is increasing
+=======
+                 in_slice && x_label >= xmax);  // on raw logits: the transform is increasing
+>>>>>>> linear
 }
 
 PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx,
@@ -105,6 +110,10 @@ struct BwdCtx {
   RowIndexer logits_rows, label_rows, grad_rows;
   int64_t V;
 };
+
+// Stores a gradient in the logits' dtype; fp64 keeps full precision (it is the gradcheck dtype).
+template <typename T, typename A> inline T store_grad(A g) { return from_float<T>(float(g)); }
+template <> inline double store_grad<double, double>(double g) { return g; }
 
 template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
@@ -120,7 +129,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
     for (int64_t j = 0; j < V; ++j) out[j] = zero;
     return;
   }
-  if (label < 0 || label >= V) bad_label(r, label, V, a.ignore_index);
+  if ((label < 0 || label >= V) && !a.vocab_slice) bad_label(r, label, V, a.ignore_index);
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const A lse = a.lse.ptr<A>()[r];
   const A ent = ENT ? a.entropy.ptr<A>()[r] : A(0);
@@ -129,7 +138,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   for (int64_t j = 0; j < V; ++j) {
     A x = to_float(row[j]);
     A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, j == label);
-    out[j] = from_float<T>(gz * tf.grad_t<SC>(x));
+    out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
   }
 }
 PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT COMMA bool SC,

@@ -69,7 +69,8 @@ __global__ void forward_kernel(KernelArgs k) {
   const int64_t r = blockIdx.x;
   const int64_t V = k.V;
   const int64_t label = load_label(a.labels, k.label_rows.offset(r));
-  if (label == a.ignore_index || label < 0 || label >= V) {
+  const bool in_slice = label >= 0 && label < V;
+  if (label == a.ignore_index || (!in_slice && !a.vocab_slice)) {
     if (threadIdx.x == 0) {
       // Out-of-range labels never index memory: they give NaN (see token_logprobs' docs).
       A v = label == a.ignore_index ? A(0) : A(NAN);
@@ -110,14 +111,23 @@ __global__ void forward_kernel(KernelArgs k) {
   zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
   am = block_reduce(am, [](ArgMax<A> x, const ArgMax<A>& y) { x.merge(y); return x; }, smem_am);
   if (threadIdx.x == 0) {
+<<<<<<< HEAD
     const A zl = tf.apply(A(to_float(row[label])));
+=======
+    const A xl = in_slice ? A(to_float(row[label])) : A(-INFINITY);
+    const A zl = in_slice ? tf.apply(xl) : A(-INFINITY);
+>>>>>>> linear
     const A lse = st.lse();
     a.logp.ptr<A>()[r] = zl - lse;
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
     if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = zsum / A(V);
+<<<<<<< HEAD
     if (a.top1.data) a.top1.ptr<bool>()[r] = am.i == label;
+=======
+    if (a.top1.data) a.top1.ptr<bool>()[r] = in_slice && xl >= xmax;  // raw logits: transform is increasing
+>>>>>>> linear
   }
 }
 
@@ -136,7 +146,7 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const int64_t label = load_label(a.labels, k.label_rows.offset(r));
   T* out = a.grad_logits.ptr<T>() + k.grad_rows.offset(r);
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
-  const bool skip = label == a.ignore_index || label < 0 || label >= V;
+  const bool skip = label == a.ignore_index || ((label < 0 || label >= V) && !a.vocab_slice);
   const A g_lp = (!skip && a.grad_logp.data) ? a.grad_logp.ptr<A>()[r] : A(0);
   const A g_ent = (!skip && a.grad_entropy.data) ? a.grad_entropy.ptr<A>()[r] : A(0);
   const A lse = skip ? A(0) : a.lse.ptr<A>()[r];

@@ -77,6 +77,10 @@ struct LogprobForwardArgs {
   TensorArg top1;      // [rows] bool or empty
   LogitTransform tf;
   int64_t ignore_index = -100;
+  // The logits are one slice of a larger vocabulary (vocab-parallel shards, vocab chunks): a
+  // label outside [0, V) that is not ignore_index then names an entry of another slice. The
+  // row's statistics are those of the slice; logp is -inf and top1 false for such a label.
+  bool vocab_slice = false;
 };
 
 struct LogprobBackwardArgs {
@@ -85,6 +89,9 @@ struct LogprobBackwardArgs {
   TensorArg grad_logits;                    // like logits (may alias it: in-place backward)
   LogitTransform tf;
   int64_t ignore_index = -100;
+  // As in LogprobForwardArgs; lse and entropy are then those of the whole vocabulary, and a
+  // label outside the slice contributes no label term.
+  bool vocab_slice = false;
 };
 
 void logprob_forward_cpu(const LogprobForwardArgs& a);

@@ -1,0 +1,250 @@
+"""Fused linear head + log-probs: ``pyalign::linear_token_logprobs`` and its backward.
+
+The logits ``hidden @ weight.T + bias`` are never held whole. Tokens are processed in chunks of
+``chunk`` rows; each chunk's logits go into one reused ``[chunk, V]`` buffer (``torch.mm`` /
+``torch.addmm``, i.e. the BLAS of the device), then through the log-prob kernels of
+``csrc/cpu/logprob.cpp`` / ``csrc/cuda/logprob.cu``:
+
+* forward: the softmax statistics of each row (``_C.logprob_forward``); only per-token results
+  survive the chunk;
+* backward: the chunk's logits are recomputed, the gradient w.r.t. them is written **in place**
+  into the same buffer (``_C.logprob_backward`` with ``grad_logits`` aliasing the logits), and
+  multiplied back: ``dhidden_chunk = g @ W``, ``dW += g.T @ hidden_chunk`` (accumulated in fp32),
+  ``dbias += g.sum(0)`` (fp32).
+
+Recomputing the logits in the backward costs one extra GEMM (4 instead of eager's 3). The
+alternative, computing the gradient in the forward and scaling it later, does not work for
+per-token outputs: the upstream gradient is a per-token vector known only in the backward, and
+``dW = sum_t g_t (x) h_t`` cannot be rescaled per token after the sum (and the entropy term would
+need a second saved part). Rows whose label is ``ignore_index`` are dropped before any GEMM.
+
+The helpers :func:`chunked_stats` and :func:`chunked_backward` also serve the vocab-parallel
+variant in :mod:`pyalign.distributed`, on a shard of the vocabulary (``vocab_slice=True``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyalign._ext import _C, desc, stream_of
+from pyalign.ops.logprob import ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1
+
+# Bytes of one chunk's logits buffer when chunk_size is automatic. The GEMMs run at full speed
+# from a few hundred rows on, so a larger buffer buys little time for a lot of memory.
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+MIN_CHUNK = 16
+
+NEED_HIDDEN, NEED_WEIGHT, NEED_BIAS = 1, 2, 4
+
+
+def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Rows per chunk: ``CHUNK_BYTES[device] / (V * itemsize)`` rounded down to a multiple of 16,
+    at least 16 and at most ``rows``. The peak extra memory of the fused head is then about
+    ``chunk * V * itemsize`` (one buffer) + the fp32 ``dW`` accumulator for bf16/fp16 weights
+    + O(tokens * hidden)."""
+    dev = torch.device(device).type
+    per_row = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
+    chunk = max(MIN_CHUNK, (CHUNK_BYTES.get(dev, CHUNK_BYTES["cpu"]) // per_row) // 16 * 16)
+    return int(max(1, min(chunk, rows)))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if bias is None:
+        return torch.mm(h, weight.t(), out=buf)
+    return torch.addmm(bias, h, weight.t(), out=buf)
+
+
+def valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows to compute, or None when every row counts (no gather needed)."""
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                  temperature: float, logit_scale: float, softcap: float, outputs: int, chunk: int,
+                  *, vocab_slice: bool = False, ignore_index: int = -100, label_logit: bool = False,
+                  extremes: bool = False) -> dict:
+    """Per-row softmax statistics of ``hidden @ weight.T + bias`` (``[n]`` each), chunk by chunk.
+
+    Keys: ``logp, lse`` and, by ``outputs`` flags, ``entropy, log_sum_sq, mean_logit, top1``.
+    With ``vocab_slice`` the weight is one slice of the vocabulary and labels outside it are
+    allowed (see ``LogprobForwardArgs::vocab_slice``). ``label_logit``: also the raw logit at
+    each row's label (0 where the label is outside the slice); ``extremes``: the raw max and min
+    of each row (for the argmax test across slices).
+    """
+    n, V = hidden.shape[0], weight.shape[0]
+    acc, dev = _acc(hidden.dtype), hidden.device
+    new = lambda flag, dt=acc: torch.empty(n if outputs & flag else 0, dtype=dt, device=dev)
+    res = {"logp": torch.empty(n, dtype=acc, device=dev), "lse": torch.empty(n, dtype=acc, device=dev),
+           "entropy": new(ENTROPY), "log_sum_sq": new(LOG_SUM_SQ), "mean_logit": new(MEAN_LOGIT),
+           "top1": new(TOP1, torch.bool)}
+    if label_logit:
+        res["label_logit"] = torch.zeros(n, dtype=acc, device=dev)
+    if extremes:
+        res["max"] = torch.empty(n, dtype=acc, device=dev)
+        res["min"] = torch.empty(n, dtype=acc, device=dev)
+    if n == 0:
+        return res
+    forward = _C.logprob_forward_slice if vocab_slice else _C.logprob_forward
+    buf = torch.empty(min(chunk, n), V, dtype=hidden.dtype, device=dev)
+    stream = stream_of(hidden)
+    opt = lambda key, s: desc(res[key][s], key) if res[key].numel() else None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        s = slice(c0, c1)
+        b = _logits_into(buf[: c1 - c0], hidden[s], weight, bias)
+        forward(desc(b, "logits"), desc(labels[s], "labels"), desc(res["logp"][s], "logp"),
+                desc(res["lse"][s], "lse"), opt("entropy", s), opt("log_sum_sq", s),
+                opt("mean_logit", s), opt("top1", s), temperature, logit_scale, softcap,
+                ignore_index, stream)
+        if label_logit:
+            lab = labels[s].long()
+            inside = (lab >= 0) & (lab < V)
+            x = b.gather(1, lab.clamp(0, V - 1).unsqueeze(1)).squeeze(1).to(acc)
+            res["label_logit"][s] = torch.where(inside, x, torch.zeros_like(x))
+        if extremes:
+            res["max"][s] = b.amax(1).to(acc)
+            res["min"][s] = b.amin(1).to(acc)
+    return res
+
+
+def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+                     weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                     entropy: Optional[Tensor], temperature: float, logit_scale: float,
+                     softcap: float, chunk: int, needs: int, *, vocab_slice: bool = False,
+                     ignore_index: int = -100):
+    """Gradients ``(dhidden [n, H], dweight [V, H], dbias [V])`` (None where not needed) of
+    ``sum(grad_logp * logp + grad_entropy * entropy)`` over ``n`` rows, given the forward's
+    ``lse`` and ``entropy`` (of the whole vocabulary when ``vocab_slice``)."""
+    n, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dev, dt = hidden.device, hidden.dtype
+    acc = _acc(dt)
+    dh = torch.zeros(n, H, dtype=dt, device=dev) if needs & NEED_HIDDEN else None
+    # dW is accumulated in fp32: directly in the result for fp32/fp64 weights, else in a buffer.
+    dw_acc = torch.zeros(V, H, dtype=_acc(weight.dtype), device=dev) if needs & NEED_WEIGHT else None
+    db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
+    if n > 0 and (grad_logp is not None or grad_entropy is not None):
+        backward = _C.logprob_backward_slice if vocab_slice else _C.logprob_backward
+        buf = torch.empty(min(chunk, n), V, dtype=dt, device=dev)
+        stream = stream_of(hidden)
+        part = lambda t, s: None if t is None else t[s]
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            s = slice(c0, c1)
+            h = hidden[s]
+            b = _logits_into(buf[: c1 - c0], h, weight, bias)
+            backward(desc(b, "logits"), desc(labels[s], "labels"), desc(lse[s], "lse"),
+                     desc(part(entropy, s), "entropy"), desc(part(grad_logp, s), "grad_logp"),
+                     desc(part(grad_entropy, s), "grad_entropy"), desc(b, "grad_logits"),
+                     temperature, logit_scale, softcap, ignore_index, stream)
+            if dh is not None:
+                torch.mm(b, weight, out=dh[s])
+            if dw_acc is not None:
+                if dw_acc.dtype == dt:
+                    dw_acc.addmm_(b.t(), h)
+                else:
+                    dw_acc += torch.mm(b.t(), h)
+            if db_acc is not None:
+                db_acc += b.sum(0, dtype=acc)
+    dw = None if dw_acc is None else dw_acc.to(weight.dtype)
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    return dh, dw, db
+
+
+def _scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:
+    """Rows of ``values`` (computed for the valid rows only) placed at ``idx`` of ``n`` zeros."""
+    if idx is None:
+        return values
+    out = values.new_zeros((n,) + tuple(values.shape[1:]))
+    return out.index_copy_(0, idx, values)
+
+
+def _select(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None or idx is None:
+        return t
+    return t.index_select(0, idx)
+
+
+@torch.library.custom_op("pyalign::linear_token_logprobs", mutates_args=())
+def linear_token_logprobs_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+    temperature: float, logit_scale: float, softcap: float, outputs: int, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n = labels.shape[0]
+    idx = valid_rows(labels, ignore_index)
+    hv, lv = _select(hidden, idx), _select(labels, idx)
+    r = chunked_stats(hv, weight, bias, lv, temperature, logit_scale, softcap, outputs, chunk_size,
+                      ignore_index=ignore_index)
+    flags = {"logp": -1, "lse": -1, "entropy": ENTROPY, "log_sum_sq": LOG_SUM_SQ, "mean_logit": MEAN_LOGIT,
+             "top1": TOP1}
+    # Absent optional outputs stay empty [0] tensors (the schema is fixed).
+    return tuple(_scatter_rows(r[k], idx, n) if (f < 0 or outputs & f) else r[k] for k, f in flags.items())
+
+
+@linear_token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs,
+      chunk_size):
+    n = labels.shape[0]
+    acc = _acc(hidden.dtype)
+    new = lambda flag, dt=acc: hidden.new_empty(n if outputs & flag else 0, dtype=dt)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), new(ENTROPY),
+            new(LOG_SUM_SQ), new(MEAN_LOGIT), new(TOP1, torch.bool))
+
+
+@torch.library.custom_op("pyalign::linear_token_logprobs_backward", mutates_args=())
+def linear_token_logprobs_backward_op(
+    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
+    bias: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
+    ignore_index: int, temperature: float, logit_scale: float, softcap: float, chunk_size: int,
+    needs: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = labels.shape[0]
+    idx = valid_rows(labels, ignore_index)
+    sel = lambda t: None if t is None else _select(t, idx)
+    dh, dw, db = chunked_backward(sel(grad_logp), sel(grad_entropy), sel(hidden), weight, bias,
+                                  sel(labels), sel(lse), sel(entropy), temperature, logit_scale,
+                                  softcap, chunk_size, needs, ignore_index=ignore_index)
+    empty = lambda: hidden.new_empty(0)  # distinct tensors: outputs may not alias each other
+    return (empty() if dh is None else _scatter_rows(dh, idx, n), empty() if dw is None else dw,
+            empty() if db is None else db)
+
+
+@linear_token_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
+      temperature, logit_scale, softcap, chunk_size, needs):
+    return (torch.empty_like(hidden) if needs & NEED_HIDDEN else hidden.new_empty(0),
+            torch.empty_like(weight) if needs & NEED_WEIGHT else hidden.new_empty(0),
+            torch.empty_like(bias) if (needs & NEED_BIAS and bias is not None) else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs,
+     chunk_size) = inputs
+    logp, lse, ent, lss, mean, top1 = output
+    ctx.mark_non_differentiable(lse, lss, mean, top1)
+    ctx.has_ent = bool(outputs & ENTROPY)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ctx.has_ent else None)
+    ctx.params = (ignore_index, temperature, logit_scale, softcap, chunk_size)
+
+
+def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    needs = ((NEED_HIDDEN if ctx.needs_input_grad[0] else 0) | (NEED_WEIGHT if ctx.needs_input_grad[1] else 0)
+             | (NEED_BIAS if ctx.needs_input_grad[2] else 0))
+    g_logp = None if g_logp is None else g_logp.to(lse.dtype).contiguous()
+    g_ent = None if (g_ent is None or ent is None) else g_ent.to(lse.dtype).contiguous()
+    dh, dw, db = linear_token_logprobs_backward_op(g_logp, g_ent, hidden, weight, bias, labels, lse,
+                                                   ent, *ctx.params, needs)
+    return (dh if needs & NEED_HIDDEN else None, dw if needs & NEED_WEIGHT else None,
+            db if needs & NEED_BIAS else None, None, None, None, None, None, None, None)
+
+
+linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,191 @@
+"""Vocab-parallel log-probs (pyalign.distributed) on 2 and 4 gloo processes (loopback file store),
+compared with the single-process results, forward and backward."""
+from __future__ import annotations
+
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyalign.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
+from pyalign.linear import linear_token_logprobs
+from pyalign.logprob import token_logprobs
+
+STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+ALL = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _bounds(V, world, uneven):
+    """Shard sizes: equal-ish, or deliberately uneven (still all >= 1)."""
+    if uneven:
+        sizes = [1 + (V - world) * (k + 1) // (world * (world + 1) // 2) for k in range(world)]
+        sizes[-1] += V - sum(sizes)
+    else:
+        sizes = [V // world + (1 if k < V % world else 0) for k in range(world)]
+    starts = [sum(sizes[:k]) for k in range(world)]
+    return starts, sizes
+
+
+def _close(a, b, tol, what):
+    if a.dtype == torch.bool:
+        assert torch.equal(a, b), what
+    else:
+        a, b = a.double(), b.double()
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"{what}: non-finite entries differ"
+        same = (a == b) | ~torch.isfinite(b)
+        err = torch.where(same, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
+        scale = 1 + torch.where(torch.isfinite(b), b.abs(), 0.0).max().item() if b.numel() else 1
+        assert err <= tol * scale, f"{what}: max error {err} > {tol} * {scale}"
+
+
+def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False, give_start=True):
+    g = torch.Generator().manual_seed(11)
+    V = 37
+    logits = (torch.randn(3, 5, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, V, (3, 5), generator=g)
+    labels[0, 2] = labels[2, 4] = -100
+    starts, sizes = _bounds(V, world, uneven)
+    if masked_shard:  # one row entirely -inf on the last shard
+        logits[1, 1, starts[-1]:] = -float("inf")
+        labels[1, 1] = starts[0]
+    s0, n = starts[rank], sizes[rank]
+    tol = TOL[dtype]
+
+    full = logits.clone().requires_grad_()
+    ref = token_logprobs(full, labels, shift=shift, outputs=ALL, **opts)
+    w1, w2 = torch.randn(ref.logprobs.shape, generator=g), torch.randn(ref.logprobs.shape, generator=g)
+    ((ref.logprobs * w1).sum() + (ref.entropy * w2).sum()).backward()
+
+    shard = logits[..., s0:s0 + n].clone().requires_grad_()
+    got = vocab_parallel_token_logprobs(shard, labels, vocab_start=s0 if give_start else None, shift=shift,
+                                        outputs=ALL, **opts)
+    for name in STATS:
+        _close(getattr(got, name), getattr(ref, name), tol, f"{name} (rank {rank}/{world}, {dtype})")
+    ((got.logprobs * w1).sum() + (got.entropy * w2).sum()).backward()
+    _close(shard.grad, full.grad[..., s0:s0 + n], tol, f"grad (rank {rank}/{world}, {dtype})")
+
+
+def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, True)):
+    g = torch.Generator().manual_seed(5)
+    V, H = 29, 8
+    hidden = torch.randn(2, 6, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    labels[1, :3] = -100
+    starts, sizes = _bounds(V, world, True)
+    s0, n = starts[rank], sizes[rank]
+    tol = TOL[dtype]
+
+    def leaves(h, w, bb):
+        return (h.clone().requires_grad_(needs[0]), w.clone().requires_grad_(needs[1]),
+                None if bb is None else bb.clone().requires_grad_(needs[2]))
+
+    h1, w1_, b1 = leaves(hidden, weight, b)
+    ref = linear_token_logprobs(h1, w1_, labels, bias=b1, shift=shift, outputs=ALL, chunk_size=4, **opts)
+    c1, c2 = torch.randn(ref.logprobs.shape, generator=g), torch.randn(ref.logprobs.shape, generator=g)
+    ((ref.logprobs * c1).sum() + (ref.entropy * c2).sum()).backward()
+
+    h2, w2_, b2 = leaves(hidden, weight[s0:s0 + n], None if b is None else b[s0:s0 + n])
+    got = vocab_parallel_linear_token_logprobs(h2, w2_, labels, bias_shard=b2, shift=shift, outputs=ALL,
+                                               chunk_size=3, vocab_start=s0, **opts)
+    for name in STATS:
+        _close(getattr(got, name), getattr(ref, name), tol, f"linear {name} (rank {rank}/{world})")
+    ((got.logprobs * c1).sum() + (got.entropy * c2).sum()).backward()
+    if needs[0]:
+        _close(h2.grad, h1.grad, tol, "linear dhidden")
+    if needs[1]:
+        _close(w2_.grad, w1_.grad[s0:s0 + n], tol, "linear dweight")
+    if bias and needs[2]:
+        _close(b2.grad, b1.grad[s0:s0 + n], tol, "linear dbias")
+
+
+def _expect_error(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def _bad_inputs(rank, world):
+    V = 12
+    logits = torch.randn(4, V)
+    labels = torch.randint(0, V, (4,))
+    starts, sizes = _bounds(V, world, False)
+    s0, n = starts[rank], sizes[rank]
+    shard = logits[:, s0:s0 + n]
+    # Overlapping shards: every rank claims to start at 0 (rank 0 is right, the others are not).
+    _expect_error(lambda: vocab_parallel_token_logprobs(shard, labels, vocab_start=0), "do not tile")
+    # A gap: the last rank starts one past where it should.
+    wrong = s0 + (1 if rank == world - 1 else 0)
+    _expect_error(lambda: vocab_parallel_token_logprobs(shard, labels, vocab_start=wrong), "do not tile")
+    # A label outside every shard.
+    bad = labels.clone()
+    bad[2] = V
+    _expect_error(lambda: vocab_parallel_token_logprobs(shard, bad, vocab_start=s0), "outside")
+    # Local argument errors (raised before any collective).
+    with pytest.raises(ValueError, match="labels"):
+        vocab_parallel_token_logprobs(shard, labels[:3], vocab_start=s0)
+    with pytest.raises(ValueError, match="weight_shard"):
+        vocab_parallel_linear_token_logprobs(torch.randn(4, 8), torch.randn(n, 7), labels, vocab_start=s0)
+    with pytest.raises(ValueError, match="vocab_start"):
+        vocab_parallel_token_logprobs(shard, labels, vocab_start=-1)
+
+
+def _all_cases(rank, world):
+    torch.set_num_threads(1)
+    opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": -0.5}]
+    for dtype in (torch.float64, torch.float32):
+        for i, opts in enumerate(opts_list):
+            _case_logits(rank, world, dtype, shift=i == 1, uneven=i != 0, opts=opts, give_start=i != 2)
+    _case_logits(rank, world, torch.float64, shift=False, uneven=True, opts={}, masked_shard=True)
+    _case_logits(rank, world, torch.bfloat16, shift=True, uneven=False, opts={})
+    _case_linear(rank, world, torch.float64, bias=True, shift=False, opts={})
+    _case_linear(rank, world, torch.float64, bias=False, shift=True, opts={"temperature": 1.3, "softcap": 3.0})
+    _case_linear(rank, world, torch.float32, bias=True, shift=True, opts={}, needs=(True, False, True))
+    _case_linear(rank, world, torch.float64, bias=True, shift=False, opts={}, needs=(False, True, False))
+    _bad_inputs(rank, world)
+
+
+def _worker(rank, world, store_path, errors):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        try:
+            _all_cases(rank, world)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_single_process(world, tmp_path):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), errors), nprocs=world,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    try:
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} gloo processes did not finish within 240 s")
+    except mp.ProcessRaisedException:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("\n".join(msgs) or "a worker failed")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def test_needs_initialized_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        vocab_parallel_token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), vocab_start=0)

@@ -95,11 +95,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   logp[r] = z_label - lse;
   lse_out[r] = lse;
   write_optional(ENT ? st.entropy() : A(0), SQ ? st.log_sum_sq() : A(0), zsum / A(V),
-<<<<<<< HEAD
-                 label == argmax);  // on raw logits: the transform is increasing
-=======
-                 in_slice && x_label >= xmax);  // on raw logits: the transform is increasing
->>>>>>> linear
+                 in_slice && label == argmax);
 }
 
 PYALIGN_CPU_CLONES(forward_rows, forward_row, FwdCtx,

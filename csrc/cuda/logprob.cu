@@ -111,23 +111,14 @@ __global__ void forward_kernel(KernelArgs k) {
   zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
   am = block_reduce(am, [](ArgMax<A> x, const ArgMax<A>& y) { x.merge(y); return x; }, smem_am);
   if (threadIdx.x == 0) {
-<<<<<<< HEAD
-    const A zl = tf.apply(A(to_float(row[label])));
-=======
-    const A xl = in_slice ? A(to_float(row[label])) : A(-INFINITY);
-    const A zl = in_slice ? tf.apply(xl) : A(-INFINITY);
->>>>>>> linear
+    const A zl = in_slice ? tf.apply(A(to_float(row[label]))) : A(-INFINITY);
     const A lse = st.lse();
     a.logp.ptr<A>()[r] = zl - lse;
     a.lse.ptr<A>()[r] = lse;
     if (a.entropy.data) a.entropy.ptr<A>()[r] = st.entropy();
     if (a.log_sum_sq.data) a.log_sum_sq.ptr<A>()[r] = st.log_sum_sq();
     if (a.mean_logit.data) a.mean_logit.ptr<A>()[r] = zsum / A(V);
-<<<<<<< HEAD
-    if (a.top1.data) a.top1.ptr<bool>()[r] = am.i == label;
-=======
-    if (a.top1.data) a.top1.ptr<bool>()[r] = in_slice && xl >= xmax;  // raw logits: transform is increasing
->>>>>>> linear
+    if (a.top1.data) a.top1.ptr<bool>()[r] = in_slice && am.i == label;
   }
 }
 

@@ -81,6 +81,15 @@ def test_token_uncertainty_odd_vocab_and_views(device):
     lab = _labels((3, 7), 32001, device, seed=3)
     out = U.token_uncertainty(x, lab)
     _compare_tokens(out, R.token_uncertainty(x.cpu(), lab.cpu()), 3e-5)
+    # A vocabulary stride other than 1 (one contiguous copy) and the gradient of a view.
+    wide = _logits(2, (3,), 2 * 101, torch.float32, device, seed=4).view(2, 3, 101, 2)[..., 1]
+    lab2 = torch.tensor([0, 100, 7], device=device)
+    _compare_tokens(U.token_uncertainty(wide, lab2), R.token_uncertainty(wide.cpu(), lab2.cpu()), 3e-5)
+    leaf = base.detach().double().cpu().requires_grad_() if device == "cpu" else base.detach().clone().requires_grad_()
+    U.token_uncertainty(leaf[1:, ::2], lab).logprobs.sum().backward()
+    ref_leaf = base.detach().double().cpu().requires_grad_()
+    R.token_uncertainty(ref_leaf[1:, ::2], lab.cpu())["logprobs"].sum().backward()
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref_leaf.grad, atol=1e-6, rtol=0)
 
 
 def test_token_uncertainty_extreme_and_masked(device):

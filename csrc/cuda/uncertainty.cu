@@ -26,9 +26,11 @@ __device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
 template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z) {
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
-    A c = st.m == A(-INFINITY) ? A(0) : exp(st.m - z);
-    st.d = c * (st.d + (st.m - z) * st.s);
-    st.s = c * st.s;
+    if (st.m != A(-INFINITY)) {  // rescale to the new max (nothing to rescale before the first)
+      const A c = exp(st.m - z);
+      st.d = c * (st.d + (st.m - z) * st.s);
+      st.s = c * st.s;
+    }
     st.m = z;
   }
   A t = z - st.m, e = exp(t);

@@ -100,7 +100,7 @@ def _row(op, size, impl, ms, mem, **extra):
 def run(device: str, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     out = []
-    m, t, v = (5, 256, 32000) if quick else (5, 2048, 32000)
+    m, t, v = (5, 128, 32000) if quick else (5, 2048, 32000)
     size = f"M={m} tokens={t} V={v} fp32"
     x = torch.randn(m, t, v, device=device)
     lab = torch.randint(0, v, (t,), device=device)

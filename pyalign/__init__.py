@@ -1,6 +1,7 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
 from pyalign._ext import _C
-from pyalign import distributed, logprob, losses, plasticity, uncertainty
+from pyalign import logprob  # first: pyalign.linear and pyalign.distributed build on it
+from pyalign import distributed, losses, plasticity, uncertainty
 from pyalign.logprob import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs, token_logprobs
 
 __version__ = _C.__version__

@@ -43,10 +43,14 @@ template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, 
   if (x > am.v) { am.v = x; am.i = i; }  // each thread visits increasing indices
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
-    A c = st.m == A(-INFINITY) ? A(0) : exp(st.m - z);
-    st.d = c * (st.d + (st.m - z) * st.s);
-    st.s = c * st.s;
-    st.q = c * c * st.q;
+    if (st.m == A(-INFINITY)) {  // first finite logit: nothing to rescale (and no -inf * 0)
+      st.s = st.d = st.q = A(0);
+    } else {
+      A c = exp(st.m - z);
+      st.d = c * (st.d + (st.m - z) * st.s);
+      st.s = c * st.s;
+      st.q = c * c * st.q;
+    }
     st.m = z;
   }
   A t = z - st.m, e = exp(t);

@@ -557,3 +557,67 @@ def reward_model_loss(
                                                                     "center_rewards_coefficient")
     w = _opt(weights, "weights", n, dev)
     return _run("rm", a, b, m, None, None, None, w, center=center, reduction=_reduction(reduction))
+
+
+def fused_linear_dpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ref_logps=None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    **dpo_kwargs,
+):
+    """:func:`dpo_loss` on policy log-probs computed by the fused linear head, in one call.
+
+    ``hidden`` ``[2B, T, H]`` and ``labels`` ``[2B, T]`` hold the chosen responses in the first ``B``
+    rows and the rejected ones in the last ``B`` (TRL's layout); ``weight`` ``[V, H]`` is the LM head.
+    The sequence log-probs come from :func:`pyalign.logprob.linear_sequence_logprobs`, so the
+    ``[2B, T, V]`` logits are never held and gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    The reference is either given as ``ref_logps`` (a ``[2B]`` tensor in the same layout, or a pair
+    ``(ref_chosen, ref_rejected)``), or computed without gradient from ``ref_hidden`` (with
+    ``ref_weight``/``ref_bias``, defaulting to the policy head); with neither, the loss is
+    reference-free. Completion lengths (the non-ignored label counts) are passed to length-normalized
+    losses unless given. Other keyword arguments go to :func:`dpo_loss`; returns ``(loss, metrics)``.
+    """
+    from pyalign.logprob import linear_sequence_logprobs
+
+    if not isinstance(hidden, Tensor) or hidden.dim() < 2 or hidden.shape[0] % 2:
+        raise ValueError("hidden: expected [2B, T, H] with the B chosen rows first and the B rejected rows "
+                         f"last, got {tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__}")
+    head = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                shift=shift, chunk_size=chunk_size)
+    logps, counts = linear_sequence_logprobs(hidden, weight, labels, bias=bias, **head)
+    chosen, rejected = logps.chunk(2)
+    lengths_c, lengths_r = counts.chunk(2)
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError("ref_logps / ref_hidden: give the reference log-probs or the reference hidden states, not both")
+    ref_c = ref_r = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref, _ = linear_sequence_logprobs(ref_hidden, weight if ref_weight is None else ref_weight, labels,
+                                              bias=bias if ref_weight is None and ref_bias is None else ref_bias,
+                                              **head)
+        ref_c, ref_r = ref.chunk(2)
+    elif ref_logps is not None:
+        if isinstance(ref_logps, (tuple, list)):
+            if len(ref_logps) != 2:
+                raise ValueError("ref_logps: expected a [2B] tensor or a pair (ref_chosen, ref_rejected)")
+            ref_c, ref_r = ref_logps
+        else:
+            if not isinstance(ref_logps, Tensor) or ref_logps.shape != logps.shape:
+                raise ValueError(f"ref_logps: expected a tensor of shape {tuple(logps.shape)} (chosen rows first)")
+            ref_c, ref_r = ref_logps.detach().chunk(2)
+    dpo_kwargs.setdefault("chosen_lengths", lengths_c)
+    dpo_kwargs.setdefault("rejected_lengths", lengths_r)
+    return dpo_loss(chosen, rejected, ref_c, ref_r, **dpo_kwargs)

@@ -96,16 +96,27 @@ def _dpo_compute_loss(self, model, inputs, return_outputs):
             w = torch.exp(aligned.sum(1) / shift_mask.sum(1).clamp(min=1))
             wc, wr = w.chunk(2)
             weights = wc * wr
-    sft_lengths = None
-    if "sft" in self.loss_types:
-        sft_lengths = shift_mask.chunk(2)[0].sum(1)
-    loss, metrics = dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=list(self.loss_types),
-        loss_weights=list(self.loss_weights), beta=self.beta, label_smoothing=self.label_smoothing,
-        f_divergence=self.f_divergence_type, f_alpha=self.f_alpha_divergence_coef,
-        chosen_lengths=lengths_c, rejected_lengths=lengths_r, weights=weights,
-        **({"sft_lengths": sft_lengths} if sft_lengths is not None else {}),
-    )
+    # TRL's "sft" term pools the chosen tokens of the whole batch; pyalign's is per sequence, so
+    # the pooled form is added here to keep the loss identical.
+    types, loss_weights = list(self.loss_types), list(self.loss_weights)
+    sft_weight = sum(w for t, w in zip(types, loss_weights) if t == "sft")
+    kept = [(t, w) for t, w in zip(types, loss_weights) if t != "sft"]
+    loss = per_token.new_zeros(())
+    if kept:
+        loss, metrics = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=[t for t, _ in kept],
+            loss_weights=[w for _, w in kept], beta=self.beta, label_smoothing=self.label_smoothing,
+            f_divergence=self.f_divergence_type, f_alpha=self.f_alpha_divergence_coef,
+            chosen_lengths=lengths_c, rejected_lengths=lengths_r, weights=weights)
+    else:
+        _, metrics = dpo_loss(chosen_logps.detach(), rejected_logps.detach(), ref_chosen, ref_rejected,
+                              loss_type="sigmoid", beta=self.beta)
+    if sft_weight:
+        mask_c = shift_mask.chunk(2)[0].bool()
+        sft = -per_token.chunk(2)[0][mask_c].mean()
+        if weights is not None:  # TRL scales every per-sequence loss by the WPO weights
+            sft = sft * weights.mean()
+        loss = loss + sft_weight * sft
     self._pyalign_log_metrics(mode, outputs, shift_mask, seq_len, metrics, inputs)
     return (loss, outputs) if return_outputs else loss
 
@@ -131,8 +142,8 @@ def _log_metrics(self, mode, outputs, shift_mask, seq_len, metrics, inputs):
     total = acc.gather_for_metrics(mask_c.sum()).sum()
     m["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                 "logps/rejected"):
-        m[name].append(acc.gather(metrics[name].reshape(-1) if metrics[name].dim() else metrics[name].reshape(1)).mean().item())
+                 "logps/rejected"):  # batch means; equal per-rank batches make their mean the global mean
+        m[name].append(acc.gather_for_metrics(metrics[name].reshape(1)).mean().item())
 
 
 def patch_trainer(trainer):

@@ -17,3 +17,9 @@ def _load(name):
 def test_dpo_tiny_learns_the_preference():
     acc = _load("dpo_tiny").main(["--steps", "40"])
     assert acc >= 0.9, f"held-out preference accuracy {acc:.2f}"
+
+
+def test_hebbian_pca_recovers_components():
+    res = _load("hebbian_pca").main(["--synthetic", "--k", "3", "--epochs", "10"])
+    assert res["oja"] >= 0.99 and abs(res["oja_norm"] - 1) < 0.05
+    assert all(c >= 0.98 for c in res["sanger"]), res["sanger"]

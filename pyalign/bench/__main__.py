@@ -146,7 +146,11 @@ def main(argv=None) -> int:
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(name)
         mod = importlib.import_module(f"pyalign.bench.{name}")
-        rows.extend(mod.run(args.device, quick=not args.full))
+        for row in mod.run(args.device, quick=not args.full):
+            row.setdefault("suite", name)
+            for key in ("median_ms", "peak_mem_mb", "gbps", "note"):
+                row.setdefault(key, None)
+            rows.append(row)
     print()
     print(table(rows, info["copy_bandwidth_gbs"]))
     if args.json:

@@ -37,7 +37,8 @@ template <typename A> void run(const LossArgs& s) {
   const A shift = prepass_shift<A>(s, pre);
   if (aot_count(s.p) > 0) compute_ranks<A>(s);
   A sums[kSums] = {0};
-  for (int64_t i = 0; i < n; ++i) process_element<A>(s, i, shift, sums);
+  const A scale = reduction_scale<A>(s);
+  for (int64_t i = 0; i < n; ++i) process_element<A>(s, i, shift, scale, sums);
   finalize<A>(s, sums, shift);
 }
 

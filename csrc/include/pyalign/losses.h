@@ -177,10 +177,10 @@ template <typename A> struct PairGrad {
 struct RankView {
   const int32_t* rank_x; const int32_t* inv_x; const int32_t* rank_y; const int32_t* inv_y;
 };
-PYALIGN_HD RankView rank_view(const TensorArg& work, int which) {
+PYALIGN_HD RankView rank_view(const TensorArg& work, int slot) {
   const int32_t* w = work.ptr<int32_t>();
   const int64_t n = work.shape[1];
-  const int32_t* base = w + int64_t(which) * 4 * n;
+  const int32_t* base = w + int64_t(slot) * 4 * n;
   return RankView{base, base + n, base + 2 * n, base + 3 * n};
 }
 
@@ -208,10 +208,10 @@ template <typename A> PYALIGN_HD A weight_of(const LossArgs& s, int64_t i) {
   return load_or<A>(s.w, i, A(1));
 }
 
-// Loss of pair i and its gradient; `partner` adds, for the aot losses, the gradient of the
-// terms owned by other pairs w.r.t. this pair's inputs, already multiplied by the owner's weight
-// relative to this pair's own weight (so the caller can scale everything by w_i uniformly when
-// w_i != 0; the caller passes own_w to make that exact).
+// Loss of pair i (the weighted sum of the loss types) and its gradient w.r.t. the pair's inputs
+// in `out` (the caller multiplies both by the pair's weight). For the aot losses, `cross` receives
+// the gradient w.r.t. this pair's inputs of the terms owned by other pairs, already multiplied by
+// the owner's weight.
 template <typename A>
 PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGrad<A>& out, A (&cross)[4]) {
   const LossParams& p = s.p;
@@ -627,7 +627,7 @@ template <typename A> PYALIGN_HD void finalize(const LossArgs& s, const A* sums,
   m[6] = sums[S_X0] / n; m[7] = sums[S_X1] / n; m[8] = sums[S_X2] / n;
 }
 
-// Which aot losses are present: bit 0 for aot (workspace slot order = order in the type list).
+// Number of aot / aot_unpaired losses in the list (each has a workspace slot, in list order).
 PYALIGN_HD int aot_count(const LossParams& p) {
   if (LossFamily(p.family) != LossFamily::dpo) return 0;
   int n = 0;

@@ -316,12 +316,42 @@ def test_orpo_finite_near_zero_logps(device):
 
 
 def test_deterministic(device):
-    b = make_batch(300, seed=10, dtype=torch.float32, device=device)
+    b = make_batch(5000, seed=10, dtype=torch.float32, device=device)
     outs = []
     for _ in range(2):
         xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
         loss, m = L.dpo_loss(*xs[:4], loss_type=["sigmoid", "aot", "discopop"], weights=xs[4], label_smoothing=0.1)
         outs.append([loss, m.values, *grads_of(loss, xs)])
+    for a, e in zip(*outs):
+        assert torch.equal(a, e)
+
+
+def test_large_batch_blocks_match_reference(device):
+    """Batches above one CPU block (2048) are split across threads: same result as the reference."""
+    b = make_batch(9000, seed=27, device=device)
+    (loss, g, m), (rl, rg) = run_dpo_both(b, ["sigmoid", "aot", "ipo"], beta=0.2, label_smoothing=0.1)
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    check_metrics(m, R.dpo_metrics(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.2))
+
+
+def test_cpu_result_independent_of_thread_count(tmp_path):
+    import subprocess
+    import sys
+    script = (
+        "import sys, torch\n"
+        "from pyalign import losses as L\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = [torch.randn(20000, generator=g) * 3 - 30 for _ in range(4)]\n"
+        "l, m = L.dpo_loss(*x, loss_type=['sigmoid', 'aot'], label_smoothing=0.1)\n"
+        "torch.save((l, m.values), sys.argv[1])\n")
+    outs = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"t{threads}.pt"
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=tmp_path)
+        outs.append(torch.load(path))
     for a, e in zip(*outs):
         assert torch.equal(a, e)
 

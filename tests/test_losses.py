@@ -8,6 +8,9 @@ to the input dtype on both sides), plus a floor of 1e-6 relative to the value's 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -337,8 +340,6 @@ def test_large_batch_blocks_match_reference(device):
 
 
 def test_cpu_result_independent_of_thread_count(tmp_path):
-    import subprocess
-    import sys
     script = (
         "import sys, torch\n"
         "from pyalign import losses as L\n"
@@ -349,7 +350,7 @@ def test_cpu_result_independent_of_thread_count(tmp_path):
     outs = []
     for threads in ("1", "2"):
         path = tmp_path / f"t{threads}.pt"
-        env = {**__import__("os").environ, "OMP_NUM_THREADS": threads}
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=tmp_path)
         outs.append(torch.load(path))
     for a, e in zip(*outs):

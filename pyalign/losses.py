@@ -332,7 +332,7 @@ def kto_loss(
     over each class (NaN for an empty class), ``kl`` the reference point, ``count/*`` class sizes.
     """
     p, r, lab, w = _unpaired_inputs(policy_logps, ref_logps, desirable, weights)
-    n, dev = p.shape[0], p.device
+    dev = p.device
     lt = _checks.choice(loss_type, "loss_type", KTO_TYPES)
     if (policy_kl_logps is None) != (ref_kl_logps is None):
         raise ValueError("policy_kl_logps / ref_kl_logps: give both KL-batch log-probs or neither")

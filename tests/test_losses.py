@@ -8,14 +8,16 @@ to the input dtype on both sides), plus a floor of 1e-6 relative to the value's 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
-import pyalign
 from pyalign import losses as L
-from pyalign.ops.losses import DPO_TYPES, preference_loss_op, _compute, _Direct
+from pyalign.ops.losses import DPO_TYPES, F_DIVERGENCES, preference_loss_op, _compute, _Direct
 from pyalign.reference import losses as R
 
 SMOOTH = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
@@ -294,8 +296,12 @@ def test_dpo_finite_at_extreme_margins(device, loss_type, dtype):
         gs = grads_of(loss, xs)
         assert torch.isfinite(loss), (fd, loss)
         if dtype == torch.float16 and fd != "reverse_kl":
-            # Exponential scores (capped at exp(40)) have true gradients beyond fp16's range; the
-            # gradient is returned in the input dtype, so only the loss is required finite here.
+            # Exponential scores (capped at exp(40)) have true gradients beyond fp16's range, and
+            # autograd returns the gradient in the input dtype: check the kernel's fp32 gradient.
+            params = [0.1, SMOOTH.get(loss_type, 0.0), 0.5, 0.05, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0]
+            _, g32, _ = _compute(pc, pr, zero, zero, lengths, lengths, None, None, None, None, None, 0,
+                                 [DPO_TYPES.index(loss_type)], [1.0], params, F_DIVERGENCES.index(fd), 1)
+            assert g32.dtype == torch.float32 and bool(torch.isfinite(g32).all()), (fd, g32)
             continue
         assert all(bool(torch.isfinite(gg.float()).all()) for gg in gs), (fd, gs)
 
@@ -313,12 +319,40 @@ def test_orpo_finite_near_zero_logps(device):
 
 
 def test_deterministic(device):
-    b = make_batch(300, seed=10, dtype=torch.float32, device=device)
+    b = make_batch(5000, seed=10, dtype=torch.float32, device=device)
     outs = []
     for _ in range(2):
         xs = leaves(b["pc"], b["pr"], b["rc"], b["rr"], b["w"])
         loss, m = L.dpo_loss(*xs[:4], loss_type=["sigmoid", "aot", "discopop"], weights=xs[4], label_smoothing=0.1)
         outs.append([loss, m.values, *grads_of(loss, xs)])
+    for a, e in zip(*outs):
+        assert torch.equal(a, e)
+
+
+def test_large_batch_blocks_match_reference(device):
+    """Batches above one CPU block (2048) are split across threads: same result as the reference."""
+    b = make_batch(9000, seed=27, device=device)
+    (loss, g, m), (rl, rg) = run_dpo_both(b, ["sigmoid", "aot", "ipo"], beta=0.2, label_smoothing=0.1)
+    close(loss, rl)
+    for a, e in zip(g, rg):
+        close(a, e)
+    check_metrics(m, R.dpo_metrics(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.2))
+
+
+def test_cpu_result_independent_of_thread_count(tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from pyalign import losses as L\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = [torch.randn(20000, generator=g) * 3 - 30 for _ in range(4)]\n"
+        "l, m = L.dpo_loss(*x, loss_type=['sigmoid', 'aot'], label_smoothing=0.1)\n"
+        "torch.save((l, m.values), sys.argv[1])\n")
+    outs = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"t{threads}.pt"
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=tmp_path)
+        outs.append(torch.load(path))
     for a, e in zip(*outs):
         assert torch.equal(a, e)
 

@@ -1,6 +1,8 @@
-// CPU driver of the preference losses (math in pyalign/losses.h). Batches are small (one value
-// per sequence), so the three phases run sequentially in index order: deterministic by design.
+// CPU driver of the preference losses (math in pyalign/losses.h). Batches hold one value per
+// sequence; the pre-pass and the aot sort run sequentially, the per-element phase in fixed
+// blocks (threads for large batches). Deterministic whatever the thread count.
 #include "pyalign/losses.h"
+#include "pyalign/cpu_dispatch.h"
 
 #include <algorithm>
 #include <numeric>
@@ -29,6 +31,10 @@ template <typename A> void compute_ranks(const LossArgs& s) {
   }
 }
 
+// Elements are processed in fixed blocks whose partial sums are added in block order, so the
+// result does not depend on the number of threads; large batches spread the blocks over threads.
+constexpr int64_t kBlock = 2048;
+
 template <typename A> void run(const LossArgs& s) {
   const int64_t n = s.a.shape[0];
   A pre = 0;
@@ -36,8 +42,19 @@ template <typename A> void run(const LossArgs& s) {
   for (int64_t i = 0; i < m; ++i) pre += prepass_term<A>(s, i);
   const A shift = prepass_shift<A>(s, pre);
   if (aot_count(s.p) > 0) compute_ranks<A>(s);
+  const A scale = reduction_scale<A>(s);
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<A> partial(size_t(nblocks) * kSums, A(0));
+  parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      A* sums = partial.data() + blk * kSums;
+      const int64_t end = std::min(n, (blk + 1) * kBlock);
+      for (int64_t i = blk * kBlock; i < end; ++i) process_element<A>(s, i, shift, scale, sums);
+    }
+  });
   A sums[kSums] = {0};
-  for (int64_t i = 0; i < n; ++i) process_element<A>(s, i, shift, sums);
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    for (int k = 0; k < kSums; ++k) sums[k] += partial[blk * kSums + k];
   finalize<A>(s, sums, shift);
 }
 

@@ -47,7 +47,8 @@ template <typename A> __global__ void loss_kernel(LossArgs s) {
   // Phase 1: per element.
   A sums[kSums];
   for (int k = 0; k < kSums; ++k) sums[k] = A(0);
-  for (int64_t i = tid; i < n; i += blockDim.x) process_element<A>(s, i, shift, sums);
+  const A scale = reduction_scale<A>(s);
+  for (int64_t i = tid; i < n; i += blockDim.x) process_element<A>(s, i, shift, scale, sums);
 
   // Phase 2: reduce and finalize.
   for (int k = 0; k < kSums; ++k) sums[k] = block_reduce(sums[k], add, smem);

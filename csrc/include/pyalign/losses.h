@@ -89,6 +89,24 @@ template <typename A> PYALIGN_HD A load_len(const TensorArg& t, int64_t i) {
   return v > A(1) ? v : A(1);
 }
 
+// One element's inputs, each read once (absent ones: c = d = 0, lengths = 1, weight = 1).
+template <typename A> struct Elem {
+  A a, b, c, d, la, lb, w;
+  bool label;
+};
+template <typename A> PYALIGN_HD Elem<A> load_elem(const LossArgs& s, int64_t i) {
+  Elem<A> e;
+  e.a = load<A>(s.a, i);
+  e.b = load_or<A>(s.b, i, A(0));
+  e.c = load_or<A>(s.c, i, A(0));
+  e.d = load_or<A>(s.d, i, A(0));
+  e.la = load_len<A>(s.la, i);
+  e.lb = load_len<A>(s.lb, i);
+  e.w = load_or<A>(s.w, i, A(1));
+  e.label = s.label.data ? load<A>(s.label, i) != A(0) : false;
+  return e;
+}
+
 // ------------------------------------------------------------------------------------------
 // Scalar building blocks: value and derivative, stable for any finite argument.
 
@@ -159,10 +177,10 @@ template <typename A> struct PairGrad {
 struct RankView {
   const int32_t* rank_x; const int32_t* inv_x; const int32_t* rank_y; const int32_t* inv_y;
 };
-PYALIGN_HD RankView rank_view(const TensorArg& work, int which) {
+PYALIGN_HD RankView rank_view(const TensorArg& work, int slot) {
   const int32_t* w = work.ptr<int32_t>();
   const int64_t n = work.shape[1];
-  const int32_t* base = w + int64_t(which) * 4 * n;
+  const int32_t* base = w + int64_t(slot) * 4 * n;
   return RankView{base, base + n, base + 2 * n, base + 3 * n};
 }
 
@@ -190,17 +208,16 @@ template <typename A> PYALIGN_HD A weight_of(const LossArgs& s, int64_t i) {
   return load_or<A>(s.w, i, A(1));
 }
 
-// Loss of pair i and its gradient; `partner` adds, for the aot losses, the gradient of the
-// terms owned by other pairs w.r.t. this pair's inputs, already multiplied by the owner's weight
-// relative to this pair's own weight (so the caller can scale everything by w_i uniformly when
-// w_i != 0; the caller passes own_w to make that exact).
+// Loss of pair i (the weighted sum of the loss types) and its gradient w.r.t. the pair's inputs
+// in `out` (the caller multiplies both by the pair's weight). For the aot losses, `cross` receives
+// the gradient w.r.t. this pair's inputs of the terms owned by other pairs, already multiplied by
+// the owner's weight.
 template <typename A>
-PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cross)[4]) {
+PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGrad<A>& out, A (&cross)[4]) {
   const LossParams& p = s.p;
   const A beta = A(p.beta), eps = A(p.label_smoothing);
-  const A a = load<A>(s.a, i), b = load<A>(s.b, i);
-  const A c = load_or<A>(s.c, i, A(0)), d = load_or<A>(s.d, i, A(0));
-  const A lc = a - c, lr = b - d;  // log-ratios (policy log-probs when reference-free)
+  const A a = e.a;
+  const A lc = e.a - e.c, lr = e.b - e.d;  // log-ratios (policy log-probs when reference-free)
   A dsc, dsr;
   const A sc = fdiv_score(p.fdiv, A(p.f_alpha), lc, dsc);
   const A sr = fdiv_score(p.fdiv, A(p.f_alpha), lr, dsr);
@@ -228,14 +245,14 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
         break;
       }
       case DpoType::ipo: {  // Azar et al. 2023, eq. 17, on per-token (length-normalized) scores
-        const A Lc = load_len<A>(s.la, i), Lr = load_len<A>(s.lb, i);
-        const A e = sc / Lc - sr / Lr - A(1) / (A(2) * beta);
-        l = e * e;
-        g_sc = A(2) * e / Lc; g_sr = -A(2) * e / Lr;
+        const A Lc = e.la, Lr = e.lb;
+        const A err = sc / Lc - sr / Lr - A(1) / (A(2) * beta);
+        l = err * err;
+        g_sc = A(2) * err / Lc; g_sr = -A(2) * err / Lr;
         break;
       }
       case DpoType::sigmoid_norm: {  // length-normalized DPO: -log sigmoid(beta (sc/Lc - sr/Lr))
-        const A Lc = load_len<A>(s.la, i), Lr = load_len<A>(s.lb, i);
+        const A Lc = e.la, Lr = e.lb;
         const Logistic<A> f(beta * (sc / Lc - sr / Lr));
         l = f.sp_neg;
         const A gz = -f.sig_neg;
@@ -295,7 +312,7 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
         break;
       }
       case DpoType::sft: {  // NLL of the chosen response per token (RPO, Pang et al. 2024)
-        const A Lc = load_len<A>(s.la, i);
+        const A Lc = e.la;
         l = -a / Lc;
         g_a += tw * -A(1) / Lc;
         break;
@@ -308,7 +325,7 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
         // the sort: the permutation is held fixed, ties broken by index).
         const int which = DpoType(p.types[t]) == DpoType::aot ? 0 : 1;
         const RankView rv = rank_view(s.work, aot_slot++);
-        const A x = aot_x<A>(s, which, i);
+        const A x = which == 0 ? e.a - e.b : e.a - e.c;
         const int64_t j = rv.inv_y[rv.rank_x[i]];
         const A y = aot_y<A>(s, which, j);
         A dz;
@@ -318,7 +335,7 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
         // This pair's Y enters the term owned by the pair whose X has the same rank.
         const int64_t o = rv.inv_x[rv.rank_y[i]];
         const A xo = aot_x<A>(s, which, o);
-        const A yi = aot_y<A>(s, which, i);
+        const A yi = (which == 0 ? e.c : e.b) - e.d;
         A dzo;
         smoothed_logistic(beta * (xo - yi), eps, dzo);
         const A gy = -tw * beta * dzo * weight_of<A>(s, o);  // owner's weight, applied here
@@ -344,10 +361,11 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, A (&cro
 // BCO's running reward mean delta.
 
 template <typename A>
-PYALIGN_HD void unpaired_elem(const LossArgs& s, int64_t i, A shift, PairGrad<A>& out, bool desirable) {
+PYALIGN_HD void unpaired_elem(const LossArgs& s, const Elem<A>& e, A shift, PairGrad<A>& out) {
   const LossParams& p = s.p;
   const A beta = A(p.beta);
-  const A r = load<A>(s.a, i) - load<A>(s.c, i);
+  const bool desirable = e.label;
+  const A r = e.a - e.c;
   A l, gr;
   if (LossFamily(p.family) == LossFamily::bco) {
     // BCO eq. 9: -log sigmoid(beta r - delta) for desirable, -log sigmoid(-(beta r - delta)) else.
@@ -381,10 +399,10 @@ constexpr double kOrpoMaxMeanLogp = -1e-6;  // a mean log-prob of 0 (p = 1) has 
 template <typename A> struct OrpoExtra { A nll, log_odds, ratio; };
 
 template <typename A>
-PYALIGN_HD void orpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, OrpoExtra<A>& ex) {
+PYALIGN_HD void orpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out, OrpoExtra<A>& ex) {
   const A beta = A(s.p.beta);
-  const A Lc = load_len<A>(s.la, i), Lr = load_len<A>(s.lb, i);
-  A mc = load<A>(s.a, i) / Lc, mr = load<A>(s.b, i) / Lr;
+  const A Lc = e.la, Lr = e.lb;
+  A mc = e.a / Lc, mr = e.b / Lr;
   const A cap = A(kOrpoMaxMeanLogp);
   mc = mc < cap ? mc : cap;  // the gradient passes the clamp unchanged
   mr = mr < cap ? mr : cap;
@@ -420,13 +438,13 @@ template <typename A> PYALIGN_HD A alphapo_reward(A alpha, A l, A& dr) {
 template <typename A> struct CpoExtra { A rc, rr, nll; };
 
 template <typename A>
-PYALIGN_HD void cpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, CpoExtra<A>& ex) {
+PYALIGN_HD void cpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out, CpoExtra<A>& ex) {
   const LossParams& p = s.p;
   const A beta = A(p.beta), eps = A(p.label_smoothing), alpha = A(p.alpha);
   const int type = p.types[0];
   const bool norm = cpo_normalized<A>(type);
-  const A Lc = load_len<A>(s.la, i), Lr = load_len<A>(s.lb, i);
-  const A a = load<A>(s.a, i), b = load<A>(s.b, i);
+  const A Lc = e.la, Lr = e.lb;
+  const A a = e.a, b = e.b;
   const A sc_len = norm ? Lc : A(1), sr_len = norm ? Lr : A(1);
   A drc, drr;
   const A rc = alphapo_reward(alpha, a / sc_len, drc);
@@ -469,8 +487,8 @@ PYALIGN_HD void cpo_pair(const LossArgs& s, int64_t i, PairGrad<A>& out, CpoExtr
 // Touvron et al. 2023, eq. 2) and reward centering (Eisenstein et al. 2023):
 //   -log sigmoid(r_c - r_r - m) + center (r_c + r_r)^2
 
-template <typename A> PYALIGN_HD void rm_pair(const LossArgs& s, int64_t i, PairGrad<A>& out) {
-  const A rc = load<A>(s.a, i), rr = load<A>(s.b, i), m = load_or<A>(s.c, i, A(0));
+template <typename A> PYALIGN_HD void rm_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out) {
+  const A rc = e.a, rr = e.b, m = e.c;
   const A z = rc - rr - m;
   const A center = A(s.p.center);
   const A sum = rc + rr;
@@ -527,70 +545,56 @@ template <typename A> PYALIGN_HD A reduction_scale(const LossArgs& s) {
 }
 
 // Phase 1 for element i: writes its loss (reduction none) and gradient row, adds to sums.
-template <typename A> PYALIGN_HD void process_element(const LossArgs& s, int64_t i, A shift, A* sums) {
+template <typename A> PYALIGN_HD void process_element(const LossArgs& s, int64_t i, A shift, A scale, A* sums) {
   const LossParams& p = s.p;
   const int64_t n = s.a.shape[0];
   const A beta = A(p.beta);
+  const Elem<A> e = load_elem<A>(s, i);
   PairGrad<A> pg;
   A cross[4] = {0, 0, 0, 0};
-  A reward_c = 0, reward_r = 0, lp_c = 0, lp_r = 0;
-  bool unpaired_desirable = false;
+  A reward_c = 0, reward_r = 0;
   switch (LossFamily(p.family)) {
-    case LossFamily::dpo: {
-      dpo_pair<A>(s, i, pg, cross);
-      const A a = load<A>(s.a, i), b = load<A>(s.b, i);
-      reward_c = beta * (a - load_or<A>(s.c, i, A(0)));
-      reward_r = beta * (b - load_or<A>(s.d, i, A(0)));
-      lp_c = a; lp_r = b;
+    case LossFamily::dpo:
+      dpo_pair<A>(s, e, i, pg, cross);
+      reward_c = beta * (e.a - e.c);
+      reward_r = beta * (e.b - e.d);
       break;
-    }
     case LossFamily::kto:
-    case LossFamily::bco: {
-      unpaired_desirable = load<A>(s.label, i) != A(0);
-      unpaired_elem<A>(s, i, shift, pg, unpaired_desirable);
+    case LossFamily::bco:
+      unpaired_elem<A>(s, e, shift, pg);
       break;
-    }
     case LossFamily::orpo: {
       OrpoExtra<A> ex;
-      orpo_pair<A>(s, i, pg, ex);
-      const A a = load<A>(s.a, i), b = load<A>(s.b, i);
-      const A mc = a / load_len<A>(s.la, i), mr = b / load_len<A>(s.lb, i);
-      reward_c = beta * mc; reward_r = beta * mr;
-      lp_c = a; lp_r = b;
+      orpo_pair<A>(s, e, pg, ex);
+      reward_c = beta * e.a / e.la; reward_r = beta * e.b / e.lb;
       sums[S_X0] += ex.nll; sums[S_X1] += ex.ratio; sums[S_X2] += ex.log_odds;
       break;
     }
     case LossFamily::cpo: {
       CpoExtra<A> ex;
-      cpo_pair<A>(s, i, pg, ex);
+      cpo_pair<A>(s, e, pg, ex);
       reward_c = beta * ex.rc; reward_r = beta * ex.rr;
-      lp_c = load<A>(s.a, i); lp_r = load<A>(s.b, i);
       sums[S_X0] += ex.nll;
       break;
     }
-    case LossFamily::rm: {
-      rm_pair<A>(s, i, pg);
-      reward_c = load<A>(s.a, i); reward_r = load<A>(s.b, i);
+    case LossFamily::rm:
+      rm_pair<A>(s, e, pg);
+      reward_c = e.a; reward_r = e.b;
       break;
-    }
   }
-  const A w = weight_of<A>(s, i);
-  const A scale = reduction_scale<A>(s);
-  const bool has_w = s.w.data != nullptr;
   A* grads = s.grads.ptr<A>();
-  for (int k = 0; k < 4; ++k) grads[k * n + i] = scale * (w * pg.g[k] + cross[k]);
-  grads[4 * n + i] = has_w ? scale * pg.loss : A(0);
-  if (Reduction(p.reduction) == Reduction::none) s.loss.ptr<A>()[i] = w * pg.loss;
-  sums[S_LOSS] += w * pg.loss;
+  for (int k = 0; k < 4; ++k) grads[k * n + i] = scale * (e.w * pg.g[k] + cross[k]);
+  grads[4 * n + i] = s.w.data ? scale * pg.loss : A(0);
+  if (Reduction(p.reduction) == Reduction::none) s.loss.ptr<A>()[i] = e.w * pg.loss;
+  sums[S_LOSS] += e.w * pg.loss;
   if (LossFamily(p.family) == LossFamily::kto || LossFamily(p.family) == LossFamily::bco) {
-    const A a = load<A>(s.a, i);
-    const A reward = beta * (a - load<A>(s.c, i));
-    if (unpaired_desirable) { sums[S_RC] += reward; sums[S_LC] += a; sums[S_NC] += A(1); }
-    else { sums[S_RR] += reward; sums[S_LR] += a; sums[S_NR] += A(1); }
+    const A reward = beta * (e.a - e.c);
+    if (e.label) { sums[S_RC] += reward; sums[S_LC] += e.a; sums[S_NC] += A(1); }
+    else { sums[S_RR] += reward; sums[S_LR] += e.a; sums[S_NR] += A(1); }
   } else {
     sums[S_RC] += reward_c; sums[S_RR] += reward_r;
     sums[S_ACC] += reward_c > reward_r ? A(1) : A(0);
-    sums[S_LC] += lp_c; sums[S_LR] += lp_r;
+    sums[S_LC] += e.a; sums[S_LR] += e.b;
   }
 }
 
@@ -623,7 +627,7 @@ template <typename A> PYALIGN_HD void finalize(const LossArgs& s, const A* sums,
   m[6] = sums[S_X0] / n; m[7] = sums[S_X1] / n; m[8] = sums[S_X2] / n;
 }
 
-// Which aot losses are present: bit 0 for aot (workspace slot order = order in the type list).
+// Number of aot / aot_unpaired losses in the list (each has a workspace slot, in list order).
 PYALIGN_HD int aot_count(const LossParams& p) {
   if (LossFamily(p.family) != LossFamily::dpo) return 0;
   int n = 0;

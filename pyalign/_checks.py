@@ -53,3 +53,14 @@ def choice(x, name: str, options) -> str:
     if x not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {x!r}")
     return x
+
+
+def writable(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuses a tensor to be written in place whose elements share memory (expanded/broadcast views)."""
+    # 1: overlap (e.g. a zero stride); 2 means "too hard to tell" for strided views such as
+    # transposes and slices, which the kernels write correctly element by element.
+    zero_stride = any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape))
+    if zero_stride or (not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x) == 1):
+        raise ValueError(f"{name}: is written in place, so its elements must not overlap in memory "
+                         "(got an expanded/broadcast view; pass a .clone() or .contiguous() tensor)")
+    return x

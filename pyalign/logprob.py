@@ -121,9 +121,8 @@ def token_logprobs(
     if return_entropy:
         wanted.add("entropy")
     flags = sum(OUTPUT_FLAGS[n] for n in wanted)
-    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
-        raise ValueError("logits: inplace_backward=True needs logits whose elements do not overlap "
-                         "(not an expanded/broadcast tensor)")
+    if inplace_backward:
+        _checks.writable(logits, "logits")
     out_shape = labels[..., 1:].shape if shift else labels.shape
     logp, _, ent, lss, mean, top1 = token_logprobs_op(
         logits, labels, ignore_index, temperature, logit_scale, softcap, bool(shift), flags,

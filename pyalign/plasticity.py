@@ -72,7 +72,7 @@ def _check_weight(weight) -> Tensor:
         raise ValueError(f"weight: expected a 2-d tensor [out, in], got shape {tuple(weight.shape)}")
     if weight.dtype == torch.float64 and weight.device.type == "cuda":
         raise TypeError("weight: float64 is supported on CPU only")
-    return weight
+    return _checks.writable(weight, "weight")
 
 
 def _nonneg(v, name: str) -> float:
@@ -269,7 +269,7 @@ def _state(t, name: str, shape, weight: Tensor) -> Tensor:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     _checks.same_device(("weight", weight), (name, t))
-    return t
+    return _checks.writable(t, name)
 
 
 def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] = None,

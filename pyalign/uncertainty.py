@@ -191,7 +191,9 @@ class PreferenceUncertainty(NamedTuple):
 
 
 def _binary_entropy_from_logit(x: Tensor) -> Tensor:
-    # H(sigmoid(x)) = p softplus(-x) + (1 - p) softplus(x): stable and exact for large |x|.
+    # H(sigmoid(x)) = p softplus(-x) + (1 - p) softplus(x): stable and exact for large |x|. Beyond
+    # |x| = 100 the entropy underflows to 0 anyway; clamping keeps an infinite logit from giving 0 * inf.
+    x = x.clamp(-100.0, 100.0)
     p = torch.sigmoid(x)
     return p * F.softplus(-x) + (1 - p) * F.softplus(x)
 

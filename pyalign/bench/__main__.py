@@ -44,7 +44,10 @@ def available_suites() -> list[str]:
 
 
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width)) if width else "-"
+    return format(v, spec)
 
 
 def table(rows: list[dict], bandwidth: float | None) -> str:
@@ -52,7 +55,7 @@ def table(rows: list[dict], bandwidth: float | None) -> str:
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["suite"], r["op"], r["size"]), {})[r["impl"]] = r
-    lines = [f"{'suite':<12}{'op':<34}{'size':<24}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
+    lines = [f"{'suite':<12}{'op':<40}{'size':<36}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
     for (suite, op, size), impls in groups.items():
         ours = impls.get("pyalign", {})
         t = ours.get("median_ms")
@@ -68,7 +71,7 @@ def table(rows: list[dict], bandwidth: float | None) -> str:
             else:
                 ratio = r["median_ms"] / t if t else None
                 base.append(f"{name} {r['median_ms']:.2f} ({_fmt(ratio, '.2f')}x, {_fmt(r.get('peak_mem_mb'), '.0f')})")
-        lines.append(f"{suite:<12}{op:<34}{size:<24}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
+        lines.append(f"{suite:<12}{op:<40}{size:<36}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
                      f"{_fmt(pct, '9.0f')}  " + "; ".join(base))
     return "\n".join(lines)
 

@@ -79,8 +79,9 @@ def run(device: str, quick: bool) -> list[dict]:
         for name, ours, eager, op in _cases():
             if n > 4096 and "aot" in name and device == "cuda":
                 continue  # the rank count is O(n^2) on one block
-            compiled = torch.compile(eager, dynamic=False)
-            impls = [("pyalign", ours), ("eager", eager), ("compile", compiled)]
+            impls = [("pyalign", ours), ("eager", eager)]
+            if not quick or name == "dpo sigmoid":  # compiling every case takes minutes on a small CPU
+                impls.append(("compile", torch.compile(eager, dynamic=False)))
             if op is not None:
                 impls.insert(1, ("pyalign-op", op))
             for impl, fn in impls:
@@ -89,4 +90,42 @@ def run(device: str, quick: bool) -> list[dict]:
                 if row["median_ms"] is not None:
                     row["median_ms"] /= REPEAT
                 rows.append(row)
+    rows.extend(_fused_linear_dpo(device, quick))
     return rows
+
+
+def _fused_linear_dpo(device: str, quick: bool) -> list[dict]:
+    """fused_linear_dpo_loss (policy log-probs from the fused head, no logits) vs eager
+    ``hidden @ W.T`` -> log_softmax -> gather -> DPO, forward + backward."""
+    pairs, T, H, V = (4, 256, 256, 8000) if quick else (8, 1024, 1024, 32000)
+    if device == "cuda" and not quick:
+        pairs, T, H, V = 8, 2048, 4096, 128256
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(2 * pairs, T, H, generator=g) * 0.5).to(device, dtype)
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device, dtype)
+    labels = torch.randint(0, V, (2 * pairs, T), generator=g).to(device)
+    labels[:, : T // 4] = -100  # the prompt
+    ref = (torch.randn(2 * pairs, generator=g) - 300.0).to(device)
+
+    def ours():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss, _ = L.fused_linear_dpo_loss(h, w, labels, ref_logps=ref, beta=0.1)
+        loss.backward()
+        return loss
+
+    def eager():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        logits = (h @ w.T).float()
+        lab = labels[:, 1:]
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        seq = (lp * (lab != -100)).sum(-1)
+        c, r = seq.chunk(2)
+        rc, rr = ref.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(0.1 * ((c - rc) - (r - rr))).mean()
+        loss.backward()
+        return loss
+
+    size = f"{pairs} pairs x {T} tok, H {H}, V {V} {str(dtype).replace('torch.', '')}"
+    return [record("losses", "fused_linear_dpo_loss fwd+bwd", size, impl, fn, device, reps=3)
+            for impl, fn in (("pyalign", ours), ("eager", eager))]

@@ -23,11 +23,22 @@ def test_no_memory_growth_forward_backward():
     x = torch.randn(64, 1000)
     y = torch.randint(0, 1000, (64,))
 
+    pc, pr = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    rc, rr = torch.randn(32), torch.randn(32)
+    ens = torch.randn(3, 16, 200, requires_grad=True)
+    ens_labels = torch.randint(0, 200, (16,))
+    w, act = torch.randn(64, 32), torch.randn(8, 32)
+
     def step():
         xr = x.clone().requires_grad_()
         lp, ent = pyalign.token_logprobs(xr, y, return_entropy=True, outputs=None)
         (lp.sum() + ent.sum()).backward()
         pyalign.token_logprobs(x, y, outputs=("entropy", "log_sum_sq_probs", "mean_logit", "is_top1"))
+        loss, _ = pyalign.losses.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "ipo"], chosen_lengths=torch.full((32,), 4),
+                                          rejected_lengths=torch.full((32,), 5))
+        loss.backward()
+        pyalign.uncertainty.token_uncertainty(ens, ens_labels).logprobs.sum().backward()
+        pyalign.plasticity.oja(w, act, lr=1e-3)
 
     for _ in range(50):
         step()
@@ -37,7 +48,7 @@ def test_no_memory_growth_forward_backward():
         step()
     gc.collect()
     growth = _rss_mb() - before
-    # Each call allocates ~0.5 MB; a leak of even one such buffer per call would show as > 700 MB.
+    # Each step allocates ~1 MB; a leak of even one such buffer per step would show as > 700 MB.
     assert growth < 40, f"RSS grew by {growth:.1f} MB over 1500 calls"
 
 

@@ -46,8 +46,10 @@ def run(device: str, quick: bool) -> list[dict]:
         y = torch.randint(0, V, (n,), device=device)
         size = f"{n}x{V} {str(dtype).replace('torch.', '')}"
         read = x.numel() * x.element_size()
-        impls = [("pyalign", _ours), ("eager", _eager), ("compile", compiled)]
         for entropy in (False, True):
+            impls = [("pyalign", _ours), ("eager", _eager)]
+            if not (quick and entropy):  # each compiled variant costs seconds of compile time
+                impls.append(("compile", compiled))
             op = "token_logprobs+entropy" if entropy else "token_logprobs"
             for name, impl in impls:
                 rows.append(record("logprob", f"{op} fwd", size, name,

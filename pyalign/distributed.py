@@ -5,8 +5,8 @@ vocabulary.
 Every rank computes, with the log-prob kernels in vocabulary-slice mode, its shard's statistics
 per token: ``lse_k`` (log-sum-exp of the transformed logits), ``H_k`` (entropy of the softmax
 restricted to the shard), the raw logit of the label when the label lies in the shard,
-``log sum p_k^2``, the raw logit sum, and (for ``is_top1``) the shard's largest transformed
-logit. One ``all_gather`` of these small ``[7, tokens]`` tables (plus each rank's
+``log sum p_k^2``, the sum of the transformed logits, and (for ``is_top1``) the shard's largest
+raw logit. One ``all_gather`` of these small ``[7, tokens]`` tables (plus each rank's
 ``(vocab_start, V_local)``, used to check that the shards tile the vocabulary) is the only
 collective of the forward; every rank then combines them identically, with
 ``w_k = exp(lse_k - lse)``:
@@ -87,13 +87,10 @@ def _exchange(r: dict, inside: Tensor, start: int, v_local: int, flags: int, tf,
     lse_k = r["lse"]
     acc, dev, n = lse_k.dtype, lse_k.device, lse_k.numel()
     zeros = torch.zeros(n, dtype=acc, device=dev)
-    if flags & TOP1:
-        zmax = torch.maximum(_transform(r["max"], *tf), _transform(r["min"], *tf))
-    else:
-        zmax = zeros
+    xmax = r["max"] if flags & TOP1 else zeros  # raw logits: the transform is increasing
     rows = [lse_k, r["entropy"] if flags & ENTROPY else zeros, r["label_logit"], inside.to(acc),
             r["log_sum_sq"] if flags & LOG_SUM_SQ else zeros,
-            r["mean_logit"] * v_local if flags & MEAN_LOGIT else zeros, zmax]
+            r["mean_logit"] * v_local if flags & MEAN_LOGIT else zeros, xmax]
     head = torch.tensor([start, v_local], dtype=torch.float64, device=dev)
     mine = torch.cat([head, torch.stack(rows).to(torch.float64).flatten()])
     every = torch.empty(world * mine.numel(), dtype=torch.float64, device=dev)
@@ -108,12 +105,13 @@ def _exchange(r: dict, inside: Tensor, start: int, v_local: int, flags: int, tf,
         pos += v
     vocab = pos
     t = every[:, 2:].view(world, len(rows), n).to(acc)
-    lse_all, ent_all, xlab, ins, lss_all, xsum, zmax_all = t.unbind(1)
+    lse_all, ent_all, xlab, ins, lss_all, zsum, xmax_all = t.unbind(1)
     lse = torch.logsumexp(lse_all, 0)
     logw = lse_all - lse
     live = torch.isfinite(logw)  # a shard whose entries are all -inf has weight 0
     w = torch.where(live, logw.exp(), torch.zeros_like(logw))
-    z_label = _transform((xlab * ins).sum(0), *tf)
+    x_label = (xlab * ins).sum(0)
+    z_label = _transform(x_label, *tf)
     out = {"lse": lse, "logp": z_label - lse, "vocab": vocab, "found": ins.sum(0) > 0}
     if flags & ENTROPY:
         out["entropy"] = torch.where(live, w * (ent_all - logw), torch.zeros_like(w)).sum(0)
@@ -121,9 +119,9 @@ def _exchange(r: dict, inside: Tensor, start: int, v_local: int, flags: int, tf,
         out["log_sum_sq"] = torch.logsumexp(torch.where(live, lss_all + 2 * logw,
                                                         torch.full_like(logw, -float("inf"))), 0)
     if flags & MEAN_LOGIT:
-        out["mean_logit"] = xsum.sum(0) / vocab
+        out["mean_logit"] = zsum.sum(0) / vocab
     if flags & TOP1:
-        out["top1"] = z_label >= zmax_all.amax(0)
+        out["top1"] = x_label >= xmax_all.amax(0)
     return out
 
 
@@ -158,7 +156,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         x = lg.gather(-1, idx).squeeze(-1).reshape(-1).to(acc)
         r["label_logit"] = torch.where(inside, x, torch.zeros_like(x))
         if flags & TOP1:
-            r["max"], r["min"] = lg.amax(-1).reshape(-1).to(acc), lg.amin(-1).reshape(-1).to(acc)
+            r["max"] = lg.amax(-1).reshape(-1).to(acc)
         out = _exchange(r, inside, start, v_local, flags, tf, group)
         res = _finish(out, valid, lb.reshape(-1), ignore_index, flags, validate)
         ctx.save_for_backward(logits, local, res[1], out.get("entropy"))

@@ -54,9 +54,7 @@ def check_options(ignore_index, temperature, logit_scale, softcap, chunk_size, o
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     temperature = _checks.positive(temperature, "temperature")
-    logit_scale = _checks.finite(logit_scale, "logit_scale")
-    if logit_scale == 0:
-        raise ValueError("logit_scale: expected a non-zero number, got 0")
+    logit_scale = _checks.positive(logit_scale, "logit_scale")
     softcap = 0.0 if softcap is None else _checks.positive(softcap, "softcap")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):

@@ -137,7 +137,7 @@ def _bad_inputs(rank, world):
 
 def _all_cases(rank, world):
     torch.set_num_threads(1)
-    opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": -0.5}]
+    opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": 0.5}]
     for dtype in (torch.float64, torch.float32):
         for i, opts in enumerate(opts_list):
             _case_logits(rank, world, dtype, shift=i == 1, uneven=i != 0, opts=opts, give_start=i != 2)

@@ -77,8 +77,8 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     Keys: ``logp, lse`` and, by ``outputs`` flags, ``entropy, log_sum_sq, mean_logit, top1``.
     With ``vocab_slice`` the weight is one slice of the vocabulary and labels outside it are
     allowed (see ``LogprobForwardArgs::vocab_slice``). ``label_logit``: also the raw logit at
-    each row's label (0 where the label is outside the slice); ``extremes``: the raw max and min
-    of each row (for the argmax test across slices).
+    each row's label (0 where the label is outside the slice); ``extremes``: the raw max of each
+    row (for the argmax test across slices).
     """
     n, V = hidden.shape[0], weight.shape[0]
     acc, dev = _acc(hidden.dtype), hidden.device
@@ -90,7 +90,6 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         res["label_logit"] = torch.zeros(n, dtype=acc, device=dev)
     if extremes:
         res["max"] = torch.empty(n, dtype=acc, device=dev)
-        res["min"] = torch.empty(n, dtype=acc, device=dev)
     if n == 0:
         return res
     forward = _C.logprob_forward_slice if vocab_slice else _C.logprob_forward
@@ -112,7 +111,6 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
             res["label_logit"][s] = torch.where(inside, x, torch.zeros_like(x))
         if extremes:
             res["max"][s] = b.amax(1).to(acc)
-            res["min"][s] = b.amin(1).to(acc)
     return res
 
 

@@ -1,0 +1,77 @@
+"""Fused linear-head suite: pyalign.linear_token_logprobs vs eager PyTorch (``hidden @ W.T`` then
+log_softmax + gather) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused linear
+cross-entropy (their loss is ``-mean log p``: the same GEMMs and softmax work) and TRL.
+
+Forward+backward with gradients for hidden and weight; peak extra memory as measured by
+:func:`pyalign.bench.common.peak_extra_mb` (it includes the gradients both sides produce).
+"""
+from __future__ import annotations
+
+import torch
+
+import pyalign
+from pyalign.bench.common import installed, record
+
+
+def _eager(h, w, y):
+    logits = h @ w.t()
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _ours(h, w, y):
+    return pyalign.logprob.linear_token_logprobs(h, w, y)
+
+
+def _liger():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda h, w, y: -liger_fused_linear_cross_entropy(h, w, y)  # mean CE -> -mean logp
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w, y: -linear_cross_entropy(h, w, y)
+
+
+def _fwd_bwd(impl, h, w, y):
+    def run():
+        hr, wr = h.detach().requires_grad_(), w.detach().requires_grad_()
+        impl(hr, wr, y).sum().backward()
+        return hr.grad, wr.grad
+    return run
+
+
+def sizes(device: str, quick: bool):
+    if device == "cuda":
+        return [(4096, 4096, 32000, torch.bfloat16)] if quick else [(16384, 4096, 128256, torch.bfloat16)]
+    return [(1024, 1024, 32000, torch.float32)] if quick else [(8192, 1024, 32000, torch.float32)]
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    for n, H, V, dtype in sizes(device, quick):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        h = torch.randn(n, H, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(V, H, generator=g) / H ** 0.5).to(device=device, dtype=dtype)
+        y = torch.randint(0, V, (n,), generator=g).to(device)
+        size = f"{n}x{H}x{V} {str(dtype).replace('torch.', '')}"
+        impls = [("pyalign", _ours), ("eager", _eager)]
+        for name, module, factory in (("liger", "liger_kernel", _liger), ("cce", "cut_cross_entropy", _cce)):
+            if not installed(module):
+                rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
+                                   note="not installed"))
+                continue
+            try:
+                impls.append((name, factory()))
+            except Exception as e:  # importable but unusable here (e.g. Triton without a GPU)
+                rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
+                                   note=f"unusable: {type(e).__name__}"))
+        rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, "trl", None, device,
+                           note="installed, not compared" if installed("trl") else "not installed"))
+        for name, impl in impls:
+            rows.append(record("linear", "linear_token_logprobs fwd", size, name,
+                               lambda impl=impl: impl(h, w, y), device, reps=3))
+            rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name,
+                               _fwd_bwd(impl, h, w, y), device, reps=3))
+    return rows

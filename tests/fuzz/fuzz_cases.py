@@ -15,7 +15,7 @@ from strategies import CLEAN, scalars, tensors
 
 EXAMPLES = settings(max_examples=int(__import__("os").environ.get("PYALIGN_FUZZ_EXAMPLES", "150")), deadline=None,
                     derandomize=True)
-ARG_NAMES = ("logits", "labels", "temperature", "logit_scale", "softcap", "ignore_index", "outputs", "shift",
+ARG_NAMES = ("logits", "labels", "hidden", "weight", "bias", "chunk_size", "temperature", "logit_scale", "softcap", "ignore_index", "outputs", "shift",
              "reduction", "inplace_backward", "validate", "entropy")
 
 
@@ -95,3 +95,34 @@ def test_token_logprobs_backward_correct_or_clean(inp):
         ref = token_stats(xr, labels, **kw)
         (ref["logprobs"].sum() + ref["entropy"].sum()).backward()
         torch.testing.assert_close(x.grad, xr.grad, atol=1e-8 * (1 + float(logits.abs().max())), rtol=1e-6)
+
+
+@st.composite
+def linear_inputs(draw):
+    if draw(st.booleans()):
+        n, H, V = draw(st.integers(0, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 9))
+        dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+        hidden = draw(tensors(shape=(n, H), dtypes=[dtype]))
+        weight = draw(tensors(shape=(V, H), dtypes=[dtype]))
+        labels = draw(tensors(shape=(n,), dtypes=[torch.int64]))
+        return hidden, weight, labels.clamp(-100, V) if labels.numel() else labels
+    return draw(tensors()), draw(tensors()), draw(tensors())
+
+
+@EXAMPLES
+@given(linear_inputs(), scalars(1.0))
+def test_linear_token_logprobs_correct_or_clean(inp, temperature):
+    hidden, weight, labels = inp
+    try:
+        got = pyalign.linear_token_logprobs(hidden, weight, labels, temperature=temperature)
+    except BaseException as e:  # noqa: BLE001
+        assert_clean(e)
+        return
+    logits = hidden.double() @ weight.double().T
+    want = token_stats(logits, labels, temperature=temperature)["logprobs"]
+    if torch.isfinite(logits).all():
+        scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+        err = (got.double() - want).abs()
+        # bf16 inputs: the GEMM rounds the logits to bf16 first (as torch's bf16 matmul does).
+        tol = (1e-2 if hidden.dtype == torch.bfloat16 else 1e-4) * scale / min(1.0, temperature)
+        assert err.numel() == 0 or float(err.max()) <= tol, float(err.max())

@@ -169,6 +169,12 @@ def heteroscedastic_decomposition(means: Tensor, variances: Tensor, *, member_we
                                   ddof: int = 0) -> VarianceDecomposition:
     """Law of total variance for members that each predict a mean and a variance (Kendall & Gal 2017):
     total = mean of variances (aleatoric) + variance of means (epistemic)."""
+    _checks.float_tensor(means, "means")
+    _checks.float_tensor(variances, "variances")
+    if means.dim() < 1 or means.shape[0] < 1:
+        raise ValueError(f"means: expected shape [M, ...] with M >= 1 members, got {tuple(means.shape)}")
+    if tuple(variances.shape) != tuple(means.shape):
+        raise ValueError(f"variances: expected the shape of means {tuple(means.shape)}, got {tuple(variances.shape)}")
     agg = aggregate_rewards(means, member_weights=member_weights, variances=variances, ddof=ddof)
     return VarianceDecomposition(agg.mean, agg.total_variance, agg.aleatoric, agg.variance)
 
@@ -532,7 +538,9 @@ def conformal_reward_interval(cal_pred: Tensor, cal_target: Tensor, test_pred: T
     """
     for n, t in (("cal_pred", cal_pred), ("cal_target", cal_target), ("test_pred", test_pred)):
         _checks.float_tensor(t, n)
-    if cal_pred.dim() != 1 or tuple(cal_target.shape) != tuple(cal_pred.shape):
+    if cal_pred.dim() != 1 or cal_pred.numel() < 1:
+        raise ValueError(f"cal_pred: expected shape [n] with n >= 1 calibration items, got {tuple(cal_pred.shape)}")
+    if tuple(cal_target.shape) != tuple(cal_pred.shape):
         raise ValueError(f"cal_target: expected the shape of cal_pred [n] {tuple(cal_pred.shape)}, got {tuple(cal_target.shape)}")
     if (cal_scale is None) != (test_scale is None):
         raise ValueError("cal_scale/test_scale: give both or neither")

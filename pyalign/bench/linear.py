@@ -1,6 +1,7 @@
 """Fused linear-head suite: pyalign.linear_token_logprobs vs eager PyTorch (``hidden @ W.T`` then
 log_softmax + gather) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused linear
-cross-entropy (their loss is ``-mean log p``: the same GEMMs and softmax work) and TRL.
+cross-entropy (their loss is ``-mean log p``: the same GEMMs and softmax work) and TRL's chunked
+fused LM head (``trl.kernels.ChunkedLogProbFunction``, what ``add_fused_lm_head`` runs).
 
 Forward+backward with gradients for hidden and weight; peak extra memory as measured by
 :func:`pyalign.bench.common.peak_extra_mb` (it includes the gradients both sides produce).
@@ -34,6 +35,13 @@ def _cce():
     return lambda h, w, y: -linear_cross_entropy(h, w, y)
 
 
+def _trl():
+    from trl.kernels import ChunkedLogProbFunction
+
+    # TRL's fused LM head (Triton on GPU, a torch fold elsewhere), with its own default tile.
+    return lambda h, w, y: ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ())[0]
+
+
 def _fwd_bwd(impl, h, w, y):
     def run():
         hr, wr = h.detach().requires_grad_(), w.detach().requires_grad_()
@@ -57,7 +65,8 @@ def run(device: str, quick: bool) -> list[dict]:
         y = torch.randint(0, V, (n,), generator=g).to(device)
         size = f"{n}x{H}x{V} {str(dtype).replace('torch.', '')}"
         impls = [("pyalign", _ours), ("eager", _eager)]
-        for name, module, factory in (("liger", "liger_kernel", _liger), ("cce", "cut_cross_entropy", _cce)):
+        for name, module, factory in (("trl", "trl", _trl), ("liger", "liger_kernel", _liger),
+                                      ("cce", "cut_cross_entropy", _cce)):
             if not installed(module):
                 rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
                                    note="not installed"))
@@ -67,8 +76,6 @@ def run(device: str, quick: bool) -> list[dict]:
             except Exception as e:  # importable but unusable here (e.g. Triton without a GPU)
                 rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
                                    note=f"unusable: {type(e).__name__}"))
-        rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, "trl", None, device,
-                           note="installed, not compared" if installed("trl") else "not installed"))
         for name, impl in impls:
             rows.append(record("linear", "linear_token_logprobs fwd", size, name,
                                lambda impl=impl: impl(h, w, y), device, reps=3))

@@ -119,3 +119,37 @@ def test_patch_fused_lm_head_undo():
     assert trl_utils._ChunkedLogProbFunction is PyalignChunkedLogProb
     undo()
     assert trl_utils._ChunkedLogProbFunction is original
+
+
+def test_kto_trainer_with_pyalign_head(tmp_path):
+    """The same head patch serves KTOTrainer (TRL's KTO loss, pyalign's log-probs)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    g = torch.Generator().manual_seed(1)
+    sent = lambda k: " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
+    ds = datasets.Dataset.from_dict({"prompt": [sent(4) for _ in range(16)],
+                                     "completion": [" " + sent(3) for _ in range(16)],
+                                     "label": [bool(i % 2) for i in range(16)]})
+
+    def run(use_pyalign):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
+        args = trl.KTOConfig(output_dir=str(tmp_path / str(use_pyalign)), per_device_train_batch_size=8, max_steps=3,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", learning_rate=0.5,
+                             optim="sgd", bf16=False, seed=0)
+        trainer = trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                                 processing_class=_tokenizer())
+        undo = patch_fused_lm_head() if use_pyalign else (lambda: None)
+        try:
+            trainer.train()
+        finally:
+            undo()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    ref, got = run(False), run(True)
+    assert len(ref) == len(got) == 3
+    for a, b in zip(ref, got):
+        for k in ("loss", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=2e-3, abs=2e-4), (k, a[k], b[k])

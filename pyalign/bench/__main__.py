@@ -52,9 +52,7 @@ def _fmt(v, spec):
 
 def table(rows: list[dict], bandwidth: float | None) -> str:
     """One line per (op, size): pyalign's time, each baseline's time and the ratio baseline/pyalign."""
-    groups: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        groups.setdefault((r["suite"], r["op"], r["size"]), {})[r["impl"]] = r
+    groups = _grouped(rows)
     lines = [f"{'suite':<12}{'op':<40}{'size':<36}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
     for (suite, op, size), impls in groups.items():
         ours = impls.get("pyalign", {})
@@ -76,14 +74,39 @@ def table(rows: list[dict], bandwidth: float | None) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], info: dict) -> str:
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['cpu_isa']})"
-    out = [f"Measured on {where}, torch {info['torch']}, {info['date']}; copy bandwidth "
-           f"{info['copy_bandwidth_gbs']} GB/s.", "",
-           "| suite | op | size | impl | median ms | peak extra MB | GB/s |", "|---|---|---|---|---|---|---|"]
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _grouped(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        out.append(f"| {r['suite']} | {r['op']} | {r['size']} | {r['impl']} | {_fmt(r['median_ms'], '.2f')} | "
-                   f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r.get('gbps'), '.1f')} |")
+        groups.setdefault((r["suite"], r["op"], r["size"]), {})[r["impl"]] = r
+    return groups
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    """One table row per (op, size): pyalign's time and memory, then each baseline's time, speedup
+    (baseline time / pyalign time) and peak memory."""
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, CPU kernels {info['cpu_isa']})"
+    out = [f"Measured on {where}, torch {info['torch']}, {info['date']}; copy bandwidth "
+           f"{info['copy_bandwidth_gbs']} GB/s. Times are medians in ms; memory is peak extra MiB.", "",
+           "| suite | op | size | pyalign ms | pyalign MiB | baselines: ms (speedup of pyalign), MiB |",
+           "|---|---|---|---|---|---|"]
+    for (suite, op, size), impls in _grouped(rows).items():
+        ours = impls.get("pyalign", {})
+        t = ours.get("median_ms")
+        base = []
+        for name, r in impls.items():
+            if name == "pyalign":
+                continue
+            if r.get("median_ms") is None:
+                base.append(f"{name}: {r.get('note') or 'not installed'}")
+            else:
+                ratio = r["median_ms"] / t if t else None
+                base.append(f"{name} {_ms(r['median_ms'])} ({_fmt(ratio, '.2f')}x), {_fmt(r.get('peak_mem_mb'), '.0f')}")
+        out.append(f"| {suite} | {op} | {size} | {_ms(t)} | {_fmt(ours.get('peak_mem_mb'), '.0f')} | "
+                   + "; ".join(base) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -123,7 +146,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write all rows and the machine description to this JSON file")
     p.add_argument("--markdown", help="write a Markdown table to this file")
     p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="print the Markdown tables of saved --json results (e.g. bench/results/*.json) and exit")
     args = p.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            with open(path) as f:
+                saved = json.load(f)
+            print(markdown(saved["rows"], saved["machine"]))
+            if saved.get("notes"):
+                print(saved["notes"] + "\n")
+        return 0
 
     if args.device == "cuda" and not (torch.cuda.is_available() and pyalign.cuda_available()):
         p.error("--device cuda: no CUDA device, or pyalign was built without CUDA")

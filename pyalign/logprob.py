@@ -166,4 +166,4 @@ def sequence_logprobs(
 
 
 # The fused linear head (pyalign/linear.py) belongs to this family's public API.
-from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs  # noqa: E402
+from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs  # noqa: E402,F401 (re-export)

@@ -14,13 +14,13 @@ weight-sized temporary a call makes shows up there. ``None`` where it cannot be 
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
 import torch
 
 from pyalign import plasticity as P
+from pyalign.bench.common import peak_extra_mb
 
 
 def _sync(device):
@@ -48,31 +48,7 @@ def _medians_ms(fns: dict, device, warmup=2, reps=7, budget_s=60.0) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _peak_mb(fn, device):
-    gc.collect()
-    if device == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        _sync(device)
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    try:
-        before = _kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    fn()
-    return max(_kb("VmHWM") - before, 0) / 1024
+_peak_mb = peak_extra_mb
 
 
 LR, WD, W_MIN, W_MAX, NORM, DECAY, MOD = 1e-3, 1e-2, -0.05, 0.05, 1.0, 0.9, 0.5

@@ -11,72 +11,12 @@ Run: ``python -m pyalign.bench.uncertainty [--quick] [--device cpu|cuda]``.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import statistics
-import time
 
 import torch
 
 from pyalign import uncertainty as U
-
-try:  # the suite's shared helpers, when present
-    from pyalign.bench.common import median_ms as _median_ms, peak_extra_mb as _peak_extra_mb
-except ImportError:  # pragma: no cover - standalone fallback
-    def _sync(device):
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def _median_ms(fn, device, *, warmup=1, reps=3, max_seconds=20.0):
-        """Median wall time of fn() in ms after warm-up."""
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times, start = [], time.perf_counter()
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - t) * 1e3)
-            if time.perf_counter() - start > max_seconds and len(times) >= 1:
-                break
-        return statistics.median(times)
-
-    def _status_kb(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise RuntimeError(field)
-
-    def _peak_extra_mb(fn, device):
-        """Peak memory of fn() above what was allocated before it, in MiB.
-
-        CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM) is
-        reset through /proc/self/clear_refs ("5") before the call and read after it, minus the
-        resident set before; torch's CPU allocator returns large blocks to the OS, so this counts
-        every large temporary. None where /proc is unavailable.
-        """
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            out = fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-            del out
-            return peak / 2**20
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _status_kb("VmRSS")
-        except OSError:
-            return None
-        out = fn()
-        peak = _status_kb("VmHWM")
-        del out
-        return max(peak - before, 0) / 1024
+from pyalign.bench.common import median_ms as _median_ms, peak_extra_mb as _peak_extra_mb
 
 
 def eager_token_uncertainty(logits, labels, temperature=1.0):

@@ -4,7 +4,6 @@ crash (segfault, abort) is reported as a failure instead of killing the test ses
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from hypothesis import given, settings, strategies as st

@@ -9,7 +9,6 @@ import inspect
 import os
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from pyalign import losses, plasticity, uncertainty

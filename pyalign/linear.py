@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pyalign import _checks
-from pyalign.logprob import OUTPUT_FLAGS, TokenStats, check_labels
+from pyalign.logprob import OUTPUT_FLAGS, TokenStats, check_labels, package
 from pyalign.ops.linear import auto_chunk_size, linear_token_logprobs_op
 
 
@@ -65,18 +65,6 @@ def check_options(ignore_index, temperature, logit_scale, softcap, chunk_size, o
     if return_entropy:
         wanted.add("entropy")
     return temperature, logit_scale, softcap, sum(OUTPUT_FLAGS[n] for n in wanted), wanted
-
-
-def package(results, out_shape, wanted, outputs, return_entropy):
-    """Shapes flat per-token results like ``token_logprobs`` returns them."""
-    logp, ent, lss, mean, top1 = results
-    shaped = lambda t, name: t.view(out_shape) if name in wanted else None
-    if outputs is not None:
-        return TokenStats(logp.view(out_shape), shaped(ent, "entropy"), shaped(lss, "log_sum_sq_probs"),
-                          shaped(mean, "mean_logit"), shaped(top1, "is_top1"))
-    if return_entropy:
-        return logp.view(out_shape), ent.view(out_shape)
-    return logp.view(out_shape)
 
 
 def linear_token_logprobs(

@@ -127,6 +127,12 @@ def token_logprobs(
     logp, _, ent, lss, mean, top1 = token_logprobs_op(
         logits, labels, ignore_index, temperature, logit_scale, softcap, bool(shift), flags,
         bool(inplace_backward))
+    return package((logp, ent, lss, mean, top1), out_shape, wanted, outputs, return_entropy)
+
+
+def package(results, out_shape, wanted, outputs, return_entropy):
+    """Shapes flat per-token results like ``token_logprobs`` returns them."""
+    logp, ent, lss, mean, top1 = results
     shaped = lambda t, name: t.view(out_shape) if name in wanted else None
     if outputs is not None:
         return TokenStats(logp.view(out_shape), shaped(ent, "entropy"), shaped(lss, "log_sum_sq_probs"),

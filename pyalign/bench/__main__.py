@@ -60,22 +60,28 @@ def table(rows: list[dict], bandwidth: float | None) -> str:
         pct = None
         if bandwidth and ours.get("gbps"):
             pct = 100 * ours["gbps"] / bandwidth
-        base = []
-        for name, r in impls.items():
-            if name == "pyalign":
-                continue
-            if r.get("median_ms") is None:
-                base.append(f"{name}: {r.get('note') or 'not installed'}")
-            else:
-                ratio = r["median_ms"] / t if t else None
-                base.append(f"{name} {r['median_ms']:.2f} ({_fmt(ratio, '.2f')}x, {_fmt(r.get('peak_mem_mb'), '.0f')})")
         lines.append(f"{suite:<12}{op:<40}{size:<36}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
-                     f"{_fmt(pct, '9.0f')}  " + "; ".join(base))
+                     f"{_fmt(pct, '9.0f')}  " + _baselines(impls, t, lambda v: f"{v:.2f}", False))
     return "\n".join(lines)
 
 
 def _ms(v) -> str:
     return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _baselines(impls: dict, t, fmt_ms, markdown_style: bool) -> str:
+    """Each baseline's time, speedup of pyalign (baseline time / pyalign time) and peak memory."""
+    out = []
+    for name, r in impls.items():
+        if name == "pyalign":
+            continue
+        if r.get("median_ms") is None:
+            out.append(f"{name}: {r.get('note') or 'not installed'}")
+        else:
+            ratio = r["median_ms"] / t if t else None
+            speed, mem = f"{_fmt(ratio, '.2f')}x", _fmt(r.get("peak_mem_mb"), ".0f")
+            out.append(f"{name} {fmt_ms(r['median_ms'])} " + (f"({speed}), {mem}" if markdown_style else f"({speed}, {mem})"))
+    return "; ".join(out)
 
 
 def _grouped(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -96,17 +102,8 @@ def markdown(rows: list[dict], info: dict) -> str:
     for (suite, op, size), impls in _grouped(rows).items():
         ours = impls.get("pyalign", {})
         t = ours.get("median_ms")
-        base = []
-        for name, r in impls.items():
-            if name == "pyalign":
-                continue
-            if r.get("median_ms") is None:
-                base.append(f"{name}: {r.get('note') or 'not installed'}")
-            else:
-                ratio = r["median_ms"] / t if t else None
-                base.append(f"{name} {_ms(r['median_ms'])} ({_fmt(ratio, '.2f')}x), {_fmt(r.get('peak_mem_mb'), '.0f')}")
         out.append(f"| {suite} | {op} | {size} | {_ms(t)} | {_fmt(ours.get('peak_mem_mb'), '.0f')} | "
-                   + "; ".join(base) + " |")
+                   + _baselines(impls, t, _ms, True) + " |")
     return "\n".join(out) + "\n"
 
 

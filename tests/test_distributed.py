@@ -2,6 +2,8 @@
 compared with the single-process results, forward and backward."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from pyalign.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
 from pyalign.linear import linear_token_logprobs
@@ -151,6 +154,11 @@ def _all_cases(rank, world):
 
 
 def _worker(rank, world, store_path, errors):
+    # Leave with os._exit, skipping interpreter finalization: gloo's worker threads may still be
+    # releasing the last collective's tensors, which needs the GIL, and a thread that asks for it
+    # during finalization aborts the process (pytorch/pytorch#190489). The verdict travels through
+    # the exit code and the error queue.
+    status = 0
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
@@ -160,7 +168,10 @@ def _worker(rank, world, store_path, errors):
             dist.destroy_process_group()
     except BaseException:
         errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -174,7 +185,7 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
         while not procs.join(timeout=5):
             if time.monotonic() > deadline:
                 pytest.fail(f"{world} gloo processes did not finish within 240 s")
-    except mp.ProcessRaisedException:
+    except ProcessException:
         msgs = []
         while not errors.empty():
             msgs.append(errors.get())

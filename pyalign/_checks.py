@@ -55,12 +55,26 @@ def choice(x, name: str, options) -> str:
     return x
 
 
+def _elements_disjoint(shape, stride) -> bool:
+    """True when no two indices of a strided view address the same element: sorted by stride, each
+    dimension must step past everything the smaller-strided dimensions can reach (transposes and
+    slices pass; expanded and overlapping as_strided views do not)."""
+    reach = 0
+    for st, n in sorted((st, n) for st, n in zip(stride, shape) if n > 1):
+        if st <= reach:
+            return False
+        reach += (n - 1) * st
+    return True
+
+
 def writable(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Refuses a tensor to be written in place whose elements share memory (expanded/broadcast views)."""
-    # 1: overlap (e.g. a zero stride); 2 means "too hard to tell" for strided views such as
-    # transposes and slices, which the kernels write correctly element by element.
-    zero_stride = any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape))
-    if zero_stride or (not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x) == 1):
+    """Refuses a tensor to be written in place whose elements share memory (expanded/overlapping views)."""
+    if torch.compiler.is_compiling():  # symbolic strides: only the zero-stride case is decidable
+        overlap = any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape))
+    else:
+        overlap = not _elements_disjoint(x.shape, x.stride())
+    if overlap:
         raise ValueError(f"{name}: is written in place, so its elements must not overlap in memory "
-                         "(got an expanded/broadcast view; pass a .clone() or .contiguous() tensor)")
+                         f"(got shape {tuple(x.shape)} with strides {tuple(x.stride())}; pass a .clone() or "
+                         ".contiguous() tensor)")
     return x

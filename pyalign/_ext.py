@@ -44,6 +44,15 @@ def desc(t: torch.Tensor | None, name: str):
     return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device, name)
 
 
+def empty_rows_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh buffer shaped like ``t`` whose last dimension has stride 1 (the layout the kernels
+    write): ``t``'s own layout where that has it, else row-major."""
+    out = torch.empty_like(t)
+    if out.ndim and out.shape[-1] > 1 and out.stride(-1) != 1:
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return out
+
+
 def stream_of(t: torch.Tensor) -> int:
     """The raw handle of the current CUDA stream of ``t``'s device (0 on CPU)."""
     if t.device.type == "cuda":

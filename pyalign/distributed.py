@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pyalign import _checks
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import _C, desc, empty_rows_like, stream_of
 from pyalign.linear import check_head, check_options, package
 from pyalign.logprob import check_labels
 from pyalign.ops.linear import (NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, auto_chunk_size, chunked_backward,
@@ -132,7 +132,9 @@ def _finish(out: dict, valid: Tensor, labels: Tensor, ignore_index: int, flags: 
     zero = torch.zeros_like(out["logp"])
     fix = lambda key, flag: torch.where(valid, out[key], zero) if flags & flag else None
     top1 = (valid & out["top1"]) if flags & TOP1 else None
-    return (torch.where(valid, out["logp"], zero), torch.where(valid, out["lse"], zero),
+    # Unvalidated (no host sync), a label that no shard holds reads NaN, as in token_logprobs.
+    logp = torch.where(out["found"], out["logp"], torch.full_like(zero, float("nan")))
+    return (torch.where(valid, logp, zero), torch.where(valid, out["lse"], zero),
             fix("entropy", ENTROPY), fix("log_sum_sq", LOG_SUM_SQ), fix("mean_logit", MEAN_LOGIT), top1)
 
 
@@ -168,7 +170,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
         logits, local, lse, ent = ctx.saved_tensors
         tf, shift = ctx.params
-        grad = torch.empty_like(logits)
+        grad = empty_rows_like(logits)
         lg, gl = (logits[..., :-1, :], grad[..., :-1, :]) if shift else (logits, grad)
         prep = lambda g: None if g is None else g.to(lse.dtype).contiguous()
         g_ent = prep(g_ent) if ent is not None else None
@@ -248,7 +250,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         out = _exchange(r, inside, start, v_local, flags, tf, group)
         full = lambda t: t if (idx is None or t is None) else t.new_zeros(n_all).index_copy_(0, idx, t)
         valid = labels != ignore_index
-        for key in ("logp", "lse", "entropy", "log_sum_sq", "mean_logit", "top1"):
+        for key in ("logp", "lse", "entropy", "log_sum_sq", "mean_logit", "top1", "found"):
             if key in out:
                 out[key] = full(out[key])
         res = _finish(out, valid, labels, ignore_index, flags, validate)

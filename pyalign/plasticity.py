@@ -770,6 +770,8 @@ class EWC(_Quadratic):
         super().__init__(params, strength)
         self.online = bool(online)
         self.decay = _nonneg(decay, "decay")
+        if self.decay > 1:  # online EWC fades old tasks' importance; > 1 would amplify it
+            raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
         self._acc = [self._zeros(p) for p in self.params]
         self._n = 0
 

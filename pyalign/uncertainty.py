@@ -253,6 +253,10 @@ def uncertainty_weights(r_chosen: Tensor, r_rejected: Tensor, *, source: str = "
     with torch.no_grad():
         if source == "mutual_information":
             u = preference_uncertainty(r_chosen, r_rejected, beta=beta, member_weights=member_weights).epistemic
+            if r_chosen.shape[0] < 2:
+                raise ValueError(f"r_chosen: uncertainty weights need [M, ...] with M >= 2 members, got "
+                                 f"{tuple(r_chosen.shape)}")
+            scale = math.log(2.0)  # the largest binary entropy
         else:
             _checks.float_tensor(r_chosen, "r_chosen")
             _checks.float_tensor(r_rejected, "r_rejected")
@@ -261,8 +265,14 @@ def uncertainty_weights(r_chosen: Tensor, r_rejected: Tensor, *, source: str = "
                                  f"got {tuple(r_rejected.shape)}")
             if r_chosen.dim() < 1 or r_chosen.shape[0] < 2:
                 raise ValueError(f"r_chosen: source='margin_std' needs [M, ...] with M >= 2 members, got {tuple(r_chosen.shape)}")
-            u = aggregate_rewards(r_chosen - r_rejected, member_weights=member_weights).std
+            margins = r_chosen - r_rejected
+            u = aggregate_rewards(margins, member_weights=member_weights).std
+            scale = float(margins.abs().max()) if margins.numel() else 0.0
         u = u.reshape(-1).float()
+        # Disagreement below the rounding of the inputs is no disagreement: identical members give
+        # a u of 0 or a few ulps, and exp(-u / mean(u)) would turn those ulps into large weights.
+        resolution = 64 * torch.finfo(r_chosen.dtype).eps * max(scale, 1e-30)
+        u = torch.where(u > resolution, u, torch.zeros_like(u))
         tau = temperature if temperature is not None else float(u.mean()) if u.numel() else 1.0
         if not tau > 0:  # every pair is certain: equal weights
             return torch.ones_like(u)

@@ -115,8 +115,9 @@ def _expect_error(fn, match):
 
 def _bad_inputs(rank, world):
     V = 12
-    logits = torch.randn(4, V)
-    labels = torch.randint(0, V, (4,))
+    g = torch.Generator().manual_seed(3)  # the same logits and labels on every rank
+    logits = torch.randn(4, V, generator=g)
+    labels = torch.randint(0, V, (4,), generator=g)
     starts, sizes = _bounds(V, world, False)
     s0, n = starts[rank], sizes[rank]
     shard = logits[:, s0:s0 + n]
@@ -129,6 +130,9 @@ def _bad_inputs(rank, world):
     bad = labels.clone()
     bad[2] = V
     _expect_error(lambda: vocab_parallel_token_logprobs(shard, bad, vocab_start=s0), "outside")
+    # Unvalidated (the CUDA default, no host sync), such a label reads NaN, never a finite number.
+    lp = vocab_parallel_token_logprobs(shard, bad, vocab_start=s0, validate=False)
+    assert lp[2].isnan() and torch.isfinite(lp[[0, 1, 3]]).all(), lp
     # Local argument errors (raised before any collective).
     with pytest.raises(ValueError, match="labels"):
         vocab_parallel_token_logprobs(shard, labels[:3], vocab_start=s0)

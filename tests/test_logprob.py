@@ -267,6 +267,36 @@ def test_inplace_backward_rejects_expanded_logits():
         pyalign.token_logprobs(x, torch.zeros(4, dtype=torch.long), inplace_backward=True)
 
 
+@pytest.mark.parametrize("stride", [(2, 1), (1, 1), (0, 1)])
+def test_overlapping_logits(stride):
+    # Rows that share elements: read correctly, refused for in-place writes, gradients accumulate.
+    base = torch.randn(40, dtype=torch.float64)
+    labels = torch.tensor([0, 4, 2, 1])
+    with pytest.raises(ValueError, match="logits.*overlap"):
+        pyalign.token_logprobs(base.as_strided((4, 5), stride), labels, inplace_backward=True)
+    leaf = base.clone().requires_grad_()
+    lp, ent = pyalign.token_logprobs(leaf.as_strided((4, 5), stride), labels, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    ref_leaf = base.clone().requires_grad_()
+    ref = token_stats(ref_leaf.as_strided((4, 5), stride), labels)
+    (ref["logprobs"].sum() + ref["entropy"].sum()).backward()
+    torch.testing.assert_close(lp, ref["logprobs"].to(lp.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-10, rtol=0)
+
+
+def test_device_mismatch_names_the_argument():
+    with pytest.raises(ValueError, match="labels.*device|labels: expected a tensor on"):
+        pyalign.token_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="policy_rejected_logps|rejected"):
+        pyalign.losses.dpo_loss(torch.randn(4), torch.randn(4, device="meta"), torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="labels"):
+        pyalign.uncertainty.token_uncertainty(torch.randn(2, 3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="x"):
+        pyalign.plasticity.hebb(torch.randn(4, 6), torch.randn(3, 6, device="meta"), torch.randn(3, 4), lr=0.1)
+    with pytest.raises(ValueError, match="weight"):
+        pyalign.linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+
+
 def test_cpu_only_build_message():
     if pyalign.has_cuda():
         pytest.skip("this build has CUDA kernels")

@@ -558,6 +558,10 @@ def test_bad_input():
         P.hebb(w, x, torch.randn(2, 4), lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         P.oja(w, x, y, lr=-0.1)
+    with pytest.raises(ValueError, match="decay"):
+        P.EWC([torch.nn.Parameter(torch.randn(3))], online=True, decay=1.5)
+    with pytest.raises(ValueError, match="weight"):  # overlapping rows cannot be updated in place
+        P.hebb(torch.randn(40).as_strided((4, 6), (2, 1)), x, y, lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         P.oja(w, x, y, lr=float("nan"))
     with pytest.raises(ValueError, match="x: contains NaN"):

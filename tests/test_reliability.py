@@ -52,15 +52,106 @@ def test_no_memory_growth_forward_backward():
     assert growth < 40, f"RSS grew by {growth:.1f} MB over 1500 calls"
 
 
-def test_same_results_from_concurrent_python_threads():
-    xs = [torch.randn(128, 4001) for _ in range(4)]
-    ys = [torch.randint(0, 4001, (128,)) for _ in range(4)]
-    expected = [pyalign.token_logprobs(x, y, return_entropy=True) for x, y in zip(xs, ys)]
+# One workload per kernel family, forward and backward, sized so that the CPU kernels split their
+# rows/blocks over several OpenMP threads. Each returns every output and gradient it produced.
+def _logprob_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(256, 3001, generator=g) * 4).requires_grad_()
+    y = torch.randint(0, 3001, (256,), generator=g)
+    out = pyalign.token_logprobs(x, y, outputs=("entropy", "log_sum_sq_probs", "mean_logit", "is_top1"))
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    return (*out, x.grad)
+
+
+def _linear_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(300, 32, generator=g).requires_grad_()
+    w = (torch.randn(3001, 32, generator=g) / 4).requires_grad_()
+    y = torch.randint(0, 3001, (300,), generator=g)
+    lp, ent = pyalign.linear_token_logprobs(h, w, y, return_entropy=True, chunk_size=64)
+    (lp.sum() + ent.sum()).backward()
+    return lp, ent, h.grad, w.grad
+
+
+def _losses_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 20_000
+    pc, pr = (torch.randn(n, generator=g) * 5).requires_grad_(), (torch.randn(n, generator=g) * 5).requires_grad_()
+    rc, rr = torch.randn(n, generator=g) * 5, torch.randn(n, generator=g) * 5
+    loss, m = pyalign.losses.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "bco_pair", "aot"], loss_weights=[1, 0.5, 0.3])
+    loss.backward()
+    kto, _ = pyalign.losses.kto_loss(pc, rc, desirable=torch.arange(n) % 3 == 0)
+    return loss, kto, pc.grad, pr.grad, *(m[k] for k in m)
+
+
+def _uncertainty_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 128, 2001, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 2001, (128,), generator=g)
+    tu = pyalign.uncertainty.token_uncertainty(logits, labels)
+    tu.logprobs.sum().backward()
+    agg = pyalign.uncertainty.aggregate_rewards(torch.randn(5, 50_000, generator=g), method="quantile", q=0.3)
+    return (*tu, logits.grad, *agg)
+
+
+def _plasticity_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(512, 256, generator=g) / 16
+    x = torch.randn(16, 256, generator=g)
+    pyalign.plasticity.oja(w, x, lr=1e-2, weight_decay=1e-3, w_min=-0.5, w_max=0.5, norm=1.0)
+    trace = torch.zeros_like(w)
+    pyalign.plasticity.three_factor(w, x, x @ w.T, trace, torch.randn(16, generator=g), lr=1e-2, decay=0.9)
+    p = torch.nn.Parameter(torch.randn(300_000, generator=g))
+    ewc = pyalign.plasticity.EWC([p], strength=3.0)
+    p.grad = torch.randn(p.shape, generator=g)
+    ewc.accumulate()
+    ewc.consolidate()
+    with torch.no_grad():
+        p.add_(torch.randn(p.shape, generator=g))
+    p.grad = None
+    pen = ewc.penalty()
+    return w, trace, pen, p.grad
+
+
+WORKLOADS = {"logprob": _logprob_work, "linear": _linear_work, "losses": _losses_work,
+             "uncertainty": _uncertainty_work, "plasticity": _plasticity_work}
+
+
+def _assert_bitwise(a, b, what):
+    assert len(a) == len(b), what
+    for i, (u, v) in enumerate(zip(a, b)):
+        if u is None or v is None:
+            assert u is None and v is None, f"{what}[{i}]"
+            continue
+        u, v = torch.as_tensor(u).detach(), torch.as_tensor(v).detach()
+        assert torch.equal(u, v) or (u.is_floating_point() and torch.equal(u.isnan(), v.isnan())
+                                     and torch.equal(u[~u.isnan()], v[~v.isnan()])), f"{what}[{i}] differs"
+
+
+@pytest.mark.parametrize("family", list(WORKLOADS))
+def test_bitwise_same_across_runs_and_thread_counts(family):
+    work = WORKLOADS[family]
+    n = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 1):
+            torch.set_num_threads(threads)
+            results.append(work(7))
+    finally:
+        torch.set_num_threads(n)
+    for k, r in enumerate(results[1:], 1):
+        _assert_bitwise(r, results[0], f"{family}: run {k} vs run 0 (threads 1/2/3/1)")
+
+
+@pytest.mark.parametrize("family", list(WORKLOADS))
+def test_same_results_from_concurrent_python_threads(family):
+    work = WORKLOADS[family]
+    seeds = [1, 2, 3, 4]
+    expected = [work(s) for s in seeds]
     with ThreadPoolExecutor(4) as pool:
-        for _ in range(5):
-            got = list(pool.map(lambda a: pyalign.token_logprobs(a[0], a[1], return_entropy=True), zip(xs, ys)))
-            for (lp, ent), (elp, eent) in zip(got, expected):
-                assert torch.equal(lp, elp) and torch.equal(ent, eent)
+        for _ in range(3):
+            for s, got, exp in zip(seeds, pool.map(work, seeds), expected):
+                _assert_bitwise(got, exp, f"{family}: seed {s} from a thread pool")
 
 
 @pytest.mark.slow

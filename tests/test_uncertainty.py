@@ -348,8 +348,13 @@ def test_uncertainty_weights(device):
         assert float(w[0]) > float(w[-1])   # the certain pair outweighs the most uncertain one
     w = U.uncertainty_weights(rc, rr, min_weight=0.5)
     assert float(w.min()) >= 0.5 - 1e-6   # raw weights <= 1, so the mean-1 rescaling keeps the floor
-    same = U.uncertainty_weights(base.expand(4, 8), torch.zeros(4, 8, device=device))
-    torch.testing.assert_close(same, torch.ones(8, device=device))
+    for seed in range(20):  # identical members: rounding in u must not become weights
+        b = torch.randn(1, 8, generator=torch.Generator().manual_seed(seed)).to(device) * 3
+        for source in ("mutual_information", "margin_std"):
+            same = U.uncertainty_weights(b.expand(4, 8), torch.zeros(4, 8, device=device), source=source)
+            torch.testing.assert_close(same, torch.ones(8, device=device), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="M >= 2"):
+        U.uncertainty_weights(rc[:1], rr[:1])
     u = U.uncertainty_weights(rc, rr, source="margin_std", temperature=0.5)
     std = (rc - rr).std(0, unbiased=False)
     want = torch.exp(-std / 0.5)
@@ -624,6 +629,14 @@ def test_bad_input_calibration_conformal_laplace():
         U.last_layer_laplace(torch.randn(5, 3), torch.randn(5, 3), prior_precision=0.0)
     with pytest.raises(ValueError, match="min_weight"):
         U.uncertainty_weights(torch.randn(3, 4), torch.randn(3, 4), min_weight=2.0)
+
+
+def test_nan_logits_are_not_read_as_certain(device):
+    logits = torch.randn(3, 4, 7, device=device)
+    logits[1, 2, 3] = float("nan")
+    tu = U.token_uncertainty(logits, torch.zeros(4, dtype=torch.long, device=device))
+    assert tu.mutual_information[2].isnan() and tu.total_entropy[2].isnan()
+    assert torch.isfinite(tu.mutual_information[[0, 1, 3]]).all()
 
 
 def test_public_names():

@@ -158,7 +158,7 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
   const A mi = tot - expected;
   a.total.ptr<A>()[r] = tot;
   a.expected.ptr<A>()[r] = expected;
-  a.mutual_info.ptr<A>()[r] = mi > A(0) ? mi : A(0);  // >= 0 exactly; rounding can dip below
+  a.mutual_info.ptr<A>()[r] = mi < A(0) ? A(0) : mi;  // >= 0 exactly; rounding can dip below (NaN stays NaN)
 }
 
 PYALIGN_CPU_CLONES(token_rows, token_row, TokThread<typename acc_type<T>::type>, typename T COMMA bool LAB,

@@ -120,7 +120,7 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
     const A mi = tot - expected;
     a.total.ptr<A>()[r] = tot;
     a.expected.ptr<A>()[r] = expected;
-    a.mutual_info.ptr<A>()[r] = mi > A(0) ? mi : A(0);
+    a.mutual_info.ptr<A>()[r] = mi < A(0) ? A(0) : mi;  // NaN stays NaN
   }
 }
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import _C, desc, empty_rows_like, stream_of
 
 ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1 = 1, 2, 4, 8
 
@@ -79,7 +79,7 @@ def token_logprobs_backward_op(
     lse: Tensor, entropy: Optional[Tensor], ignore_index: int, temperature: float,
     logit_scale: float, softcap: float, shift: bool,
 ) -> Tensor:
-    grad = torch.empty_like(logits)
+    grad = empty_rows_like(logits)
     _backward_into(grad, grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,
                    temperature, logit_scale, softcap, shift)
     return grad
@@ -88,7 +88,7 @@ def token_logprobs_backward_op(
 @token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
       logit_scale, softcap, shift):
-    return torch.empty_like(logits)
+    return empty_rows_like(logits)
 
 
 @torch.library.custom_op("pyalign::token_logprobs_backward_", mutates_args=("logits",))

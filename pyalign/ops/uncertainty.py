@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import _C, desc, empty_rows_like, stream_of
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -63,7 +63,7 @@ def token_uncertainty_backward_op(
     grad_ens_logp: Optional[Tensor], grad_member_logp: Optional[Tensor], logits: Tensor,
     labels: Tensor, lse: Tensor, ens_logp: Tensor, temperature: float, ignore_index: int,
 ) -> Tensor:
-    grad = torch.empty_like(logits)
+    grad = empty_rows_like(logits)
     _C.token_uncertainty_backward(
         desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), desc(ens_logp, "ens_logp"),
         desc(grad_ens_logp, "grad_ens_logp"), desc(grad_member_logp, "grad_member_logp"),
@@ -73,7 +73,7 @@ def token_uncertainty_backward_op(
 
 @token_uncertainty_backward_op.register_fake
 def _(grad_ens_logp, grad_member_logp, logits, labels, lse, ens_logp, temperature, ignore_index):
-    return torch.empty_like(logits)
+    return empty_rows_like(logits)
 
 
 def _token_setup(ctx, inputs, output):

@@ -88,12 +88,12 @@ def _activity(t, name: str, size: int, size_name: str, weight: Tensor, validate:
     if t.dim() < 1 or t.shape[-1] != size:
         raise ValueError(f"{name}: expected shape [..., {size}] (last dim = weight's {size_name}), "
                          f"got {tuple(t.shape)}")
-    t2 = t.detach().reshape(-1, size).to(_acc(weight))
+    t2 = t.detach().reshape(math.prod(t.shape[:-1]), size).to(_acc(weight))  # size may be 0
     if t2.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one sample, got shape {tuple(t.shape)}")
     if validate is None:
         validate = t.device.type == "cpu"
-    if validate:
+    if validate and t2.numel():
         lo, hi = torch.aminmax(t2)  # one pass; NaN and +-inf propagate to the extremes
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise ValueError(f"{name}: contains NaN or infinite values")

@@ -32,7 +32,7 @@ def _finish(w, dw, lr, weight_decay, w_min, w_max, norm, norm_mode):
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # the last dim may be 0
 
 
 def hebb(w, x, y, *, lr, weight_decay=0.0, w_min=None, w_max=None, norm=None, norm_mode="max"):

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from pyalign import losses, plasticity, uncertainty
 from pyalign.reference import losses as ref_losses, plasticity as ref_plasticity, uncertainty as ref_unc
-from strategies import CLEAN, scalars, tensors
+from strategies import CLEAN, names_argument, scalars, tensors
 
 EXAMPLES = settings(max_examples=int(os.environ.get("PYALIGN_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True)
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -20,7 +20,7 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 def assert_clean(exc: BaseException, names) -> None:
     assert isinstance(exc, CLEAN), f"unclean exception {type(exc).__name__}: {exc}"
     msg = str(exc)
-    assert any(n in msg for n in names), f"exception does not name an argument: {msg!r}"
+    assert names_argument(msg, names), f"exception does not name an argument: {msg!r}"
 
 
 def close(got, want, scale=1.0):

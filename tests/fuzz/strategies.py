@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from hypothesis import strategies as st
@@ -15,13 +16,19 @@ ABSURD_SCALARS = [0, -1, -0.5, 0.0, 1e-30, 1e30, math.inf, -math.inf, math.nan, 
 CLEAN = (TypeError, ValueError, RuntimeError, NotImplementedError, IndexError)
 
 
+def names_argument(msg: str, names) -> bool:
+    """Whether the message names one of the arguments as a whole word (so "x" is not found in "expected")."""
+    return any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", msg) for n in names)
+
+
 @st.composite
 def tensors(draw, *, min_dims=0, max_dims=4, max_side=6, dtypes=ALL_DTYPES, shape=None):
-    """A tensor of random dtype/shape/layout: contiguous, transposed, sliced, expanded or empty."""
+    """A tensor of random dtype/shape/layout: contiguous, transposed, sliced, expanded, overlapping
+    (rows that share elements through as_strided) or empty."""
     dtype = draw(st.sampled_from(dtypes))
     if shape is None:
         shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=min_dims, max_size=max_dims)))
-    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded", "overlapping"]))
     base_shape = list(shape)
     if layout == "sliced" and base_shape:
         base_shape[-1] = base_shape[-1] * 2
@@ -45,6 +52,10 @@ def tensors(draw, *, min_dims=0, max_dims=4, max_side=6, dtypes=ALL_DTYPES, shap
         t = t[..., ::2]
     elif layout == "expanded" and t.dim() >= 1:
         t = t.expand(*shape)
+    elif layout == "overlapping" and t.dim() >= 2 and t.shape[-1] > 1:
+        strides = list(t.contiguous().stride())
+        strides[-2] = max(1, t.shape[-1] // 2)  # each row starts inside the previous one
+        t = t.contiguous().as_strided(t.shape, strides)
     return t
 
 

@@ -19,7 +19,7 @@ import pyalign
 from pyalign.bench.common import copy_bandwidth_gbs, installed
 
 SUITES = ["logprob", "linear", "losses", "uncertainty", "plasticity"]
-OPTIONAL_BASELINES = ["liger_kernel", "cut_cross_entropy", "flash_attn", "trl"]
+OPTIONAL_BASELINES = ["liger_kernel", "cut_cross_entropy", "flash_attn", "trl"]  # flash_attn: its fused cross-entropy
 
 
 def machine_info(device: str) -> dict:
@@ -97,13 +97,15 @@ def markdown(rows: list[dict], info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, CPU kernels {info['cpu_isa']})"
     out = [f"Measured on {where}, torch {info['torch']}, {info['date']}; copy bandwidth "
            f"{info['copy_bandwidth_gbs']} GB/s. Times are medians in ms; memory is peak extra MiB.", "",
-           "| suite | op | size | pyalign ms | pyalign MiB | baselines: ms (speedup of pyalign), MiB |",
-           "|---|---|---|---|---|---|"]
+           "| suite | op | size | pyalign ms | pyalign MiB | % copy bw | baselines: ms (speedup of pyalign), MiB |",
+           "|---|---|---|---|---|---|---|"]
+    bandwidth = info.get("copy_bandwidth_gbs")
     for (suite, op, size), impls in _grouped(rows).items():
         ours = impls.get("pyalign", {})
         t = ours.get("median_ms")
+        pct = 100 * ours["gbps"] / bandwidth if bandwidth and ours.get("gbps") else None
         out.append(f"| {suite} | {op} | {size} | {_ms(t)} | {_fmt(ours.get('peak_mem_mb'), '.0f')} | "
-                   + _baselines(impls, t, _ms, True) + " |")
+                   f"{_fmt(pct, '.0f')} | " + _baselines(impls, t, _ms, True) + " |")
     return "\n".join(out) + "\n"
 
 

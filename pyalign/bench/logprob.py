@@ -1,10 +1,12 @@
-"""Log-prob suite: pyalign.token_logprobs vs eager PyTorch (log_softmax + gather) and torch.compile."""
+"""Log-prob suite: pyalign.token_logprobs vs eager PyTorch (log_softmax + gather), torch.compile,
+and, when importable, the fused cross-entropy kernels of flash-attn and Liger-Kernel (Triton, GPU
+only; their per-token loss is ``-log p(label)``, the same one-read-one-write work; no entropy)."""
 from __future__ import annotations
 
 import torch
 
 import pyalign
-from pyalign.bench.common import record
+from pyalign.bench.common import installed, record
 
 
 def _eager(x, y, entropy):
@@ -20,6 +22,34 @@ def _ours(x, y, entropy):
     if entropy:
         return pyalign.token_logprobs(x, y, return_entropy=True)
     return pyalign.token_logprobs(x, y), None
+
+
+def _flash_attn():
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    return lambda x, y, entropy: (-cross_entropy_loss(x, y)[0], None)
+
+
+def _liger():
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    return lambda x, y, entropy: (-liger_cross_entropy(x, y, reduction="none"), None)
+
+
+def _other_libraries(device: str, size: str):
+    """(impls, rows): the importable, usable fused cross-entropy baselines, and rows for the others."""
+    impls, rows = [], []
+    for name, module, factory in (("flash_attn", "flash_attn", _flash_attn), ("liger", "liger_kernel", _liger)):
+        note = ("not installed" if not installed(module) else
+                "needs a CUDA device (Triton)" if device != "cuda" else "")
+        if not note:
+            try:
+                impls.append((name, factory()))
+                continue
+            except Exception as e:  # importable but unusable here
+                note = f"unusable: {type(e).__name__}"
+        rows.append(record("logprob", "token_logprobs fwd+bwd", size, name, None, device, note=note))
+    return impls, rows
 
 
 def _fwd_bwd(impl, x, y, entropy):
@@ -46,8 +76,9 @@ def run(device: str, quick: bool) -> list[dict]:
         y = torch.randint(0, V, (n,), device=device)
         size = f"{n}x{V} {str(dtype).replace('torch.', '')}"
         read = x.numel() * x.element_size()
+        others, missing = _other_libraries(device, size)
         for entropy in (False, True):
-            impls = [("pyalign", _ours), ("eager", _eager)]
+            impls = [("pyalign", _ours), ("eager", _eager)] + ([] if entropy else others)
             if not (quick and entropy):  # each compiled variant costs seconds of compile time
                 impls.append(("compile", compiled))
             op = "token_logprobs+entropy" if entropy else "token_logprobs"
@@ -57,5 +88,6 @@ def run(device: str, quick: bool) -> list[dict]:
             for name, impl in impls:
                 rows.append(record("logprob", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, x, y, entropy),
                                    device, bytes_moved=2 * read + read))
+        rows += missing
         del x
     return rows

@@ -1,13 +1,14 @@
 """DPO on a tiny causal LM with pyalign's fused linear loss and ensemble-uncertainty pair weights.
 
-Task: after a 3-token prompt the policy should answer with even tokens (preferred) rather than odd
-ones (rejected). 25% of the training pairs are mislabeled. A reward ensemble (5 linear
+Task: after a 3-token prompt the policy should answer with tokens of the same parity as the
+prompt's last token (preferred) rather than of the other parity (rejected), so it must read the
+prompt. 25% of the training pairs are mislabeled. A reward ensemble (5 linear
 Bradley-Terry models on bootstrap samples) scores each pair; pairs the members disagree on get
 smaller loss weights (``pyalign.uncertainty.uncertainty_weights``). The policy's log-probs come
 from the fused linear head (the [B, T, V] logits are never held) inside
 ``pyalign.losses.fused_linear_dpo_loss``.
 
-Run: ``python examples/dpo_tiny.py`` (about 20 s on a 2-core CPU). It prints the loss, the implicit
+Run: ``python examples/dpo_tiny.py`` (about 30 s on a 2-core CPU). It prints the loss, the implicit
 reward margin and the held-out preference accuracy as it learns.
 """
 from __future__ import annotations
@@ -39,12 +40,12 @@ class TinyLM(nn.Module):
 
 
 def make_pairs(n, gen, noise=0.0):
-    """Prompt + even response (chosen) and the same prompt + odd response (rejected)."""
+    """Prompt + response of the prompt's parity (chosen), same prompt + the other parity (rejected)."""
     prompt = torch.randint(0, V, (n, PROMPT), generator=gen)
-    even = 2 * torch.randint(0, V // 2, (n, RESPONSE), generator=gen)
-    odd = even + 1
-    chosen = torch.cat([prompt, even], 1)
-    rejected = torch.cat([prompt, odd], 1)
+    parity = prompt[:, -1:] % 2
+    base = 2 * torch.randint(0, V // 2, (n, RESPONSE), generator=gen)
+    chosen = torch.cat([prompt, base + parity], 1)
+    rejected = torch.cat([prompt, base + 1 - parity], 1)
     flip = torch.rand(n, generator=gen) < noise
     chosen[flip], rejected[flip] = rejected[flip].clone(), chosen[flip].clone()
     return chosen, rejected, flip
@@ -57,8 +58,10 @@ def labels_of(ids):
 
 
 def features(ids):
-    """Bag of response tokens: what the reward models see."""
-    return torch.nn.functional.one_hot(ids[:, PROMPT:], V).float().mean(1)
+    """Bag of response tokens, signed by the parity of the prompt's last token: what the reward
+    models see (a linear model on it can express "same parity as the prompt")."""
+    sign = 1.0 - 2.0 * (ids[:, PROMPT - 1:PROMPT] % 2).float()
+    return torch.nn.functional.one_hot(ids[:, PROMPT:], V).float().mean(1) * sign
 
 
 def train_reward_ensemble(chosen, rejected, members=5, steps=200, gen=None):
@@ -81,9 +84,9 @@ def train_reward_ensemble(chosen, rejected, members=5, steps=200, gen=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--pairs", type=int, default=32, help="pairs per batch")
-    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--pairs", type=int, default=64, help="pairs per batch")
+    p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -91,7 +94,7 @@ def main(argv=None):
 
     policy = TinyLM()
     reference = copy.deepcopy(policy).requires_grad_(False)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
 
     # Reward ensemble from a separate, equally noisy preference set.
     rc, rr, _ = make_pairs(512, gen, noise=0.25)
@@ -108,7 +111,8 @@ def main(argv=None):
             wins = (margin[0] > margin[1]).float() + 0.5 * (margin[0] == margin[1]).float()  # ties count half
             return float(wins.mean())
 
-    print(f"pyalign {pyalign.__version__}; held-out accuracy before training: {held_out_accuracy():.2f}")
+    before = held_out_accuracy()
+    print(f"pyalign {pyalign.__version__}; held-out accuracy before training: {before:.2f}")
     for step in range(1, args.steps + 1):
         chosen, rejected, _ = make_pairs(args.pairs, gen, noise=0.25)
         ids = torch.cat([chosen, rejected])
@@ -132,8 +136,8 @@ def main(argv=None):
                   f"ensemble MI {float(mi.mean()):.4f}  "
                   f"held-out acc {held_out_accuracy():.2f}")
     acc = held_out_accuracy()
-    print(f"final held-out preference accuracy: {acc:.2f} (chance 0.50)")
-    return acc
+    print(f"final held-out preference accuracy: {acc:.2f} (before training {before:.2f}, chance 0.50)")
+    return {"before": before, "after": acc}
 
 
 if __name__ == "__main__":

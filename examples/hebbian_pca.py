@@ -28,7 +28,7 @@ def load_data(synthetic: bool, seed: int = 0) -> tuple[np.ndarray, str]:
     basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
     scales = 2.0 ** -np.arange(d / 2, step=0.5)  # well-separated eigenvalues
     x = (rng.standard_normal((4000, d)) * scales) @ basis.T
-    return x, "synthetic Gaussian (4000 x 32, eigenvalues 4^-i)"
+    return x, "synthetic Gaussian (4000 x 32, eigenvalues halving: 2^-i)"
 
 
 def main(argv=None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -15,11 +17,21 @@ def _load(name):
 
 
 def test_dpo_tiny_learns_the_preference():
-    acc = _load("dpo_tiny").main(["--steps", "40"])
-    assert acc >= 0.9, f"held-out preference accuracy {acc:.2f}"
+    acc = _load("dpo_tiny").main(["--steps", "120"])
+    # The untrained policy is at chance; the preference depends on the prompt, so only a policy
+    # that learned to read it gets well above chance.
+    assert acc["before"] <= 0.6, acc
+    assert acc["after"] >= 0.8, acc
 
 
 def test_hebbian_pca_recovers_components():
     res = _load("hebbian_pca").main(["--synthetic", "--k", "3", "--epochs", "10"])
     assert res["oja"] >= 0.99 and abs(res["oja_norm"] - 1) < 0.05
     assert all(c >= 0.98 for c in res["sanger"]), res["sanger"]
+
+
+def test_hebbian_pca_on_real_digits():
+    pytest.importorskip("sklearn", reason="scikit-learn (in the test extra) ships the digits data")
+    res = _load("hebbian_pca").main(["--k", "4", "--epochs", "30"])
+    assert res["oja"] >= 0.99 and abs(res["oja_norm"] - 1) < 0.05
+    assert all(c >= 0.99 for c in res["sanger"]), res["sanger"]

@@ -28,6 +28,8 @@ def test_no_memory_growth_forward_backward():
     ens = torch.randn(3, 16, 200, requires_grad=True)
     ens_labels = torch.randint(0, 200, (16,))
     w, act = torch.randn(64, 32), torch.randn(8, 32)
+    h, head, hy = torch.randn(40, 16), torch.randn(300, 16), torch.randint(0, 300, (40,))
+    lens = torch.full((32,), 7)
 
     def step():
         xr = x.clone().requires_grad_()
@@ -38,7 +40,18 @@ def test_no_memory_growth_forward_backward():
                                           rejected_lengths=torch.full((32,), 5))
         loss.backward()
         pyalign.uncertainty.token_uncertainty(ens, ens_labels).logprobs.sum().backward()
+        pyalign.uncertainty.aggregate_rewards(ens[:, :, 0].detach(), method="quantile")
         pyalign.plasticity.oja(w, act, lr=1e-3)
+        hr, wr = h.clone().requires_grad_(), head.clone().requires_grad_()
+        lp, ent = pyalign.linear_token_logprobs(hr, wr, hy, return_entropy=True, chunk_size=16)
+        (lp.sum() + ent.sum()).backward()
+        seq, _ = pyalign.sequence_logprobs(x.view(4, 16, 1000), y.view(4, 16))
+        for other in (pyalign.losses.kto_loss(pc, rc, desirable=rc > 0)[0],
+                      pyalign.losses.orpo_loss(-pc.abs() - 0.1, -pr.abs() - 0.1, chosen_lengths=lens, rejected_lengths=lens)[0],
+                      pyalign.losses.simpo_loss(pc, pr, chosen_lengths=lens, rejected_lengths=lens)[0],
+                      pyalign.losses.reward_model_loss(pc, pr)[0], seq.sum()):
+            if other.requires_grad:
+                other.backward()
 
     for _ in range(50):
         step()
@@ -197,3 +210,33 @@ def test_compiled_core_does_not_load_libcudart_dynamically():
         pytest.skip("ldd is not available")
     out = subprocess.run([ldd, str(_compiled_module())], capture_output=True, text=True).stdout
     assert "libcudart" not in out and "libtorch" not in out and "libc10" not in out, out
+
+
+def _peak_extra_mib(fn) -> float:
+    from pyalign.bench.common import cpu_peak_supported, peak_extra_mb
+
+    if not cpu_peak_supported():
+        pytest.skip("/proc/self/clear_refs is not writable here: peak RSS cannot be reset")
+    fn()  # warm-up: first-call allocations (thread pools, scratch) are not the kernel's temporaries
+    return min(peak_extra_mb(fn, "cpu") for _ in range(3))
+
+
+@pytest.mark.parametrize("case", ["token_logprobs", "token_uncertainty", "linear_token_logprobs"])
+def test_forward_holds_no_vocabulary_sized_temporary(case):
+    # Each input below is 64-128 MiB; an implementation that materializes probabilities (or the
+    # logits, for the linear head) would add at least that much to the peak resident set.
+    g = torch.Generator().manual_seed(0)
+    if case == "token_logprobs":
+        x, y = torch.randn(2048, 16_000, generator=g), torch.randint(0, 16_000, (2048,), generator=g)
+        fn, big = (lambda: pyalign.token_logprobs(x, y, return_entropy=True)), x
+    elif case == "token_uncertainty":
+        x, y = torch.randn(4, 512, 16_000, generator=g), torch.randint(0, 16_000, (512,), generator=g)
+        fn, big = (lambda: pyalign.uncertainty.token_uncertainty(x, y)), x
+    else:
+        h, w = torch.randn(2048, 64, generator=g), torch.randn(16_000, 64, generator=g)
+        y = torch.randint(0, 16_000, (2048,), generator=g)
+        fn, big = (lambda: pyalign.linear_token_logprobs(h, w, y, return_entropy=True, chunk_size=128)), \
+            torch.empty(2048, 16_000)
+    peak = _peak_extra_mib(fn)
+    size = big.numel() * 4 / 2**20
+    assert peak < size / 8, f"{case}: peak extra {peak:.1f} MiB for a {size:.0f} MiB [.., V] tensor"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pyalign import losses as L
-from pyalign.bench.common import record
+from pyalign.bench.common import installed, record
 from pyalign.ops.losses import DPO_TYPES, FAMILIES, preference_loss_op
 from pyalign.reference import losses as R
 
@@ -116,16 +116,61 @@ def _fused_linear_dpo(device: str, quick: bool) -> list[dict]:
 
     def eager():
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        logits = (h @ w.T).float()
-        lab = labels[:, 1:]
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        seq = (lp * (lab != -100)).sum(-1)
-        c, r = seq.chunk(2)
-        rc, rr = ref.chunk(2)
-        loss = -torch.nn.functional.logsigmoid(0.1 * ((c - rc) - (r - rr))).mean()
+        loss = _shifted_policy_loss(h, w, labels, ref)
         loss.backward()
         return loss
 
     size = f"{pairs} pairs x {T} tok, H {H}, V {V} {str(dtype).replace('torch.', '')}"
-    return [record("losses", "fused_linear_dpo_loss fwd+bwd", size, impl, fn, device, reps=3)
-            for impl, fn in (("pyalign", ours), ("eager", eager))]
+    impls = [("pyalign", ours), ("eager", eager)]
+    if not quick:  # compiling the eager loss over these sizes costs a minute on a small CPU
+        impls.append(("compile", _compiled_eager(hidden, weight, labels, ref)))
+    rows = [record("losses", "fused_linear_dpo_loss fwd+bwd", size, impl, fn, device, reps=3) for impl, fn in impls]
+    if installed("liger_kernel"):
+        try:
+            rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger",
+                               _liger_dpo(hidden, weight, labels), device, reps=3,
+                               note="reference-free (Liger takes no precomputed reference log-probs)"))
+        except Exception as e:  # importable but unusable here
+            rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger", None, device,
+                               note=f"unusable: {type(e).__name__}"))
+    else:
+        rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger", None, device, note="not installed"))
+    return rows
+
+
+def _shifted_policy_loss(h, w, labels, ref):
+    """The eager DPO loss of the fused case: materialized logits, log_softmax, gather, sigmoid loss."""
+    logits = (h @ w.T).float()
+    lab = labels[:, 1:]
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    seq = (lp * (lab != -100)).sum(-1)
+    c, r = seq.chunk(2)
+    rc, rr = ref.chunk(2)
+    return -torch.nn.functional.logsigmoid(0.1 * ((c - rc) - (r - rr))).mean()
+
+
+def _compiled_eager(hidden, weight, labels, ref):
+    fn = torch.compile(_shifted_policy_loss, dynamic=False)
+
+    def run():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = fn(h, w, labels, ref)
+        loss.backward()
+        return loss
+    return run
+
+
+def _liger_dpo(hidden, weight, labels):
+    """Liger-Kernel's chunked fused linear DPO loss on the same shifted tokens (sigmoid loss)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=False)
+    inputs, target = hidden[:, :-1].contiguous(), labels[:, 1:].contiguous()
+
+    def run():
+        h, w = inputs.detach().requires_grad_(), weight.detach().requires_grad_()
+        out = loss_fn(w, h, target)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss
+    return run

@@ -2,7 +2,8 @@
 from pyalign._ext import _C
 from pyalign import logprob  # first: pyalign.linear and pyalign.distributed build on it
 from pyalign import distributed, losses, plasticity, uncertainty
-from pyalign.logprob import linear_sequence_logprobs, linear_token_logprobs, sequence_logprobs, token_logprobs
+from pyalign.logprob import (cross_entropy, linear_cross_entropy, linear_sequence_logprobs, linear_token_logprobs,
+                             sequence_logprobs, token_logprobs)
 
 __version__ = _C.__version__
 
@@ -30,4 +31,6 @@ __all__ = [
     "sequence_logprobs",
     "linear_token_logprobs",
     "linear_sequence_logprobs",
+    "cross_entropy",
+    "linear_cross_entropy",
 ]

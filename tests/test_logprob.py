@@ -321,3 +321,90 @@ def test_version_and_flags():
     assert pyalign.cuda_available() in (True, False)
     if not pyalign.has_cuda():
         assert not pyalign.cuda_available()
+
+
+# ---- cross_entropy over logits; differentiable lse and mean_logit ----
+
+import torch.nn.functional as F  # noqa: E402
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_entropy_matches_torch(device, reduction, weighted, dtype):
+    x = _logits((3, 5, 29), dtype, device)
+    y = _labels((3, 5), 29, device)
+    w = (torch.rand(29, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5).to(device) if weighted else None
+    for eps, zs, tf in ((0.0, 0.0, {}), (0.2, 0.05, {"softcap": 5.0, "temperature": 0.8}), (1.0, 0.0, {"logit_scale": 0.5})):
+        for inplace in (False, True):
+            a = x.clone().requires_grad_()
+            xin = a * 1 if inplace else a  # in-place backward consumes a non-leaf copy
+            got = pyalign.cross_entropy(xin, y, reduction=reduction, label_smoothing=eps, z_loss_scale=zs,
+                                        class_weights=w, inplace_backward=inplace, **tf)
+            up = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype, device=device).view(got.shape)
+            (g,) = torch.autograd.grad(got, a, up)
+            r = x.detach().double().requires_grad_()
+            z = r * tf.get("logit_scale", 1.0)
+            if "softcap" in tf:
+                z = tf["softcap"] * torch.tanh(z / tf["softcap"])
+            z = z / tf.get("temperature", 1.0)
+            want = F.cross_entropy(z.reshape(-1, 29), y.reshape(-1), weight=w, reduction=reduction, label_smoothing=eps)
+            valid = (y != -100).reshape(-1)
+            zl = zs * torch.logsumexp(z.reshape(-1, 29), -1) ** 2 * valid
+            zl = zl.sum() / valid.sum() if reduction == "mean" else (zl.sum() if reduction == "sum" else zl)
+            want = (want + zl).view(got.shape)
+            (wg,) = torch.autograd.grad(want, r, up.double())
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            assert (got.double() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+            assert (g.double() - wg).abs().max().item() <= tol * (1 + wg.abs().max().item())
+
+
+def test_cross_entropy_gradcheck_fp64():
+    x = _logits((2, 4, 7), torch.float64, "cpu").requires_grad_()
+    y = _labels((2, 4), 7, "cpu")
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda t: pyalign.cross_entropy(t, y, label_smoothing=0.3, z_loss_scale=0.1,
+                                                                    class_weights=w, softcap=2.0, shift=True), (x,))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_lse_and_mean_logit_gradients(device, softcap):
+    x = _logits((3, 6, 17), torch.float64, device).requires_grad_()
+    y = _labels((3, 6), 17, device)
+    out = pyalign.token_logprobs(x, y, outputs=("lse", "mean_logit"), softcap=softcap, temperature=1.3)
+    r = x.detach().clone().requires_grad_()
+    z = r if softcap is None else softcap * torch.tanh(r / softcap)
+    z = z / 1.3
+    valid = y != -100
+    lse, mean = torch.logsumexp(z, -1) * valid, z.mean(-1) * valid
+    assert (out.lse - lse).abs().max().item() < 1e-12 and (out.mean_logit - mean).abs().max().item() < 1e-12
+    (g,) = torch.autograd.grad((out.lse ** 2).sum() + 0.3 * out.mean_logit.sum() - out.logprobs.sum(), x)
+    (wg,) = torch.autograd.grad((lse ** 2).sum() + 0.3 * mean.sum() - (z.log_softmax(-1).gather(
+        -1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid).sum(), r)
+    assert (g - wg).abs().max().item() < 1e-10
+    if device == "cpu":
+        def lse_and_mean(t):
+            o = pyalign.token_logprobs(t, y, outputs=("lse", "mean_logit"), softcap=softcap)
+            return o.lse, o.mean_logit
+        assert torch.autograd.gradcheck(lse_and_mean, (x,))
+
+
+def test_opcheck_lse_mean_gradients():
+    from pyalign.ops.logprob import token_logprobs_backward_op, token_logprobs_op
+    x = _logits((3, 4, 9), torch.float32, "cpu").requires_grad_()
+    y = _labels((3, 4), 9, "cpu")
+    w = torch.rand(9) + 0.5
+    torch.library.opcheck(token_logprobs_op, (x, y, -100, 1.0, 1.0, 0.0, False, 4, False, w))
+    lse = torch.zeros(12)
+    torch.library.opcheck(token_logprobs_backward_op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0,
+                                                       0.0, False, torch.ones(12), torch.ones(12), w))
+
+
+def test_mean_weights_bad_shape_is_a_clear_error():
+    from pyalign.ops.logprob import token_logprobs_op
+    x = _logits((2, 9), torch.float32, "cpu")
+    y = _labels((2,), 9, "cpu")
+    with pytest.raises(Exception, match="mean_weights"):
+        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(8))
+    with pytest.raises(Exception, match="mean_weights"):
+        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(9, dtype=torch.float64))

@@ -26,6 +26,17 @@ void check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
     require(labels.shape[d] == logits.shape[d], labels.describe() + ": expected the leading shape of " + logits.describe());
 }
 
+// Optional class weights of mean_logit: [V] in the accumulation dtype, contiguous.
+void check_mean_weights(const TensorArg& w, const TensorArg& logits, bool slice) {
+  if (!w.present()) return;
+  require(!slice, "mean_weights: not supported on a vocabulary slice");
+  const int64_t V = logits.size(-1);
+  require(w.ndim == 1 && w.shape[0] == V && (V <= 1 || w.strides[0] == 1),
+          w.describe() + ": expected a contiguous 1-d tensor of " + std::to_string(V) + " elements (V of " +
+              logits.describe() + ")");
+  require(w.dtype == acc_dtype(logits.dtype), w.describe() + ": expected dtype " + dtype_name(acc_dtype(logits.dtype)));
+}
+
 LogitTransform make_transform(double temperature, double logit_scale, double softcap) {
   require(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite value > 0, got " + std::to_string(temperature));
   require(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale: expected a finite value > 0, got " + std::to_string(logit_scale));
@@ -41,16 +52,18 @@ LogitTransform make_transform(double temperature, double logit_scale, double sof
 template <bool SLICE>
 void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, TensorArg entropy,
              TensorArg log_sum_sq, TensorArg mean_logit, TensorArg top1, double temperature,
-             double logit_scale, double softcap, int64_t ignore_index, uintptr_t stream) {
+             double logit_scale, double softcap, int64_t ignore_index, uintptr_t stream,
+             TensorArg mean_weights) {
   check_logits_labels(logits, labels);
   const int64_t rows = labels.numel();
   const DType adt = acc_dtype(logits.dtype);
   require(logp.present() && lse.present(), "logp and lse outputs are required");
+  check_mean_weights(mean_weights, logits, SLICE);
   for (const TensorArg* t : {&logp, &lse, &entropy, &log_sum_sq, &mean_logit}) check_rows(*t, rows, adt);
   check_rows(top1, rows, DType::b8);
   LogprobForwardArgs a{logits, labels, logp, lse, entropy, log_sum_sq, mean_logit, top1,
-                       make_transform(temperature, logit_scale, softcap), ignore_index, SLICE};
-  int dev = common_device({&logits, &labels, &logp, &lse, &entropy, &log_sum_sq, &mean_logit, &top1});
+                       make_transform(temperature, logit_scale, softcap), ignore_index, SLICE, mean_weights};
+  int dev = common_device({&logits, &labels, &logp, &lse, &entropy, &log_sum_sq, &mean_logit, &top1, &mean_weights});
   dispatch("token_logprobs", dev, [&] { logprob_forward_cpu(a); }, [&] {
 #ifdef PYALIGN_WITH_CUDA
     logprob_forward_cuda(a, reinterpret_cast<void*>(stream));
@@ -61,11 +74,14 @@ void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, 
 template <bool SLICE>
 void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entropy, TensorArg grad_logp,
               TensorArg grad_entropy, TensorArg grad_logits, double temperature, double logit_scale,
-              double softcap, int64_t ignore_index, uintptr_t stream) {
+              double softcap, int64_t ignore_index, uintptr_t stream, TensorArg grad_lse,
+              TensorArg grad_mean, TensorArg mean_weights) {
   check_logits_labels(logits, labels);
   const int64_t rows = labels.numel();
   const DType adt = acc_dtype(logits.dtype);
-  for (const TensorArg* t : {&lse, &entropy, &grad_logp, &grad_entropy}) check_rows(*t, rows, adt);
+  for (const TensorArg* t : {&lse, &entropy, &grad_logp, &grad_entropy, &grad_lse, &grad_mean}) check_rows(*t, rows, adt);
+  check_mean_weights(mean_weights, logits, SLICE);
+  require(!SLICE || !grad_mean.present(), "grad_mean: not supported on a vocabulary slice");
   require(lse.present(), "lse is required");
   require(!grad_entropy.present() || entropy.present(), "entropy is required with grad_entropy");
   require(grad_logits.dtype == logits.dtype && grad_logits.ndim == logits.ndim, grad_logits.describe() + ": expected the dtype and shape of " + logits.describe());
@@ -73,8 +89,10 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
     require(grad_logits.shape[d] == logits.shape[d], grad_logits.describe() + ": expected the shape of " + logits.describe());
   require(grad_logits.stride(-1) == 1 || logits.size(-1) == 1, grad_logits.describe() + ": the vocabulary dimension must have stride 1");
   LogprobBackwardArgs a{logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
-                        make_transform(temperature, logit_scale, softcap), ignore_index, SLICE};
-  int dev = common_device({&logits, &labels, &lse, &entropy, &grad_logp, &grad_entropy, &grad_logits});
+                        make_transform(temperature, logit_scale, softcap), ignore_index, SLICE,
+                        grad_lse, grad_mean, mean_weights};
+  int dev = common_device({&logits, &labels, &lse, &entropy, &grad_logp, &grad_entropy, &grad_logits,
+                           &grad_lse, &grad_mean, &mean_weights});
   dispatch("token_logprobs backward", dev, [&] { logprob_backward_cpu(a); }, [&] {
 #ifdef PYALIGN_WITH_CUDA
     logprob_backward_cuda(a, reinterpret_cast<void*>(stream));
@@ -85,11 +103,27 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
 }  // namespace
 
 void bind_logprob(py::module_& m) {
-  m.def("logprob_forward", &forward<false>, "Per-token log-probs and softmax statistics (writes the given outputs)");
-  m.def("logprob_backward", &backward<false>, "Gradient of log-probs/entropy w.r.t. logits (writes grad_logits)");
+  // Optional trailing arguments default to None (absent), so existing callers stay valid.
+  const auto none = py::none();
+#define PYALIGN_FWD_ARGS                                                                          \
+  py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("lse"), py::arg("entropy"),     \
+      py::arg("log_sum_sq"), py::arg("mean_logit"), py::arg("top1"), py::arg("temperature"),     \
+      py::arg("logit_scale"), py::arg("softcap"), py::arg("ignore_index"), py::arg("stream"),    \
+      py::arg("mean_weights") = none
+#define PYALIGN_BWD_ARGS                                                                          \
+  py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), \
+      py::arg("grad_entropy"), py::arg("grad_logits"), py::arg("temperature"),                   \
+      py::arg("logit_scale"), py::arg("softcap"), py::arg("ignore_index"), py::arg("stream"),    \
+      py::arg("grad_lse") = none, py::arg("grad_mean") = none, py::arg("mean_weights") = none
+  m.def("logprob_forward", &forward<false>, "Per-token log-probs and softmax statistics (writes the given outputs)",
+        PYALIGN_FWD_ARGS);
+  m.def("logprob_backward", &backward<false>,
+        "Gradient of log-probs/entropy/lse/mean_logit w.r.t. logits (writes grad_logits)", PYALIGN_BWD_ARGS);
   // The same on a vocabulary slice: labels outside [0, V) (not ignore_index) lie in another slice.
-  m.def("logprob_forward_slice", &forward<true>, "logprob_forward on a slice of the vocabulary");
-  m.def("logprob_backward_slice", &backward<true>, "logprob_backward on a slice of the vocabulary");
+  m.def("logprob_forward_slice", &forward<true>, "logprob_forward on a slice of the vocabulary", PYALIGN_FWD_ARGS);
+  m.def("logprob_backward_slice", &backward<true>, "logprob_backward on a slice of the vocabulary", PYALIGN_BWD_ARGS);
+#undef PYALIGN_FWD_ARGS
+#undef PYALIGN_BWD_ARGS
 }
 
 }  // namespace pyalign

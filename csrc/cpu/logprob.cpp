@@ -51,6 +51,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
   const bool want_mean = a.mean_logit.data != nullptr;
+  const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   A buf[kChunk];
   SoftmaxStats<A> st;
   A zsum = 0, xmax = -INFINITY;
@@ -67,7 +68,16 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       bxm = x > bxm ? x : bxm;
       bx += z;
     }
-    if (want_mean) zsum += bx;
+    if (want_mean) {
+      if (mw) {  // class-weighted mean: a second sweep of the chunk while it is in L1
+        A ws = 0;
+#pragma omp simd reduction(+ : ws)
+        for (int64_t j = 0; j < n; ++j) ws += buf[j] * mw[j0 + j];
+        zsum += ws;
+      } else {
+        zsum += bx;
+      }
+    }
     if (bxm > xmax) {  // a new row maximum: find its first index (ties go to the first, as argmax)
       xmax = bxm;
       for (int64_t j = 0; j < n; ++j)
@@ -119,7 +129,9 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   T* out = a.grad_logits.ptr<T>() + c.grad_rows.offset(r);
   const A g_lp = a.grad_logp.data ? a.grad_logp.ptr<A>()[r] : A(0);
   const A g_ent = ENT ? a.grad_entropy.ptr<A>()[r] : A(0);
-  if (label == a.ignore_index || (g_lp == A(0) && g_ent == A(0))) {
+  const A g_lse = a.grad_lse.data ? a.grad_lse.ptr<A>()[r] : A(0);
+  const A g_mean = a.grad_mean.data ? a.grad_mean.ptr<A>()[r] : A(0);
+  if (label == a.ignore_index || (g_lp == A(0) && g_ent == A(0) && g_lse == A(0) && g_mean == A(0))) {
     const T zero = from_float<T>(0.f);
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) out[j] = zero;
@@ -129,11 +141,22 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const A lse = a.lse.ptr<A>()[r];
   const A ent = ENT ? a.entropy.ptr<A>()[r] : A(0);
+  const A g_m = g_mean / A(V);  // d mean / dz_v = w_v / V
   const LogitTransform tf = a.tf;
+  if (a.mean_weights.data && g_m != A(0)) {
+    const A* mw = a.mean_weights.ptr<A>();
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      A x = to_float(row[j]);
+      A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, g_lse, g_m * mw[j], j == label);
+      out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     A x = to_float(row[j]);
-    A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, j == label);
+    A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, g_lse, g_m, j == label);
     out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
   }
 }

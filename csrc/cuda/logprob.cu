@@ -38,8 +38,9 @@ template <typename A> __device__ __forceinline__ ArgMax<A> shfl_xor(ArgMax<A> v,
   return r;
 }
 
-template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A& zsum, ArgMax<A>& am, A x, int64_t i) {
-  zsum += z;
+// wz: the contribution of z to the (possibly class-weighted) sum behind mean_logit.
+template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A wz, A& zsum, ArgMax<A>& am, A x, int64_t i) {
+  zsum += wz;
   if (x > am.v) { am.v = x; am.i = i; }  // each thread visits increasing indices
   if (z == A(-INFINITY)) return;
   if (z > st.m) {
@@ -88,6 +89,7 @@ __global__ void forward_kernel(KernelArgs k) {
   }
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
   const LogitTransform tf = a.tf;
+  const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   SoftmaxStats<A> st;
   A zsum = 0;
   ArgMax<A> am;
@@ -101,14 +103,16 @@ __global__ void forward_kernel(KernelArgs k) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         A x = to_float(el[j]);
-        push(st, tf.apply(x), zsum, am, x, i * VEC + j);
+        A z = tf.apply(x);
+        push(st, z, mw ? z * mw[i * VEC + j] : z, zsum, am, x, i * VEC + j);
       }
     }
     start = nvec * VEC;
   }
   for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) {
     A x = to_float(row[i]);
-    push(st, tf.apply(x), zsum, am, x, i);
+    A z = tf.apply(x);
+    push(st, z, mw ? z * mw[i] : z, zsum, am, x, i);
   }
   auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
   st = block_reduce(st, merge, smem);
@@ -146,10 +150,14 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const A g_ent = (!skip && a.grad_entropy.data) ? a.grad_entropy.ptr<A>()[r] : A(0);
   const A lse = skip ? A(0) : a.lse.ptr<A>()[r];
   const A ent = (!skip && a.entropy.data) ? a.entropy.ptr<A>()[r] : A(0);
+  const A g_lse = (!skip && a.grad_lse.data) ? a.grad_lse.ptr<A>()[r] : A(0);
+  const A g_m = (!skip && a.grad_mean.data) ? a.grad_mean.ptr<A>()[r] / A(V) : A(0);  // d mean/dz_v = w_v / V
+  const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   const LogitTransform tf = a.tf;
   auto grad_at = [&](A x, int64_t j) -> float {
     if (skip) return 0.f;
-    return float(logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, j == label) * tf.grad(x));
+    const A g_mw = mw ? g_m * mw[j] : g_m;
+    return float(logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, g_lse, g_mw, j == label) * tf.grad(x));
   };
   int64_t start = 0;
   if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0) {

@@ -9,8 +9,10 @@ The logits ``hidden @ weight.T + bias`` are never held whole. Tokens are process
   survive the chunk;
 * backward: the chunk's logits are recomputed, the gradient w.r.t. them is written **in place**
   into the same buffer (``_C.logprob_backward`` with ``grad_logits`` aliasing the logits), and
-  multiplied back: ``dhidden_chunk = g @ W``, ``dW += g.T @ hidden_chunk`` (accumulated in fp32),
-  ``dbias += g.sum(0)`` (fp32).
+  multiplied back: ``dhidden_chunk = g @ W``, ``dW += g.T @ hidden_chunk`` (accumulated in fp32,
+  see :func:`accumulate_dw`), ``dbias += g.sum(0)`` (fp32). The upstream gradients of the
+  log-probs, the entropy, the log-sum-exp and ``mean_logit`` all enter that one kernel call, so
+  a z-loss (``lse^2``) or label smoothing (``lse - mean_logit``) costs no extra pass.
 
 Recomputing the logits in the backward costs one extra GEMM (4 instead of eager's 3). The
 alternative, computing the gradient in the forward and scaling it later, does not work for
@@ -29,29 +31,93 @@ import torch
 from torch import Tensor
 
 from pyalign._ext import _C, desc, stream_of
-from pyalign.ops.logprob import ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1
+from pyalign.ops.logprob import ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1, dense_grad
 
-# Bytes of one chunk's logits buffer when chunk_size is automatic. The GEMMs run at full speed
-# from a few hundred rows on, so a larger buffer buys little time for a lot of memory.
+# Bytes of the per-chunk working set (the logits buffer and the chunk's hidden-sized temporaries)
+# when chunk_size is automatic. The GEMMs run at full speed from a few hundred rows on, so a
+# larger buffer buys little time for a lot of memory.
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 MIN_CHUNK = 16
+# Rows from which a chunk's GEMMs are efficient (M of the logits/dhidden GEMMs, K of the dW GEMM):
+# the automatic chunk is not made smaller than this for the hidden-size part of the budget.
+GEMM_ROWS = {"cpu": 128, "cuda": 512}
+# The fp32 staging block of the low-precision dW accumulation is at most this fraction of the
+# logits buffer (see accumulate_dw).
+DW_BLOCK_FRACTION = 8
 
 NEED_HIDDEN, NEED_WEIGHT, NEED_BIAS = 1, 2, 4
 
 
-def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device | str) -> int:
-    """Rows per chunk: ``CHUNK_BYTES[device] / (V * itemsize)`` rounded down to a multiple of 16,
-    at least 16 and at most ``rows``. The peak extra memory of the fused head is then about
-    ``chunk * V * itemsize`` (one buffer) + the fp32 ``dW`` accumulator for bf16/fp16 weights
-    + O(tokens * hidden)."""
+def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device | str,
+                    hidden: int = 0) -> int:
+    """Rows per chunk, from V, the hidden size H, the dtype and the device.
+
+    Each chunk row costs ``V * itemsize`` bytes of logits buffer plus ``H * (itemsize + 4)`` bytes
+    of hidden-sized temporaries (the chunk's ``dhidden`` rows, an fp32 copy of the chunk's hidden
+    rows for low-precision ``dW`` accumulation or mixed dtypes). The chunk is the number of such
+    rows that fits ``CHUNK_BYTES[device]``, but never fewer than the logits buffer alone allows
+    capped at ``GEMM_ROWS[device]`` (so a large H does not shrink the chunk below the size at which
+    the GEMMs stay efficient), rounded down to a multiple of 16, at least 16, at most ``rows``.
+    The peak extra memory of the fused head is then about ``chunk * V * itemsize * (1 + 1/8)``
+    + the fp32 ``dW`` accumulator for bf16/fp16 weights + O(tokens * H) (see pyalign.linear)."""
     dev = torch.device(device).type
-    per_row = max(1, vocab) * torch.empty((), dtype=dtype).element_size()
-    chunk = max(MIN_CHUNK, (CHUNK_BYTES.get(dev, CHUNK_BYTES["cpu"]) // per_row) // 16 * 16)
+    item = torch.empty((), dtype=dtype).element_size()
+    budget = CHUNK_BYTES.get(dev, CHUNK_BYTES["cpu"])
+    by_logits = budget // (max(1, vocab) * item)
+    with_hidden = budget // (max(1, vocab) * item + max(0, hidden) * (item + 4))
+    chunk = max(with_hidden, min(by_logits, GEMM_ROWS.get(dev, GEMM_ROWS["cpu"])))
+    chunk = max(MIN_CHUNK, chunk // 16 * 16)
     return int(max(1, min(chunk, rows)))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_MM_OUT_DTYPE = {}  # device type -> whether torch.mm(..., out_dtype=float32) works there
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Optional[Tensor]:
+    """``a @ b`` of bf16/fp16 operands produced directly in fp32 (no rounding of the product), where
+    torch offers it for the device (``torch.mm(out_dtype=...)``, CUDA); None elsewhere."""
+    dev = a.device.type
+    if _MM_OUT_DTYPE.get(dev) is False:
+        return None
+    try:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _MM_OUT_DTYPE[dev] = False
+        return None
+    _MM_OUT_DTYPE[dev] = True
+    return out
+
+
+def accumulate_dw(dw_acc: Tensor, g: Tensor, h: Tensor) -> None:
+    """``dw_acc += g.T @ h`` for one chunk (``g [c, V]``, ``h [c, H]``).
+
+    Same dtype (fp32/fp64): one in-place ``addmm_``. bf16/fp16 chunk into the fp32 accumulator: the
+    product is formed in fp32 and never rounded to the low precision, block by block over V so the
+    fp32 staging stays at most ``1/DW_BLOCK_FRACTION`` of the logits buffer (no ``[V, H]``
+    temporary): with ``torch.mm(out_dtype=float32)`` where the device has it (a ``[Vb, H]`` fp32
+    block, tensor-core speed), else ``addmm_`` on fp32 copies of the blocks (``[c, Vb]``).
+    """
+    if dw_acc.dtype == g.dtype:
+        dw_acc.addmm_(g.t(), h)
+        return
+    c, V = g.shape
+    H = h.shape[1]
+    cap = max(1 << 20, c * V * g.element_size() // DW_BLOCK_FRACTION)
+    vb = max(64, cap // (4 * max(H, c, 1)))
+    h32 = None
+    for v0 in range(0, V, vb):
+        v1 = min(V, v0 + vb)
+        part = _mm_fp32(g[:, v0:v1].t(), h) if g.device.type != "cpu" else None
+        if part is not None:
+            dw_acc[v0:v1] += part
+            continue
+        if h32 is None:
+            h32 = h.to(dw_acc.dtype)
+        dw_acc[v0:v1].addmm_(g[:, v0:v1].t().to(dw_acc.dtype), h32)
 
 
 def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -71,14 +137,15 @@ def valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
 def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                   temperature: float, logit_scale: float, softcap: float, outputs: int, chunk: int,
                   *, vocab_slice: bool = False, ignore_index: int = -100, label_logit: bool = False,
-                  extremes: bool = False) -> dict:
+                  extremes: bool = False, mean_weights: Optional[Tensor] = None) -> dict:
     """Per-row softmax statistics of ``hidden @ weight.T + bias`` (``[n]`` each), chunk by chunk.
 
     Keys: ``logp, lse`` and, by ``outputs`` flags, ``entropy, log_sum_sq, mean_logit, top1``.
     With ``vocab_slice`` the weight is one slice of the vocabulary and labels outside it are
     allowed (see ``LogprobForwardArgs::vocab_slice``). ``label_logit``: also the raw logit at
     each row's label (0 where the label is outside the slice); ``extremes``: the raw max of each
-    row (for the argmax test across slices).
+    row (for the argmax test across slices). ``mean_weights``: ``[V]`` class weights of
+    ``mean_logit`` (see ``LogprobForwardArgs::mean_weights``).
     """
     n, V = hidden.shape[0], weight.shape[0]
     acc, dev = _acc(hidden.dtype), hidden.device
@@ -103,7 +170,7 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         forward(desc(b, "logits"), desc(labels[s], "labels"), desc(res["logp"][s], "logp"),
                 desc(res["lse"][s], "lse"), opt("entropy", s), opt("log_sum_sq", s),
                 opt("mean_logit", s), opt("top1", s), temperature, logit_scale, softcap,
-                ignore_index, stream)
+                ignore_index, stream, desc(mean_weights, "mean_weights"))
         if label_logit:
             lab = labels[s].long()
             inside = (lab >= 0) & (lab < V)
@@ -118,10 +185,12 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                      weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
                      entropy: Optional[Tensor], temperature: float, logit_scale: float,
                      softcap: float, chunk: int, needs: int, *, vocab_slice: bool = False,
-                     ignore_index: int = -100):
+                     ignore_index: int = -100, grad_lse: Optional[Tensor] = None,
+                     grad_mean: Optional[Tensor] = None, mean_weights: Optional[Tensor] = None):
     """Gradients ``(dhidden [n, H], dweight [V, H], dbias [V])`` (None where not needed) of
-    ``sum(grad_logp * logp + grad_entropy * entropy)`` over ``n`` rows, given the forward's
-    ``lse`` and ``entropy`` (of the whole vocabulary when ``vocab_slice``)."""
+    ``sum(grad_logp * logp + grad_entropy * entropy + grad_lse * lse + grad_mean * mean_logit)``
+    over ``n`` rows, given the forward's ``lse`` and ``entropy`` (of the whole vocabulary when
+    ``vocab_slice``)."""
     n, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     acc = _acc(dt)
@@ -129,7 +198,7 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
     # dW is accumulated in fp32: directly in the result for fp32/fp64 weights, else in a buffer.
     dw_acc = torch.zeros(V, H, dtype=_acc(weight.dtype), device=dev) if needs & NEED_WEIGHT else None
     db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
-    if n > 0 and (grad_logp is not None or grad_entropy is not None):
+    if n > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_lse, grad_mean)):
         backward = _C.logprob_backward_slice if vocab_slice else _C.logprob_backward
         buf = torch.empty(min(chunk, n), V, dtype=dt, device=dev)
         stream = stream_of(hidden)
@@ -142,16 +211,16 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
             backward(desc(b, "logits"), desc(labels[s], "labels"), desc(lse[s], "lse"),
                      desc(part(entropy, s), "entropy"), desc(part(grad_logp, s), "grad_logp"),
                      desc(part(grad_entropy, s), "grad_entropy"), desc(b, "grad_logits"),
-                     temperature, logit_scale, softcap, ignore_index, stream)
+                     temperature, logit_scale, softcap, ignore_index, stream,
+                     desc(part(grad_lse, s), "grad_lse"), desc(part(grad_mean, s), "grad_mean"),
+                     desc(mean_weights, "mean_weights"))
             if dh is not None:
                 torch.mm(b, weight, out=dh[s])
             if dw_acc is not None:
-                if dw_acc.dtype == dt:
-                    dw_acc.addmm_(b.t(), h)
-                else:
-                    dw_acc += torch.mm(b.t(), h)
+                accumulate_dw(dw_acc, b, h)
             if db_acc is not None:
                 db_acc += b.sum(0, dtype=acc)
+        del buf, b  # the logits buffer and the low-precision dW result never coexist
     dw = None if dw_acc is None else dw_acc.to(weight.dtype)
     db = None if db_acc is None else db_acc.to(bias.dtype)
     return dh, dw, db
@@ -175,12 +244,13 @@ def _select(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
 def linear_token_logprobs_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
     temperature: float, logit_scale: float, softcap: float, outputs: int, chunk_size: int,
+    mean_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     n = labels.shape[0]
     idx = valid_rows(labels, ignore_index)
     hv, lv = _select(hidden, idx), _select(labels, idx)
     r = chunked_stats(hv, weight, bias, lv, temperature, logit_scale, softcap, outputs, chunk_size,
-                      ignore_index=ignore_index)
+                      ignore_index=ignore_index, mean_weights=mean_weights)
     flags = {"logp": -1, "lse": -1, "entropy": ENTROPY, "log_sum_sq": LOG_SUM_SQ, "mean_logit": MEAN_LOGIT,
              "top1": TOP1}
     # Absent optional outputs stay empty [0] tensors (the schema is fixed).
@@ -189,7 +259,7 @@ def linear_token_logprobs_op(
 
 @linear_token_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs,
-      chunk_size):
+      chunk_size, mean_weights=None):
     n = labels.shape[0]
     acc = _acc(hidden.dtype)
     new = lambda flag, dt=acc: hidden.new_empty(n if outputs & flag else 0, dtype=dt)
@@ -202,14 +272,17 @@ def linear_token_logprobs_backward_op(
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor,
     bias: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
     ignore_index: int, temperature: float, logit_scale: float, softcap: float, chunk_size: int,
-    needs: int,
+    needs: int, grad_lse: Optional[Tensor] = None, grad_mean: Optional[Tensor] = None,
+    mean_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = labels.shape[0]
     idx = valid_rows(labels, ignore_index)
     sel = lambda t: None if t is None else _select(t, idx)
     dh, dw, db = chunked_backward(sel(grad_logp), sel(grad_entropy), sel(hidden), weight, bias,
                                   sel(labels), sel(lse), sel(entropy), temperature, logit_scale,
-                                  softcap, chunk_size, needs, ignore_index=ignore_index)
+                                  softcap, chunk_size, needs, ignore_index=ignore_index,
+                                  grad_lse=sel(grad_lse), grad_mean=sel(grad_mean),
+                                  mean_weights=mean_weights)
     empty = lambda: hidden.new_empty(0)  # distinct tensors: outputs may not alias each other
     return (empty() if dh is None else _scatter_rows(dh, idx, n), empty() if dw is None else dw,
             empty() if db is None else db)
@@ -217,7 +290,8 @@ def linear_token_logprobs_backward_op(
 
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
-      temperature, logit_scale, softcap, chunk_size, needs):
+      temperature, logit_scale, softcap, chunk_size, needs, grad_lse=None, grad_mean=None,
+      mean_weights=None):
     return (torch.empty_like(hidden) if needs & NEED_HIDDEN else hidden.new_empty(0),
             torch.empty_like(weight) if needs & NEED_WEIGHT else hidden.new_empty(0),
             torch.empty_like(bias) if (needs & NEED_BIAS and bias is not None) else hidden.new_empty(0))
@@ -225,24 +299,26 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignor
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs,
-     chunk_size) = inputs
+     chunk_size, *rest) = inputs
+    mean_weights = rest[0] if rest else None
     logp, lse, ent, lss, mean, top1 = output
-    ctx.mark_non_differentiable(lse, lss, mean, top1)
-    ctx.has_ent = bool(outputs & ENTROPY)
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ctx.has_ent else None)
+    ctx.mark_non_differentiable(lss, top1)
+    ctx.has_ent, ctx.has_mean = bool(outputs & ENTROPY), bool(outputs & MEAN_LOGIT)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ctx.has_ent else None,
+                          mean_weights if ctx.has_mean else None)
     ctx.params = (ignore_index, temperature, logit_scale, softcap, chunk_size)
 
 
 def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
-    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, ent, mw = ctx.saved_tensors
     needs = ((NEED_HIDDEN if ctx.needs_input_grad[0] else 0) | (NEED_WEIGHT if ctx.needs_input_grad[1] else 0)
              | (NEED_BIAS if ctx.needs_input_grad[2] else 0))
-    g_logp = None if g_logp is None else g_logp.to(lse.dtype).contiguous()
-    g_ent = None if (g_ent is None or ent is None) else g_ent.to(lse.dtype).contiguous()
-    dh, dw, db = linear_token_logprobs_backward_op(g_logp, g_ent, hidden, weight, bias, labels, lse,
-                                                   ent, *ctx.params, needs)
+    dt = lse.dtype
+    dh, dw, db = linear_token_logprobs_backward_op(
+        dense_grad(g_logp, dt), dense_grad(g_ent, dt, ent is not None), hidden, weight, bias, labels, lse,
+        ent, *ctx.params, needs, dense_grad(g_lse, dt), dense_grad(g_mean, dt, ctx.has_mean), mw)
     return (dh if needs & NEED_HIDDEN else None, dw if needs & NEED_WEIGHT else None,
-            db if needs & NEED_BIAS else None, None, None, None, None, None, None, None)
+            db if needs & NEED_BIAS else None, None, None, None, None, None, None, None, None)
 
 
 linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)

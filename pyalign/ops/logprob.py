@@ -3,6 +3,11 @@
 The forward returns flat ``[rows]`` tensors; absent optional outputs are empty ``[0]`` tensors so
 the schema stays fixed. ``shift`` is an op argument (not a view taken outside) so that the
 gradient is written for the full logits at once, with no slice-backward copy.
+
+Differentiable outputs: the log-probs, the entropy, the log-sum-exp (``lse``) and ``mean_logit``
+(``d lse/dz_v = p_v``, ``d mean/dz_v = w_v / V``); all four upstream gradients are folded into
+the one backward pass over the logits. ``mean_weights`` (``[V]``, optional) turns ``mean_logit``
+into ``sum_v w_v z_v / V`` (the class-weighted label-smoothing term); it gets no gradient.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ def _acc_dtype(logits: Tensor) -> torch.dtype:
 def token_logprobs_op(
     logits: Tensor, labels: Tensor, ignore_index: int, temperature: float, logit_scale: float,
     softcap: float, shift: bool, outputs: int, inplace_backward: bool,
+    mean_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     lg, lb = _shifted(logits, labels, shift)
     rows = lb.numel()
@@ -43,13 +49,14 @@ def token_logprobs_op(
         desc(lg, "logits"), desc(lb, "labels"), desc(logp, "logp"), desc(lse, "lse"),
         opt(ent, "entropy"), opt(lss, "log_sum_sq"), opt(mean, "mean_logit"), opt(top1, "top1"),
         temperature, logit_scale, softcap, ignore_index, stream_of(logits),
+        desc(mean_weights, "mean_weights"),
     )
     return logp, lse, ent, lss, mean, top1
 
 
 @token_logprobs_op.register_fake
 def _(logits, labels, ignore_index, temperature, logit_scale, softcap, shift, outputs,
-      inplace_backward):
+      inplace_backward, mean_weights=None):
     lg, lb = _shifted(logits, labels, shift)
     rows = lb.numel()
     acc = _acc_dtype(logits)
@@ -61,13 +68,15 @@ def _(logits, labels, ignore_index, temperature, logit_scale, softcap, shift, ou
 def _backward_into(grad_logits: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
                    ignore_index: int, temperature: float, logit_scale: float, softcap: float,
-                   shift: bool) -> None:
+                   shift: bool, grad_lse: Optional[Tensor] = None, grad_mean: Optional[Tensor] = None,
+                   mean_weights: Optional[Tensor] = None) -> None:
     lg, lb = _shifted(logits, labels, shift)
     gl, _ = _shifted(grad_logits, labels, shift)
     _C.logprob_backward(
         desc(lg, "logits"), desc(lb, "labels"), desc(lse, "lse"), desc(entropy, "entropy"),
         desc(grad_logp, "grad_logp"), desc(grad_entropy, "grad_entropy"), desc(gl, "grad_logits"),
         temperature, logit_scale, softcap, ignore_index, stream_of(logits),
+        desc(grad_lse, "grad_lse"), desc(grad_mean, "grad_mean"), desc(mean_weights, "mean_weights"),
     )
     if shift and grad_logits.shape[-2] > 0:
         grad_logits[..., -1, :].zero_()  # the last position predicts nothing
@@ -77,17 +86,18 @@ def _backward_into(grad_logits: Tensor, grad_logp: Optional[Tensor], grad_entrop
 def token_logprobs_backward_op(
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
     lse: Tensor, entropy: Optional[Tensor], ignore_index: int, temperature: float,
-    logit_scale: float, softcap: float, shift: bool,
+    logit_scale: float, softcap: float, shift: bool, grad_lse: Optional[Tensor] = None,
+    grad_mean: Optional[Tensor] = None, mean_weights: Optional[Tensor] = None,
 ) -> Tensor:
     grad = empty_rows_like(logits)
     _backward_into(grad, grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,
-                   temperature, logit_scale, softcap, shift)
+                   temperature, logit_scale, softcap, shift, grad_lse, grad_mean, mean_weights)
     return grad
 
 
 @token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
-      logit_scale, softcap, shift):
+      logit_scale, softcap, shift, grad_lse=None, grad_mean=None, mean_weights=None):
     return empty_rows_like(logits)
 
 
@@ -95,41 +105,50 @@ def _(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, tempe
 def token_logprobs_backward_inplace_op(
     grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], logits: Tensor, labels: Tensor,
     lse: Tensor, entropy: Optional[Tensor], ignore_index: int, temperature: float,
-    logit_scale: float, softcap: float, shift: bool,
+    logit_scale: float, softcap: float, shift: bool, grad_lse: Optional[Tensor] = None,
+    grad_mean: Optional[Tensor] = None, mean_weights: Optional[Tensor] = None,
 ) -> None:
     _backward_into(logits, grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,
-                   temperature, logit_scale, softcap, shift)
+                   temperature, logit_scale, softcap, shift, grad_lse, grad_mean, mean_weights)
 
 
 @token_logprobs_backward_inplace_op.register_fake
 def _(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
-      logit_scale, softcap, shift):
+      logit_scale, softcap, shift, grad_lse=None, grad_mean=None, mean_weights=None):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     (logits, labels, ignore_index, temperature, logit_scale, softcap, shift, outputs,
-     inplace_backward) = inputs
+     inplace_backward, *rest) = inputs
+    mean_weights = rest[0] if rest else None
     logp, lse, ent, lss, mean, top1 = output
-    ctx.mark_non_differentiable(lse, lss, mean, top1)
-    has_ent = bool(outputs & ENTROPY)
-    ctx.save_for_backward(logits, labels, lse, ent if has_ent else None)
+    ctx.mark_non_differentiable(lss, top1)
+    has_ent, has_mean = bool(outputs & ENTROPY), bool(outputs & MEAN_LOGIT)
+    ctx.has_mean = has_mean
+    ctx.save_for_backward(logits, labels, lse, ent if has_ent else None,
+                          mean_weights if has_mean else None)
     ctx.params = (ignore_index, temperature, logit_scale, softcap, shift)
     ctx.inplace = inplace_backward
 
 
-def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
-    logits, labels, lse, ent = ctx.saved_tensors
+def dense_grad(g: Optional[Tensor], dtype: torch.dtype, present: bool = True) -> Optional[Tensor]:
+    """An upstream gradient as the kernels want it (dense, accumulation dtype), or None."""
     # Upstream gradients may be expanded (stride 0, e.g. from .sum()); the kernel wants them dense.
-    g_logp = None if g_logp is None else g_logp.to(lse.dtype).contiguous()
-    g_ent = None if (g_ent is None or ent is None) else g_ent.to(lse.dtype).contiguous()
-    args = (g_logp, g_ent, logits, labels, lse, ent, *ctx.params)
+    return None if (g is None or not present) else g.to(dtype).contiguous()
+
+
+def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
+    logits, labels, lse, ent, mw = ctx.saved_tensors
+    dt = lse.dtype
+    args = (dense_grad(g_logp, dt), dense_grad(g_ent, dt, ent is not None), logits, labels, lse, ent,
+            *ctx.params, dense_grad(g_lse, dt), dense_grad(g_mean, dt, ctx.has_mean), mw)
     if ctx.inplace:
         token_logprobs_backward_inplace_op(*args)
         grad = logits
     else:
         grad = token_logprobs_backward_op(*args)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)

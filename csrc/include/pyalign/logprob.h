@@ -54,12 +54,14 @@ template <typename A> struct SoftmaxStats {
   PYALIGN_HD A log_sum_sq() const { return std::log(q) - A(2) * std::log(s); }
 };
 
-// d/dz_v of  g_lp * log p_label + g_ent * H  for one vocabulary entry.
+// d/dz_v of  g_lp * log p_label + g_ent * H + g_lse * lse + g_mean * mean_logit  for one
+// vocabulary entry, with g_mw = g_mean * w_v / V (w_v: the entry's weight in the mean, 1 when
+// unweighted). d lse/dz_v = p_v and d mean/dz_v = w_v / V.
 template <typename A>
-PYALIGN_HD A logprob_grad_z(A z, A lse, A ent, A g_lp, A g_ent, bool is_label) {
+PYALIGN_HD A logprob_grad_z(A z, A lse, A ent, A g_lp, A g_ent, A g_lse, A g_mw, bool is_label) {
   A logp = z - lse;
   A p = fast_exp(logp);
-  A g = -g_lp * p;
+  A g = (g_lse - g_lp) * p + g_mw;
   // dH/dz_v = -p_v (log p_v + H); zero (not 0 * -inf) for masked entries.
   g -= p > A(0) ? g_ent * p * (logp + ent) : A(0);
   return is_label ? g + g_lp : g;
@@ -81,6 +83,9 @@ struct LogprobForwardArgs {
   // label outside [0, V) that is not ignore_index then names an entry of another slice. The
   // row's statistics are those of the slice; logp is -inf and top1 false for such a label.
   bool vocab_slice = false;
+  // [V] fp32 (fp64 for fp64 logits) or empty: mean_logit is then sum_v w_v z_v / V (the
+  // class-weighted smoothing term of a cross-entropy). Not on a vocabulary slice.
+  TensorArg mean_weights;
 };
 
 struct LogprobBackwardArgs {
@@ -92,6 +97,9 @@ struct LogprobBackwardArgs {
   // As in LogprobForwardArgs; lse and entropy are then those of the whole vocabulary, and a
   // label outside the slice contributes no label term.
   bool vocab_slice = false;
+  // Upstream gradients of the forward's lse and mean_logit ([rows] like grad_logp, or empty),
+  // folded into the same pass; mean_weights as in the forward (grad_mean only off a slice).
+  TensorArg grad_lse, grad_mean, mean_weights;
 };
 
 void logprob_forward_cpu(const LogprobForwardArgs& a);

@@ -15,8 +15,10 @@ collective of the forward; every rank then combines them identically, with
 
 These forms use only shard-level log-sum-exps, never raw logits, so they keep the precision of
 the single-process kernel at large logits. The backward needs no collective for the logits: the
-gradient of each shard is the single-process formula with the global ``lse`` and ``H``. The
-fused linear variant all-reduces ``dhidden`` (a sum over the shards' partial products) once.
+gradient of each shard is the single-process formula with the global ``lse`` and ``H``, plus
+the upstream gradients of ``lse`` (``d lse/dz_v = p_v``) and ``mean_logit`` (``1 / V`` of the whole
+vocabulary) folded into the same slice kernel. The fused linear variant all-reduces ``dhidden``
+(a sum over the shards' partial products) once.
 
 Labels must be the same on every rank. Collectives run outside custom ops, so these functions
 use ``torch.autograd.Function`` and are not meant to be traced by ``torch.compile``.
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign._ext import _C, desc, empty_rows_like, stream_of
-from pyalign.linear import check_head, check_options, package
+from pyalign.linear import cast_head, check_head, check_options, package
 from pyalign.logprob import check_labels
 from pyalign.ops.linear import (NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, auto_chunk_size, chunked_backward,
                                 chunked_stats, valid_rows)
@@ -162,22 +164,26 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         out = _exchange(r, inside, start, v_local, flags, tf, group)
         res = _finish(out, valid, lb.reshape(-1), ignore_index, flags, validate)
         ctx.save_for_backward(logits, local, res[1], out.get("entropy"))
-        ctx.params = (tf, shift)
-        ctx.mark_non_differentiable(*[t for t in res[1:] if t is not None and t is not res[2]])
+        ctx.params = (tf, shift, out["vocab"], bool(flags & MEAN_LOGIT))
+        # lse, entropy and mean_logit are differentiable; log_sum_sq and is_top1 are not
+        ctx.mark_non_differentiable(*[t for t in (res[3], res[5]) if t is not None])
         return res
 
     @staticmethod
     def backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
         logits, local, lse, ent = ctx.saved_tensors
-        tf, shift = ctx.params
+        tf, shift, vocab, has_mean = ctx.params
         grad = empty_rows_like(logits)
         lg, gl = (logits[..., :-1, :], grad[..., :-1, :]) if shift else (logits, grad)
         prep = lambda g: None if g is None else g.to(lse.dtype).contiguous()
         g_ent = prep(g_ent) if ent is not None else None
+        g_mean = prep(g_mean) if has_mean else None
         _C.logprob_backward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(lse, "lse"),
                                   desc(ent if g_ent is not None else None, "entropy"),
                                   desc(prep(g_logp), "grad_logp"), desc(g_ent, "grad_entropy"),
-                                  desc(gl, "grad_logits"), *tf, _LOCAL_IGNORE, stream_of(logits))
+                                  desc(gl, "grad_logits"), *tf, _LOCAL_IGNORE, stream_of(logits),
+                                  desc(prep(g_lse), "grad_lse"), desc(g_mean, "grad_mean"), None,
+                                  mean_vocab=vocab if g_mean is not None else 0)
         if shift:
             grad[..., -1, :].zero_()
         return grad, None, None, None, None, None, None, None, None
@@ -204,7 +210,8 @@ def vocab_parallel_token_logprobs(
     V_local)`` of the full logits; ``labels`` (``[...]``, the same on every rank) index the full
     vocabulary. ``vocab_start=None`` places the shards in rank order (one extra tiny
     ``all_gather`` of the shard sizes). Results and options are those of ``token_logprobs`` on the
-    concatenated logits; the gradient flows to ``logits_shard`` through log-probs and entropy.
+    concatenated logits (``outputs`` may include ``"lse"``); the gradient flows to ``logits_shard``
+    through the log-probs, the entropy, ``lse`` and ``mean_logit``.
 
     Raises ValueError (on every rank) when the shards do not tile ``[0, V)`` or a label lies
     outside ``[0, V)`` (checked on CPU always; on CUDA only with ``validate=True``, a host sync).
@@ -221,7 +228,7 @@ def vocab_parallel_token_logprobs(
     if shift and logits_shard.dim() < 2:
         raise ValueError(f"shift=True: logits_shard needs a sequence dimension, got {tuple(logits_shard.shape)}")
     temperature, logit_scale, softcap, flags, wanted = check_options(
-        ignore_index, temperature, logit_scale, softcap, None, outputs, return_entropy)
+        ignore_index, temperature, logit_scale, softcap, None, outputs, return_entropy, allow_lse=True)
     _group_info(group)
     if logits_shard.stride(-1) != 1 and logits_shard.shape[-1] > 1:
         logits_shard = logits_shard.contiguous()
@@ -231,8 +238,8 @@ def vocab_parallel_token_logprobs(
     out_shape = labels[..., 1:].shape if shift else labels.shape
     res = _VocabParallelLogprobs.apply(logits_shard, labels, group, start, ignore_index,
                                        (temperature, logit_scale, softcap), bool(shift), flags, bool(validate))
-    logp, _, ent, lss, mean, top1 = res
-    return package((logp, ent, lss, mean, top1), out_shape, wanted, outputs, return_entropy)
+    logp, lse, ent, lss, mean, top1 = res
+    return package((logp, ent, lss, mean, top1, lse), out_shape, wanted, outputs, return_entropy)
 
 
 class _VocabParallelLinear(torch.autograd.Function):
@@ -255,14 +262,14 @@ class _VocabParallelLinear(torch.autograd.Function):
                 out[key] = full(out[key])
         res = _finish(out, valid, labels, ignore_index, flags, validate)
         ctx.save_for_backward(hidden, weight, bias, labels, res[1], out.get("entropy"))
-        ctx.params = (group, start, ignore_index, tf, chunk)
-        ctx.mark_non_differentiable(*[t for t in res[1:] if t is not None and t is not res[2]])
+        ctx.params = (group, start, ignore_index, tf, chunk, out["vocab"], bool(flags & MEAN_LOGIT))
+        ctx.mark_non_differentiable(*[t for t in (res[3], res[5]) if t is not None])
         return res
 
     @staticmethod
     def backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        group, start, ignore_index, tf, chunk = ctx.params
+        group, start, ignore_index, tf, chunk, vocab, has_mean = ctx.params
         needs = ((NEED_HIDDEN if ctx.needs_input_grad[0] else 0) | (NEED_WEIGHT if ctx.needs_input_grad[1] else 0)
                  | (NEED_BIAS if ctx.needs_input_grad[2] else 0))
         idx = valid_rows(labels, ignore_index)
@@ -273,7 +280,8 @@ class _VocabParallelLinear(torch.autograd.Function):
         g_ent = prep(g_ent) if ent is not None else None
         dh, dw, db = chunked_backward(prep(g_logp), g_ent, sel(hidden), weight, bias, local, sel(lse),
                                       sel(ent) if g_ent is not None else None, *tf, chunk, needs,
-                                      vocab_slice=True, ignore_index=_LOCAL_IGNORE)
+                                      vocab_slice=True, ignore_index=_LOCAL_IGNORE, grad_lse=prep(g_lse),
+                                      grad_mean=prep(g_mean) if has_mean else None, mean_vocab=vocab)
         if dh is not None:
             if idx is not None:
                 dh = hidden.new_zeros(hidden.shape).index_copy_(0, idx, dh)
@@ -307,12 +315,17 @@ def vocab_parallel_linear_token_logprobs(
     ``[tokens, V_local]`` logits are held); the forward makes one ``all_gather`` of per-token
     statistics, the backward one ``all_reduce`` of ``dhidden`` (so ``hidden.grad`` is the full
     gradient on every rank), while ``weight_shard`` and ``bias_shard`` get their shard's gradient.
+    ``outputs`` may include ``"lse"``; gradients flow through the log-probs, the entropy, ``lse`` and
+    ``mean_logit``. Dtypes as in :func:`pyalign.linear.linear_token_logprobs`: fp32/bf16/fp16 tensors
+    of different dtypes run in the promoted dtype (or autocast's), each gradient in its input's
+    dtype; the backward's loop order (token-outer or vocab-blocked) is chosen as there.
     """
     check_head(hidden, weight_shard, bias_shard, labels, shift=shift, weight_name="weight_shard",
-               bias_name="bias_shard")
+               bias_name="bias_shard", mixed_dtypes=True)
     temperature, logit_scale, softcap, flags, wanted = check_options(
-        ignore_index, temperature, logit_scale, softcap, chunk_size, outputs, return_entropy)
+        ignore_index, temperature, logit_scale, softcap, chunk_size, outputs, return_entropy, allow_lse=True)
     _group_info(group)
+    hidden, weight_shard, bias_shard = cast_head(hidden, weight_shard, bias_shard)
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     out_shape = labels.shape
@@ -322,8 +335,8 @@ def vocab_parallel_linear_token_logprobs(
         validate = hidden.device.type == "cpu"
     h2, l1 = hidden.reshape(-1, H), labels.reshape(-1)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(max(1, l1.numel()), v_local, hidden.dtype, hidden.device)
+        chunk_size = auto_chunk_size(max(1, l1.numel()), v_local, hidden.dtype, hidden.device, H)
     res = _VocabParallelLinear.apply(h2, weight_shard, bias_shard, l1, group, start, ignore_index,
                                      (temperature, logit_scale, softcap), flags, int(chunk_size), bool(validate))
-    logp, _, ent, lss, mean, top1 = res
-    return package((logp, ent, lss, mean, top1), out_shape, wanted, outputs, return_entropy)
+    logp, lse, ent, lss, mean, top1 = res
+    return package((logp, ent, lss, mean, top1, lse), out_shape, wanted, outputs, return_entropy)

@@ -108,7 +108,7 @@ def cast_head(hidden, weight, bias):
 def check_options(ignore_index, temperature, logit_scale, softcap, chunk_size, outputs, return_entropy,
                   *, allow_lse: bool = False):
     """Validates the scalar options; returns ``(temperature, logit_scale, softcap, flags, wanted)``.
-    ``allow_lse``: the output name ``"lse"`` is accepted (not by the vocab-parallel variants)."""
+    ``allow_lse``: the output name ``"lse"`` is accepted (every public caller allows it now)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     temperature = _checks.positive(temperature, "temperature")
@@ -158,9 +158,14 @@ def linear_token_logprobs(
         bias: optional ``[V]``.
         chunk_size: tokens per chunk; default from V, H, dtype and device
             (:func:`pyalign.ops.linear.auto_chunk_size`: a 64 MiB working set on CPU, 512 MiB on
-            CUDA). Peak extra memory is about ``chunk_size * V * itemsize * 9/8`` plus, when
-            ``weight`` needs a gradient and is bf16/fp16, an fp32 ``[V, H]`` accumulator, plus
-            O(tokens * H) (the logits buffer is freed before the ``dW`` result is formed).
+            CUDA). Peak extra memory beyond the returned gradients (``n`` kept tokens):
+            ``chunk_size * V * itemsize`` (the logits buffer; in the backward of bf16/fp16
+            weights that need a gradient, the vocab-blocked logits block, at most
+            ``max(chunk_size * V, 16 * min(V, 1024 CPU / 4096 CUDA))`` elements) + ``n * H * 4``
+            (fp32 ``dhidden`` accumulator, bf16/fp16 only) + O(n * H); an fp32 ``[V_block, H]``
+            staging block is added only when the tokens need several chunks of that block.
+            No fp32 ``[V, H]`` accumulator is held (fp32/fp64 weights accumulate ``dW`` in the
+            result itself). See :mod:`pyalign.ops.linear` for the two backward loop orders.
 
     Rows with ``labels == ignore_index`` cost no matmul work and give 0.
     """

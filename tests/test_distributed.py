@@ -14,12 +14,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+import pyalign.ops.linear as ops_linear
 from pyalign.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
 from pyalign.linear import linear_token_logprobs
 from pyalign.logprob import token_logprobs
 
-STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
-ALL = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
+ALL = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
+
+
+def _loss(r, coeffs):
+    """A loss through every differentiable output: log-probs, entropy, lse (a z-loss) and mean_logit."""
+    c1, c2, c3, c4 = coeffs
+    return (r.logprobs * c1).sum() + (r.entropy * c2).sum() + (r.lse ** 2 * c3).sum() + (r.mean_logit * c4).sum()
+
+
+def _coeffs(shape, g):
+    return [torch.randn(shape, generator=g) for _ in range(4)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
@@ -61,24 +72,30 @@ def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False,
 
     full = logits.clone().requires_grad_()
     ref = token_logprobs(full, labels, shift=shift, outputs=ALL, **opts)
-    w1, w2 = torch.randn(ref.logprobs.shape, generator=g), torch.randn(ref.logprobs.shape, generator=g)
-    ((ref.logprobs * w1).sum() + (ref.entropy * w2).sum()).backward()
+    coeffs = _coeffs(ref.logprobs.shape, g)
+    _loss(ref, coeffs).backward()
 
     shard = logits[..., s0:s0 + n].clone().requires_grad_()
     got = vocab_parallel_token_logprobs(shard, labels, vocab_start=s0 if give_start else None, shift=shift,
                                         outputs=ALL, **opts)
     for name in STATS:
         _close(getattr(got, name), getattr(ref, name), tol, f"{name} (rank {rank}/{world}, {dtype})")
-    ((got.logprobs * w1).sum() + (got.entropy * w2).sum()).backward()
+    _loss(got, coeffs).backward()
     _close(shard.grad, full.grad[..., s0:s0 + n], tol, f"grad (rank {rank}/{world}, {dtype})")
 
 
-def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, True)):
+def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, True), weight_dtype=None,
+                 path=None, blocks=None):
+    """``weight_dtype``: a head dtype other than ``dtype`` (mixed dtypes); ``path``/``blocks``: force
+    the backward loop order and the vocab-blocked sizes (private switches), here and in the
+    single-process reference."""
+    ops_linear._FORCE_BACKWARD, ops_linear._FORCE_BLOCKS = path, blocks
     g = torch.Generator().manual_seed(5)
     V, H = 29, 8
+    wdt = weight_dtype or dtype
     hidden = torch.randn(2, 6, H, generator=g, dtype=torch.float64).to(dtype)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(wdt)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(wdt) if bias else None
     labels = torch.randint(0, V, (2, 6), generator=g)
     labels[1, :3] = -100
     starts, sizes = _bounds(V, world, True)
@@ -91,21 +108,24 @@ def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, Tr
 
     h1, w1_, b1 = leaves(hidden, weight, b)
     ref = linear_token_logprobs(h1, w1_, labels, bias=b1, shift=shift, outputs=ALL, chunk_size=4, **opts)
-    c1, c2 = torch.randn(ref.logprobs.shape, generator=g), torch.randn(ref.logprobs.shape, generator=g)
-    ((ref.logprobs * c1).sum() + (ref.entropy * c2).sum()).backward()
+    coeffs = _coeffs(ref.logprobs.shape, g)
+    _loss(ref, coeffs).backward()
 
     h2, w2_, b2 = leaves(hidden, weight[s0:s0 + n], None if b is None else b[s0:s0 + n])
     got = vocab_parallel_linear_token_logprobs(h2, w2_, labels, bias_shard=b2, shift=shift, outputs=ALL,
                                                chunk_size=3, vocab_start=s0, **opts)
     for name in STATS:
         _close(getattr(got, name), getattr(ref, name), tol, f"linear {name} (rank {rank}/{world})")
-    ((got.logprobs * c1).sum() + (got.entropy * c2).sum()).backward()
+    _loss(got, coeffs).backward()
     if needs[0]:
+        assert h2.grad.dtype == dtype
         _close(h2.grad, h1.grad, tol, "linear dhidden")
     if needs[1]:
+        assert w2_.grad.dtype == wdt
         _close(w2_.grad, w1_.grad[s0:s0 + n], tol, "linear dweight")
     if bias and needs[2]:
         _close(b2.grad, b1.grad[s0:s0 + n], tol, "linear dbias")
+    ops_linear._FORCE_BACKWARD = ops_linear._FORCE_BLOCKS = None
 
 
 def _expect_error(fn, match):
@@ -154,6 +174,11 @@ def _all_cases(rank, world):
     _case_linear(rank, world, torch.float64, bias=False, shift=True, opts={"temperature": 1.3, "softcap": 3.0})
     _case_linear(rank, world, torch.float32, bias=True, shift=True, opts={}, needs=(True, False, True))
     _case_linear(rank, world, torch.float64, bias=True, shift=False, opts={}, needs=(False, True, False))
+    # the vocab-blocked backward on each shard (blocks of 3 vocabulary rows, token chunks of 4)
+    _case_linear(rank, world, torch.float64, bias=True, shift=True, opts={"softcap": 3.0}, path="vocab", blocks=(4, 3))
+    _case_linear(rank, world, torch.bfloat16, bias=True, shift=False, opts={})  # bf16 head: vocab-blocked
+    # mixed dtypes: promoted like linear_token_logprobs, gradients in each input's dtype
+    _case_linear(rank, world, torch.float32, bias=True, shift=False, opts={}, weight_dtype=torch.bfloat16)
     _bad_inputs(rank, world)
 
 

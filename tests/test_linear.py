@@ -460,10 +460,12 @@ def test_accumulate_dw_is_fp32_exact():
     assert max_err(acc, (a.t() @ h).float()) > 1e-4  # what rounding to bf16 would have given
 
 
-def test_peak_memory_within_documented_bound():
-    """bf16 head, gradients for hidden and weight: the peak extra memory (VmHWM method of the bench
-    suite, results included) stays within the documented bound
-    V*H*4 (fp32 dW accumulator) + max(chunk*V*2*9/8, V*H*2 (the dW result)) + O(tokens*H)."""
+def test_peak_memory_within_documented_bound(force_path):
+    """bf16 head, gradients for hidden and weight, peak extra memory by the VmHWM method of the bench
+    suite (results included). The automatic (vocab-blocked) path stays within the documented bound
+    V*H*2 (the bf16 dW result) + dhidden (n*H*2) + the logits block (<= chunk*V*2) + fp32 dhidden
+    accumulator (n*H*4) + O(n*H), which is below the V*H*4 of an fp32 [V, H] accumulator alone;
+    the token-outer path, which holds that accumulator, needs at least that much more."""
     from pyalign.bench.common import cpu_peak_supported, peak_extra_mb
     if not cpu_peak_supported():
         pytest.skip("/proc/self/clear_refs not writable")
@@ -478,12 +480,30 @@ def test_peak_memory_within_documented_bound():
         lp = linear_token_logprobs(h, w, labels, chunk_size=chunk)
         gh, gw = torch.autograd.grad(lp.sum(), (h, w))
         return gh, gw
-    run()  # warm-up (allocator, thread pools)
+    import ctypes
+    try:  # hand freed heap memory back to the OS first, or the RSS before a run would include it
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        trim = lambda _: None
+
+    def measure():
+        trim(0)
+        return peak_extra_mb(run, "cpu")
     mib = 2 ** 20
-    bound = (V * H * 4 + max(chunk * V * 2 * 9 / 8, V * H * 2) + 8 * n * H * 4) / mib
-    peaks = [peak_extra_mb(run, "cpu") for _ in range(2)]
-    # the old per-chunk [V, H] bf16 temporary alone would add V*H*2 = 31 MiB on top
-    assert min(peaks) <= bound * 1.05 + 6, (peaks, bound)
+    peaks = {}
+    for path in (None, "token"):
+        force_path(path)
+        run()  # warm-up (allocator, thread pools)
+        peaks[path] = min(measure() for _ in range(2))
+    force_path(None)
+    bound = (V * H * 2 + chunk * V * 2 + n * H * (2 + 4) + 8 * n * H * 4) / mib
+    acc = V * H * 4 / mib  # 62.5 MiB
+    assert peaks[None] <= bound * 1.05 + 6, (peaks, bound)
+    assert peaks[None] < acc, (peaks, acc)  # cannot be holding an fp32 [V, H] accumulator
+    assert peaks["token"] >= peaks[None] + 0.7 * acc, peaks
+    # the old token-outer bound still holds for that path
+    old = (V * H * 4 + max(chunk * V * 2 * 9 / 8, V * H * 2) + 8 * n * H * 4) / mib
+    assert peaks["token"] <= old * 1.05 + 6, (peaks, old)
 
 
 def test_auto_chunk_size_depends_on_hidden():
@@ -512,3 +532,228 @@ def test_matches_reference_hypothesis_all_dtypes_and_grad_subsets(B, T, H, V, bi
         T = 2
     hidden, weight, b, labels = make((B, T), H, V, dtype, "cpu", bias=bias, ignore=ignore, seed=B * 17 + T + V)
     check_against_reference(hidden, weight, b, labels, chunk_size=chunk, needs=needs, **opts)
+
+
+# ---- the vocab-blocked backward (vocabulary blocks outermost, token chunks inside) ----------------
+
+import pyalign.ops.linear as ops_linear  # noqa: E402
+from pyalign._ext import _C, desc  # noqa: E402
+
+LOW_TOL = {torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # block-by-block rounding (relative to max)
+# forced (token chunk, vocab block) sizes: several chunks and blocks with remainders; one block
+BLOCKS = [(5, 7), (4, 64), (1000, 3), None]
+
+
+@pytest.fixture
+def force_path():
+    """Sets the private backward switches of pyalign.ops.linear, restored afterwards."""
+    def set_(path, blocks=None):
+        ops_linear._FORCE_BACKWARD, ops_linear._FORCE_BLOCKS = path, blocks
+    yield set_
+    set_(None, None)
+
+
+def _ref_all(hidden, weight, bias, labels, *, dtype, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+             softcap=None, shift=False):
+    """Materialized logp, entropy, lse, mean_logit in ``dtype`` (0 at ignored tokens)."""
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    z = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    zf = z.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    valid = labels != ignore_index
+    logsm = torch.log_softmax(zf, -1)
+    lp = logsm.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    lse, mean = torch.logsumexp(zf, -1), zf.mean(-1)
+    zero = torch.zeros_like(lp)
+    return [torch.where(valid, t, zero) for t in (lp, ent, lse, mean)]
+
+
+def _all_outputs_loss(outs, coeffs):
+    lp, ent, lse, mean = outs
+    c1, c2, c3, c4 = coeffs
+    return (lp * c1).sum() + (ent * c2).sum() + (lse ** 2 * c3).sum() + (mean * c4).sum()
+
+
+def _fused_grads(hidden, weight, bias, labels, needs, coeffs, **kw):
+    leaves = [t.clone().requires_grad_(n) if t is not None else None for t, n in zip((hidden, weight, bias), needs)]
+    o = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], outputs=("entropy", "lse", "mean_logit"),
+                              chunk_size=3, **kw)
+    outs = [o.logprobs, o.entropy, o.lse, o.mean_logit]
+    present = [t for t in leaves if t is not None and t.requires_grad]
+    it = iter(torch.autograd.grad(_all_outputs_loss(outs, coeffs), present))
+    return [t.detach() for t in outs], [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
+
+
+def _ref_grads(hidden, weight, bias, labels, needs, coeffs, dtype, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    outs = _ref_all(*leaves[:2], leaves[2], labels, dtype=dtype, **kw)
+    present = [t for t in leaves if t is not None]
+    it = iter(torch.autograd.grad(_all_outputs_loss(outs, coeffs), present))
+    grads = [next(it) if t is not None else None for t in leaves]
+    return [t.detach() for t in outs], [g if n else None for g, n in zip(grads, needs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("opts", [{}, {"shift": True}, {"softcap": 3.0, "logit_scale": 1.7, "temperature": 0.8}],
+                         ids=["plain", "shift", "transform"])
+def test_vocab_blocked_matches_reference_and_token_outer(force_path, dtype, bias, opts):
+    """Each forced loop order (and several block shapes) against the materialized fp64 reference,
+    through log-probs, entropy, lse and mean_logit, for subsets of inputs requiring grad, with
+    ignored tokens; and the two loop orders against each other within rounding."""
+    hidden, weight, b, labels = make((3, 7), 16, 53, dtype, "cpu", bias=bias, ignore=0.25, seed=7)
+    g = torch.Generator().manual_seed(2)
+    n_out = labels[..., 1:].shape if opts.get("shift") else labels.shape
+    coeffs = [torch.randn(n_out, generator=g) for _ in range(4)]
+    for needs in ((True, True, True), (False, True, False), (True, False, True), (False, True, True)):
+        if not any(n and t is not None for n, t in zip(needs, (hidden, weight, b))):
+            continue
+        ref_out, ref_g = _ref_grads(hidden, weight, b, labels, needs, coeffs, torch.float64, **opts)
+        force_path("token")
+        tok_out, tok_g = _fused_grads(hidden, weight, b, labels, needs, coeffs, **opts)
+        if dtype in LOW_TOL:
+            eager_out, eager_g = _ref_grads(hidden, weight, b, labels, needs, coeffs, dtype, **opts)
+        for blocks in BLOCKS:
+            force_path("vocab", blocks)
+            got_out, got_g = _fused_grads(hidden, weight, b, labels, needs, coeffs, **opts)
+            what = f"needs={needs} blocks={blocks}"
+            for k, (go, to, ro) in enumerate(zip(got_out, tok_out, ref_out)):
+                assert torch.equal(go, to), f"forward output {k} ({what})"  # the forward is shared
+            for k, (gg, tg, rg) in enumerate(zip(got_g, tok_g, ref_g)):
+                if rg is None:
+                    assert gg is None and tg is None
+                    continue
+                assert gg.dtype == (b if k == 2 else (hidden, weight)[k]).dtype
+                scale = 1 + rg.abs().max().item()
+                if dtype in (torch.float64, torch.float32):
+                    tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+                    assert max_err(gg, rg) <= tol * scale, f"grad {k} vs reference ({what})"
+                    assert max_err(gg, tg) <= tol * scale, f"grad {k} vs token-outer ({what})"
+                else:
+                    e_err = max_err(eager_g[k], rg)
+                    assert max_err(gg, rg) <= 2 * e_err + 0.02 * scale, f"grad {k} vs reference ({what})"
+                    assert max_err(gg, tg) <= LOW_TOL[dtype] * scale, f"grad {k} vs token-outer ({what})"
+
+
+@pytest.mark.parametrize("path", ["token", "vocab"])
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=3) if any(n)])
+def test_backward_paths_requires_grad_subsets(force_path, path, needs):
+    hidden, weight, b, labels = make((2, 5), 8, 13, torch.float64, "cpu", ignore=0.3)
+    force_path(path, (3, 4) if path == "vocab" else None)
+    leaves = [t.clone().requires_grad_(n) for t, n in zip((hidden, weight, b), needs)]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    _, rgrads = ref_grads(hidden, weight, b, labels, torch.ones(lp.shape), 0.5 * torch.ones(lp.shape))
+    for leaf, need, rg in zip(leaves, needs, rgrads):
+        assert (leaf.grad is None) == (not need)
+        if need:
+            assert max_err(leaf.grad, rg) < 1e-9
+
+
+def test_vocab_blocked_all_ignored_and_gradcheck(force_path):
+    force_path("vocab", (3, 4))
+    hidden, weight, b, labels = make((2, 4), 5, 11, torch.float64, "cpu", ignore=0.25)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    cw = torch.rand(11, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda h, w, bb: linear_cross_entropy(h, w, labels, bias=bb, label_smoothing=0.2, z_loss_scale=0.05,
+                                              class_weights=cw, softcap=2.5, reduction="none"), leaves)
+    none = torch.full_like(labels, -100)
+    lp = linear_token_logprobs(leaves[0], leaves[1], none, bias=leaves[2])
+    grads = torch.autograd.grad(lp.sum(), leaves)
+    assert all(torch.equal(gr, torch.zeros_like(gr)) for gr in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_blocked_cross_entropy(force_path, dtype, reduction):
+    """linear_cross_entropy with label smoothing, class weights and z-loss: both loop orders against
+    F.cross_entropy on materialized logits (fp64), and against each other."""
+    opts = dict(reduction=reduction, label_smoothing=0.2, z_loss_scale=0.01, weighted=True)
+    hidden, weight, b, labels, cw, kw = _ce_case(dtype, opts, shape=(4, 9), H=16, V=61, seed=4)
+    tf = {"softcap": 4.0, "temperature": 0.7}
+    up = lambda out: torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).view(out.shape).to(out.dtype)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    want, rgrads = _ce_grads(lambda h, w, bb: ref_cross_entropy(h @ w.t() + bb, labels, class_weights=cw, **kw, **tf)[0],
+                             ref_leaves, up)
+    results = {}
+    for path, blocks in (("token", None), ("vocab", (5, 7)), ("vocab", (100, 16)), ("vocab", None)):
+        force_path(path, blocks)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        results[(path, blocks)] = _ce_grads(
+            lambda h, w, bb: linear_cross_entropy(h, w, labels, bias=bb, class_weights=cw, chunk_size=6, **kw, **tf),
+            leaves, up)
+    tok_loss, tok_grads = results[("token", None)]
+    for key, (loss, grads) in results.items():
+        if dtype == torch.bfloat16:
+            tol_ref, tol_tok = 0.03, LOW_TOL[dtype]
+        else:
+            tol_ref = tol_tok = 1e-10 if dtype == torch.float64 else 2e-5
+        assert max_err(loss, want) <= tol_ref * (1 + want.abs().max().item()), key
+        assert torch.equal(loss, tok_loss), key
+        for gg, tg, rg in zip(grads, tok_grads, rgrads):
+            assert max_err(gg, rg) <= tol_ref * (1 + rg.abs().max().item()), key
+            assert max_err(gg, tg) <= tol_tok * (1 + rg.abs().max().item()), key
+
+
+def test_backward_path_choice():
+    w32, w16 = torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.bfloat16)
+    N = ops_linear
+    assert N.use_vocab_blocks(w16, N.NEED_WEIGHT) and N.use_vocab_blocks(w16, N.NEED_WEIGHT | N.NEED_HIDDEN)
+    assert not N.use_vocab_blocks(w16, N.NEED_HIDDEN)  # no dW: no accumulator to avoid
+    assert not N.use_vocab_blocks(w32, N.NEED_WEIGHT)  # fp32 dW accumulates in the result itself
+    # GPU size of the issue: all 16384 rows in one token chunk, wide vocabulary blocks, within the
+    # token-outer path's logits buffer
+    chunk = auto_chunk_size(16384, 128256, torch.bfloat16, "cuda", 4096)
+    c, vb = N.vocab_block_sizes(16384, 128256, chunk, "cuda")
+    assert c == 16384 and vb % 64 == 0 and vb >= N.MIN_VOCAB_BLOCK["cuda"] and c * vb <= chunk * 128256
+    # many rows: the block stays at the GEMM floor and the token chunk shrinks instead
+    c, vb = N.vocab_block_sizes(1 << 20, 32000, 64, "cpu")
+    assert vb == N.MIN_VOCAB_BLOCK["cpu"] and c % 16 == 0 and c * vb <= 64 * 32000
+    assert N.vocab_block_sizes(10, 5, 1, "cpu") == (10, 5)  # small V: one block (token chunk >= 16 rows)
+
+
+def test_slice_kernel_grad_mean_with_global_vocab():
+    """The slice backward with grad_mean, the whole vocabulary's size and the slice's class weights
+    gives, slice by slice, the full-vocabulary gradient."""
+    g = torch.Generator().manual_seed(0)
+    n, V = 6, 10
+    logits = torch.randn(n, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (n,), generator=g)
+    mw = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    lse, ent = torch.logsumexp(logits, -1), torch.zeros(n, dtype=torch.float64)
+    gr = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3)]  # logp, lse, mean
+    full = torch.empty_like(logits)
+    tf = (1.0, 1.0, 0.0)
+    _C.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+                        desc(gr[0], "grad_logp"), None, desc(full, "grad_logits"), *tf, -100, 0,
+                        desc(gr[1], "grad_lse"), desc(gr[2], "grad_mean"), desc(mw, "mean_weights"))
+    parts = []
+    for v0, v1 in ((0, 4), (4, 10)):
+        local = torch.where((labels >= v0) & (labels < v1), labels - v0, -1)
+        out = torch.empty(n, v1 - v0, dtype=torch.float64)
+        _C.logprob_backward_slice(desc(logits[:, v0:v1], "logits"), desc(local, "labels"), desc(lse, "lse"), None,
+                                  desc(gr[0], "grad_logp"), None, desc(out, "grad_logits"), *tf, -(1 << 62), 0,
+                                  desc(gr[1], "grad_lse"), desc(gr[2], "grad_mean"), desc(mw[v0:v1].contiguous(), "mean_weights"),
+                                  mean_vocab=V)
+        parts.append(out)
+    assert max_err(torch.cat(parts, 1), full) < 1e-14
+    out = torch.empty(n, 4, dtype=torch.float64)
+    with pytest.raises(Exception, match="mean_vocab"):  # the slice's own V is not the vocabulary size
+        _C.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+                                  None, None, desc(out, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"),
+                                  None, mean_vocab=2)
+    with pytest.raises(Exception, match="mean_vocab"):
+        _C.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None, None, None,
+                            desc(full, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"), None, mean_vocab=7)
+    with pytest.raises(Exception, match="mean_weights"):
+        _C.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+                                  None, None, desc(out, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"),
+                                  desc(mw, "mean_weights"), mean_vocab=V)

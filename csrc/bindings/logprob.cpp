@@ -26,10 +26,10 @@ void check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
     require(labels.shape[d] == logits.shape[d], labels.describe() + ": expected the leading shape of " + logits.describe());
 }
 
-// Optional class weights of mean_logit: [V] in the accumulation dtype, contiguous.
-void check_mean_weights(const TensorArg& w, const TensorArg& logits, bool slice) {
+// Optional class weights of mean_logit: [V] in the accumulation dtype, contiguous (on a vocabulary
+// slice: the weights of the slice's V entries).
+void check_mean_weights(const TensorArg& w, const TensorArg& logits) {
   if (!w.present()) return;
-  require(!slice, "mean_weights: not supported on a vocabulary slice");
   const int64_t V = logits.size(-1);
   require(w.ndim == 1 && w.shape[0] == V && (V <= 1 || w.strides[0] == 1),
           w.describe() + ": expected a contiguous 1-d tensor of " + std::to_string(V) + " elements (V of " +
@@ -58,7 +58,7 @@ void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, 
   const int64_t rows = labels.numel();
   const DType adt = acc_dtype(logits.dtype);
   require(logp.present() && lse.present(), "logp and lse outputs are required");
-  check_mean_weights(mean_weights, logits, SLICE);
+  check_mean_weights(mean_weights, logits);
   for (const TensorArg* t : {&logp, &lse, &entropy, &log_sum_sq, &mean_logit}) check_rows(*t, rows, adt);
   check_rows(top1, rows, DType::b8);
   LogprobForwardArgs a{logits, labels, logp, lse, entropy, log_sum_sq, mean_logit, top1,
@@ -75,13 +75,23 @@ template <bool SLICE>
 void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entropy, TensorArg grad_logp,
               TensorArg grad_entropy, TensorArg grad_logits, double temperature, double logit_scale,
               double softcap, int64_t ignore_index, uintptr_t stream, TensorArg grad_lse,
-              TensorArg grad_mean, TensorArg mean_weights) {
+              TensorArg grad_mean, TensorArg mean_weights, int64_t mean_vocab) {
   check_logits_labels(logits, labels);
   const int64_t rows = labels.numel();
   const DType adt = acc_dtype(logits.dtype);
   for (const TensorArg* t : {&lse, &entropy, &grad_logp, &grad_entropy, &grad_lse, &grad_mean}) check_rows(*t, rows, adt);
-  check_mean_weights(mean_weights, logits, SLICE);
-  require(!SLICE || !grad_mean.present(), "grad_mean: not supported on a vocabulary slice");
+  check_mean_weights(mean_weights, logits);
+  const int64_t V = logits.size(-1);
+  require(mean_vocab >= 0, "mean_vocab: expected 0 (the V of logits) or the vocabulary size, got " + std::to_string(mean_vocab));
+  if (SLICE) {
+    require(!grad_mean.present() || mean_vocab >= V,
+            "mean_vocab: with grad_mean on a vocabulary slice, expected the whole vocabulary's size (>= " +
+                std::to_string(V) + ", the V of " + logits.describe() + "), got " + std::to_string(mean_vocab));
+  } else {
+    require(mean_vocab == 0 || mean_vocab == V, "mean_vocab: expected 0 or " + std::to_string(V) + " (the V of " +
+                                                    logits.describe() + ") off a vocabulary slice, got " +
+                                                    std::to_string(mean_vocab));
+  }
   require(lse.present(), "lse is required");
   require(!grad_entropy.present() || entropy.present(), "entropy is required with grad_entropy");
   require(grad_logits.dtype == logits.dtype && grad_logits.ndim == logits.ndim, grad_logits.describe() + ": expected the dtype and shape of " + logits.describe());
@@ -90,7 +100,7 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
   require(grad_logits.stride(-1) == 1 || logits.size(-1) == 1, grad_logits.describe() + ": the vocabulary dimension must have stride 1");
   LogprobBackwardArgs a{logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
                         make_transform(temperature, logit_scale, softcap), ignore_index, SLICE,
-                        grad_lse, grad_mean, mean_weights};
+                        grad_lse, grad_mean, mean_weights, mean_vocab};
   int dev = common_device({&logits, &labels, &lse, &entropy, &grad_logp, &grad_entropy, &grad_logits,
                            &grad_lse, &grad_mean, &mean_weights});
   dispatch("token_logprobs backward", dev, [&] { logprob_backward_cpu(a); }, [&] {
@@ -114,7 +124,8 @@ void bind_logprob(py::module_& m) {
   py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), \
       py::arg("grad_entropy"), py::arg("grad_logits"), py::arg("temperature"),                   \
       py::arg("logit_scale"), py::arg("softcap"), py::arg("ignore_index"), py::arg("stream"),    \
-      py::arg("grad_lse") = none, py::arg("grad_mean") = none, py::arg("mean_weights") = none
+      py::arg("grad_lse") = none, py::arg("grad_mean") = none, py::arg("mean_weights") = none,   \
+      py::arg("mean_vocab") = 0
   m.def("logprob_forward", &forward<false>, "Per-token log-probs and softmax statistics (writes the given outputs)",
         PYALIGN_FWD_ARGS);
   m.def("logprob_backward", &backward<false>,

@@ -141,7 +141,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const A lse = a.lse.ptr<A>()[r];
   const A ent = ENT ? a.entropy.ptr<A>()[r] : A(0);
-  const A g_m = g_mean / A(V);  // d mean / dz_v = w_v / V
+  const A g_m = g_mean / A(a.mean_vocab > 0 ? a.mean_vocab : V);  // d mean / dz_v = w_v / V_mean
   const LogitTransform tf = a.tf;
   if (a.mean_weights.data && g_m != A(0)) {
     const A* mw = a.mean_weights.ptr<A>();

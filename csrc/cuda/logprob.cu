@@ -151,7 +151,8 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const A lse = skip ? A(0) : a.lse.ptr<A>()[r];
   const A ent = (!skip && a.entropy.data) ? a.entropy.ptr<A>()[r] : A(0);
   const A g_lse = (!skip && a.grad_lse.data) ? a.grad_lse.ptr<A>()[r] : A(0);
-  const A g_m = (!skip && a.grad_mean.data) ? a.grad_mean.ptr<A>()[r] / A(V) : A(0);  // d mean/dz_v = w_v / V
+  // d mean/dz_v = w_v / V_mean (V_mean: the whole vocabulary's size on a slice)
+  const A g_m = (!skip && a.grad_mean.data) ? a.grad_mean.ptr<A>()[r] / A(a.mean_vocab > 0 ? a.mean_vocab : V) : A(0);
   const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   const LogitTransform tf = a.tf;
   auto grad_at = [&](A x, int64_t j) -> float {

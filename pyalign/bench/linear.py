@@ -1,14 +1,19 @@
-"""Fused linear-head suite: pyalign.linear_token_logprobs vs eager PyTorch (``hidden @ W.T`` then
-log_softmax + gather) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused linear
-cross-entropy (their loss is ``-mean log p``: the same GEMMs and softmax work) and TRL's chunked
-fused LM head (``trl.kernels.ChunkedLogProbFunction``, what ``add_fused_lm_head`` runs).
+"""Fused linear-head suite, forward+backward with gradients for hidden and weight.
 
-Forward+backward with gradients for hidden and weight; peak extra memory as measured by
-:func:`pyalign.bench.common.peak_extra_mb` (it includes the gradients both sides produce).
+* ``linear_token_logprobs``: pyalign against eager PyTorch (``hidden @ W.T`` then log_softmax +
+  gather) and TRL's chunked fused LM head (``trl.kernels.ChunkedLogProbFunction``, what
+  ``add_fused_lm_head`` runs) when importable.
+* ``linear_cross_entropy`` (mean cross-entropy): pyalign against eager PyTorch (``hidden @ W.T``
+  then ``F.cross_entropy``) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused
+  linear cross-entropy, which compute exactly that loss.
+
+Peak extra memory as measured by :func:`pyalign.bench.common.peak_extra_mb` (it includes the
+gradients every implementation produces).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import pyalign
 from pyalign.bench.common import installed, record
@@ -23,23 +28,31 @@ def _ours(h, w, y):
     return pyalign.logprob.linear_token_logprobs(h, w, y)
 
 
-def _liger():
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    return lambda h, w, y: -liger_fused_linear_cross_entropy(h, w, y)  # mean CE -> -mean logp
-
-
-def _cce():
-    from cut_cross_entropy import linear_cross_entropy
-
-    return lambda h, w, y: -linear_cross_entropy(h, w, y)
-
-
 def _trl():
     from trl.kernels import ChunkedLogProbFunction
 
     # TRL's fused LM head (Triton on GPU, a torch fold elsewhere), with its own default tile.
     return lambda h, w, y: ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ())[0]
+
+
+def _eager_ce(h, w, y):
+    return F.cross_entropy((h @ w.t()).float(), y)
+
+
+def _ours_ce(h, w, y):
+    return pyalign.logprob.linear_cross_entropy(h, w, y)
+
+
+def _liger_ce():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)  # mean CE
+
+
+def _cce_ce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w, y: linear_cross_entropy(h, w, y)  # mean CE
 
 
 def _fwd_bwd(impl, h, w, y):
@@ -56,6 +69,21 @@ def sizes(device: str, quick: bool):
     return [(1024, 1024, 32000, torch.float32)] if quick else [(8192, 1024, 32000, torch.float32)]
 
 
+def _baselines(op: str, size: str, device: str, candidates, rows: list) -> list:
+    """The importable, usable baselines among ``(name, module, factory)``; the others are recorded
+    as "not installed" / "unusable"."""
+    found = []
+    for name, module, factory in candidates:
+        if not installed(module):
+            rows.append(record("linear", op, size, name, None, device, note="not installed"))
+            continue
+        try:
+            found.append((name, factory()))
+        except Exception as e:  # importable but unusable here (e.g. Triton without a GPU)
+            rows.append(record("linear", op, size, name, None, device, note=f"unusable: {type(e).__name__}"))
+    return found
+
+
 def run(device: str, quick: bool) -> list[dict]:
     rows = []
     for n, H, V, dtype in sizes(device, quick):
@@ -64,21 +92,16 @@ def run(device: str, quick: bool) -> list[dict]:
         w = (torch.randn(V, H, generator=g) / H ** 0.5).to(device=device, dtype=dtype)
         y = torch.randint(0, V, (n,), generator=g).to(device)
         size = f"{n}x{H}x{V} {str(dtype).replace('torch.', '')}"
+        op = "linear_token_logprobs"
         impls = [("pyalign", _ours), ("eager", _eager)]
-        for name, module, factory in (("trl", "trl", _trl), ("liger", "liger_kernel", _liger),
-                                      ("cce", "cut_cross_entropy", _cce)):
-            if not installed(module):
-                rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
-                                   note="not installed"))
-                continue
-            try:
-                impls.append((name, factory()))
-            except Exception as e:  # importable but unusable here (e.g. Triton without a GPU)
-                rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name, None, device,
-                                   note=f"unusable: {type(e).__name__}"))
+        impls += _baselines(f"{op} fwd+bwd", size, device, [("trl", "trl", _trl)], rows)
         for name, impl in impls:
-            rows.append(record("linear", "linear_token_logprobs fwd", size, name,
-                               lambda impl=impl: impl(h, w, y), device, reps=3))
-            rows.append(record("linear", "linear_token_logprobs fwd+bwd", size, name,
-                               _fwd_bwd(impl, h, w, y), device, reps=3))
+            rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))
+            rows.append(record("linear", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
+        op = "linear_cross_entropy fwd+bwd"
+        impls = [("pyalign", _ours_ce), ("eager", _eager_ce)]
+        impls += _baselines(op, size, device, [("liger", "liger_kernel", _liger_ce),
+                                               ("cce", "cut_cross_entropy", _cce_ce)], rows)
+        for name, impl in impls:
+            rows.append(record("linear", op, size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
     return rows

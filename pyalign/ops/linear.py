@@ -14,6 +14,22 @@ The logits ``hidden @ weight.T + bias`` are never held whole. Tokens are process
   log-probs, the entropy, the log-sum-exp and ``mean_logit`` all enter that one kernel call, so
   a z-loss (``lse^2``) or label smoothing (``lse - mean_logit``) costs no extra pass.
 
+The backward has two loop orders (same results within rounding, both deterministic: fixed order,
+no atomics), chosen by :func:`use_vocab_blocks`:
+
+* token-outer (fp32/fp64 weights, or no weight gradient): as above, the chunk's logits over the
+  whole vocabulary; ``dW`` accumulates in the result itself (fp32/fp64) or in an fp32 ``[V, H]``
+  buffer;
+* vocab-blocked (bf16/fp16 weights that need a gradient): vocabulary blocks outermost, token
+  chunks inside (:func:`vocab_block_sizes`). For each (token chunk, vocab block) one GEMM makes the
+  block's logits, the slice-mode kernel (``_C.logprob_backward_slice``: the forward's global
+  ``lse``/entropy, labels as block-local indices or -1 for "label in another block", ``mean_vocab``
+  = V and the block's class weights for ``grad_mean``) writes the gradient in place, then
+  ``dh[tok] += g @ W[vb]`` (fp32 ``dh`` accumulator for bf16/fp16) and ``dW[vb] += g.T @ h[tok]``.
+  With all tokens in one chunk (the usual case) the block's ``dW`` is one GEMM written straight
+  into the result; otherwise an fp32 ``[V_block, H]`` staging block is written once into ``dW``. No
+  ``[V, H]`` fp32 accumulator exists.
+
 Recomputing the logits in the backward costs one extra GEMM (4 instead of eager's 3). The
 alternative, computing the gradient in the forward and scaling it later, does not work for
 per-token outputs: the upstream gradient is a per-token vector known only in the backward, and
@@ -47,6 +63,18 @@ DW_BLOCK_FRACTION = 8
 
 NEED_HIDDEN, NEED_WEIGHT, NEED_BIAS = 1, 2, 4
 
+# Vocab-blocked backward: the smallest vocabulary block worth a GEMM (N of the logits GEMM, K of
+# the dhidden GEMM, M of the dW GEMM) before the token chunk is split instead.
+MIN_VOCAB_BLOCK = {"cpu": 1024, "cuda": 4096}
+# Label codes of the slice kernels in the vocab-blocked path: an ignored row, a label in another
+# block (any negative value other than the ignore code means "elsewhere").
+_BLOCK_IGNORE = -(1 << 62)
+_ELSEWHERE = -1
+# Private switches for tests: force the backward path (None: automatic, "token", "vocab") and the
+# vocab-blocked path's (token chunk, vocab block) sizes.
+_FORCE_BACKWARD: Optional[str] = None
+_FORCE_BLOCKS: Optional[tuple] = None
+
 
 def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device | str,
                     hidden: int = 0) -> int:
@@ -58,8 +86,9 @@ def auto_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.dev
     rows that fits ``CHUNK_BYTES[device]``, but never fewer than the logits buffer alone allows
     capped at ``GEMM_ROWS[device]`` (so a large H does not shrink the chunk below the size at which
     the GEMMs stay efficient), rounded down to a multiple of 16, at least 16, at most ``rows``.
-    The peak extra memory of the fused head is then about ``chunk * V * itemsize * (1 + 1/8)``
-    + the fp32 ``dW`` accumulator for bf16/fp16 weights + O(tokens * H) (see pyalign.linear)."""
+    The peak extra memory of the fused head beyond its gradients is then about
+    ``chunk * V * itemsize`` + O(tokens * H) (an fp32 ``[tokens, H]`` ``dhidden`` accumulator for
+    bf16/fp16 weights, which take the vocab-blocked backward; see pyalign.linear)."""
     dev = torch.device(device).type
     item = torch.empty((), dtype=dtype).element_size()
     budget = CHUNK_BYTES.get(dev, CHUNK_BYTES["cpu"])
@@ -118,6 +147,75 @@ def accumulate_dw(dw_acc: Tensor, g: Tensor, h: Tensor) -> None:
         if h32 is None:
             h32 = h.to(dw_acc.dtype)
         dw_acc[v0:v1].addmm_(g[:, v0:v1].t().to(dw_acc.dtype), h32)
+
+
+_ADDMM_FP32 = {}  # device -> whether torch.addmm(acc, a, b, out_dtype=float32, out=acc) accumulates correctly
+
+
+def _addmm_fp32_ok(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` with bf16 ``a, b`` adds the
+    fp32 product into ``acc`` in place here (checked once per device on a tiny exact case: the op
+    exists on CUDA in recent torch only, and its dtype rules changed between releases)."""
+    key = str(device)
+    if key in _ADDMM_FP32:
+        return _ADDMM_FP32[key]
+    ok = False
+    if device.type != "cpu" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        try:
+            a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device).to(torch.bfloat16)
+            acc = torch.full((2, 2), 0.5, device=device)
+            r = torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            want = torch.tensor([[7.5, 10.5], [15.5, 22.5]], device=device)
+            ok = r.data_ptr() == acc.data_ptr() and bool(torch.equal(acc, want))
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _ADDMM_FP32[key] = ok
+    return ok
+
+
+def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in the accumulation dtype. Same dtype: ``addmm_``. bf16/fp16
+    operands into fp32: the product in fp32 in place (``addmm(out_dtype=float32)``) where the device
+    has it, else an fp32 product (``mm(out_dtype=float32)``), else (CPU: torch has neither) the
+    product in the operands' dtype (fp32-accumulated inside the GEMM, rounded once) added in fp32."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if _addmm_fp32_ok(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    part = _mm_fp32(a, b) if a.device.type != "cpu" else None
+    acc += torch.mm(a, b) if part is None else part
+
+
+def use_vocab_blocks(weight: Tensor, needs: int) -> bool:
+    """The backward loop order: vocab-blocked when the weight gradient would otherwise need a
+    separate fp32 ``[V, H]`` accumulator (bf16/fp16 weights that require grad), token-outer else."""
+    if _FORCE_BACKWARD is not None:
+        return _FORCE_BACKWARD == "vocab"
+    return bool(needs & NEED_WEIGHT) and _acc(weight.dtype) != weight.dtype
+
+
+def vocab_block_sizes(rows: int, vocab: int, chunk: int, device: torch.device | str) -> tuple[int, int]:
+    """``(token_chunk, vocab_block)`` of the vocab-blocked backward. The logits block gets the
+    token-outer path's buffer, ``chunk * V`` elements. All rows go in one token chunk when that
+    leaves a vocabulary block of at least ``MIN_VOCAB_BLOCK[device]`` (capped at V), the block then
+    being as wide as the buffer allows, a multiple of 64; else the block is that minimum and the
+    token chunk what fits (a multiple of 16, at least 16)."""
+    if _FORCE_BLOCKS is not None:
+        c, vb = _FORCE_BLOCKS
+        return int(max(1, min(c, rows))), int(max(1, min(vb, vocab)))
+    dev = torch.device(device).type
+    rows, vocab, chunk = max(1, rows), max(1, vocab), max(1, chunk)
+    elems = chunk * vocab
+    floor = min(vocab, MIN_VOCAB_BLOCK.get(dev, MIN_VOCAB_BLOCK["cpu"]))
+    if rows * floor <= elems:
+        vb = min(vocab, elems // rows)
+        if vb < vocab:
+            vb = max(floor, vb // 64 * 64)
+        return rows, int(vb)
+    c = max(MIN_CHUNK, elems // floor // 16 * 16)
+    return int(min(c, rows)), int(floor)
 
 
 def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -186,14 +284,21 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                      entropy: Optional[Tensor], temperature: float, logit_scale: float,
                      softcap: float, chunk: int, needs: int, *, vocab_slice: bool = False,
                      ignore_index: int = -100, grad_lse: Optional[Tensor] = None,
-                     grad_mean: Optional[Tensor] = None, mean_weights: Optional[Tensor] = None):
+                     grad_mean: Optional[Tensor] = None, mean_weights: Optional[Tensor] = None,
+                     mean_vocab: int = 0):
     """Gradients ``(dhidden [n, H], dweight [V, H], dbias [V])`` (None where not needed) of
     ``sum(grad_logp * logp + grad_entropy * entropy + grad_lse * lse + grad_mean * mean_logit)``
     over ``n`` rows, given the forward's ``lse`` and ``entropy`` (of the whole vocabulary when
-    ``vocab_slice``)."""
+    ``vocab_slice``; ``mean_vocab`` is then the whole vocabulary's size, which divides
+    ``mean_logit``). Token-outer or vocab-blocked loop order by :func:`use_vocab_blocks`."""
     n, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     acc = _acc(dt)
+    grads = (grad_logp, grad_entropy, grad_lse, grad_mean)
+    if n > 0 and any(g is not None for g in grads) and use_vocab_blocks(weight, needs):
+        return _vocab_blocked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                       temperature, logit_scale, softcap, chunk, needs, vocab_slice,
+                                       ignore_index, grad_lse, grad_mean, mean_weights, mean_vocab)
     dh = torch.zeros(n, H, dtype=dt, device=dev) if needs & NEED_HIDDEN else None
     # dW is accumulated in fp32: directly in the result for fp32/fp64 weights, else in a buffer.
     dw_acc = torch.zeros(V, H, dtype=_acc(weight.dtype), device=dev) if needs & NEED_WEIGHT else None
@@ -213,7 +318,7 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                      desc(part(grad_entropy, s), "grad_entropy"), desc(b, "grad_logits"),
                      temperature, logit_scale, softcap, ignore_index, stream,
                      desc(part(grad_lse, s), "grad_lse"), desc(part(grad_mean, s), "grad_mean"),
-                     desc(mean_weights, "mean_weights"))
+                     desc(mean_weights, "mean_weights"), mean_vocab=mean_vocab)
             if dh is not None:
                 torch.mm(b, weight, out=dh[s])
             if dw_acc is not None:
@@ -222,6 +327,79 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
                 db_acc += b.sum(0, dtype=acc)
         del buf, b  # the logits buffer and the low-precision dW result never coexist
     dw = None if dw_acc is None else dw_acc.to(weight.dtype)
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    return dh, dw, db
+
+
+def _vocab_blocked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                            temperature, logit_scale, softcap, chunk, needs, vocab_slice, ignore_index,
+                            grad_lse, grad_mean, mean_weights, mean_vocab):
+    """:func:`chunked_backward` with vocabulary blocks outermost and token chunks inside (see the
+    module docstring). Extra memory: the ``[c, V_block]`` logits block (at most ``chunk * V``
+    elements), an fp32 ``[n, H]`` ``dhidden`` accumulator for bf16/fp16, and an fp32 ``[V_block, H]``
+    staging block for bf16/fp16 ``dW`` only when the rows take more than one token chunk."""
+    n, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dev, dt = hidden.device, hidden.dtype
+    acc = _acc(dt)
+    c, vb = vocab_block_sizes(n, V, chunk, dev)
+    dh_acc = torch.zeros(n, H, dtype=acc, device=dev) if needs & NEED_HIDDEN else None
+    dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if needs & NEED_WEIGHT else None
+    db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
+    # Row codes: the global label, _ELSEWHERE for a label on another rank's slice (vocab_slice),
+    # _BLOCK_IGNORE for ignored rows and (off a slice) labels outside [0, V), which the
+    # token-outer kernel also leaves with a zero gradient.
+    lab = labels.long()
+    inside = (lab >= 0) & (lab < V)
+    code = torch.where(inside, lab, torch.full_like(lab, _ELSEWHERE if vocab_slice else _BLOCK_IGNORE))
+    code = torch.where(lab == ignore_index, torch.full_like(lab, _BLOCK_IGNORE), code)
+    skip = code == _BLOCK_IGNORE
+    mv = mean_vocab if (vocab_slice and mean_vocab > 0) else V
+    flat = torch.empty(min(c, n) * vb, dtype=dt, device=dev)
+    stage = None
+    if dw is not None and c < n and weight.dtype != acc:
+        stage = torch.empty(vb, H, dtype=acc, device=dev)
+    stream = stream_of(hidden)
+    part = lambda t, s: None if t is None else t[s]
+    backward = _C.logprob_backward_slice
+    for v0 in range(0, V, vb):
+        v1 = min(V, v0 + vb)
+        w_blk = weight[v0:v1]
+        b_blk = None if bias is None else bias[v0:v1]
+        local = code - v0
+        local = torch.where((local >= 0) & (local < v1 - v0), local, torch.full_like(local, _ELSEWHERE))
+        local = torch.where(skip, torch.full_like(local, _BLOCK_IGNORE), local)
+        mw = None if mean_weights is None else mean_weights[v0:v1]
+        dw_blk = None
+        if dw is not None:
+            dw_blk = dw[v0:v1] if (stage is None) else stage[: v1 - v0]
+        for c0 in range(0, n, c):
+            c1 = min(n, c0 + c)
+            s = slice(c0, c1)
+            h = hidden[s]
+            b = _logits_into(flat[: (c1 - c0) * (v1 - v0)].view(c1 - c0, v1 - v0), h, w_blk, b_blk)
+            backward(desc(b, "logits"), desc(local[s], "labels"), desc(lse[s], "lse"),
+                     desc(part(entropy, s), "entropy"), desc(part(grad_logp, s), "grad_logp"),
+                     desc(part(grad_entropy, s), "grad_entropy"), desc(b, "grad_logits"),
+                     temperature, logit_scale, softcap, _BLOCK_IGNORE, stream,
+                     desc(part(grad_lse, s), "grad_lse"), desc(part(grad_mean, s), "grad_mean"),
+                     desc(mw, "mean_weights"), mean_vocab=mv)
+            if dh_acc is not None:
+                _acc_mm(dh_acc[s], b, w_blk)
+            if dw_blk is not None:
+                if c0 == 0 and (c1 == n or dw_blk.dtype == dt):
+                    # the first (with one token chunk: the only) product, straight into its block;
+                    # bf16/fp16 then rounds once, from the GEMM's fp32 accumulation
+                    torch.mm(b.t(), h, out=dw_blk)
+                else:
+                    if c0 == 0:
+                        dw_blk.zero_()
+                    _acc_mm(dw_blk, b.t(), h)
+            if db_acc is not None:
+                db_acc[v0:v1] += b.sum(0, dtype=acc)
+        if stage is not None:
+            dw[v0:v1].copy_(dw_blk)
+    del flat, stage
+    dh = None if dh_acc is None else dh_acc.to(dt)
     db = None if db_acc is None else db_acc.to(bias.dtype)
     return dh, dw, db
 

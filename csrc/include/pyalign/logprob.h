@@ -84,7 +84,8 @@ struct LogprobForwardArgs {
   // row's statistics are those of the slice; logp is -inf and top1 false for such a label.
   bool vocab_slice = false;
   // [V] fp32 (fp64 for fp64 logits) or empty: mean_logit is then sum_v w_v z_v / V (the
-  // class-weighted smoothing term of a cross-entropy). Not on a vocabulary slice.
+  // class-weighted smoothing term of a cross-entropy). On a vocabulary slice: the weights of the
+  // slice's entries, and mean_logit is the slice's sum divided by the slice's V.
   TensorArg mean_weights;
 };
 
@@ -98,8 +99,13 @@ struct LogprobBackwardArgs {
   // label outside the slice contributes no label term.
   bool vocab_slice = false;
   // Upstream gradients of the forward's lse and mean_logit ([rows] like grad_logp, or empty),
-  // folded into the same pass; mean_weights as in the forward (grad_mean only off a slice).
+  // folded into the same pass. mean_weights: [V] weights of the entries of these logits (on a
+  // slice: the slice of the whole vocabulary's weights), or empty (all 1).
   TensorArg grad_lse, grad_mean, mean_weights;
+  // The V that divides mean_logit = sum_v w_v z_v / mean_vocab: d mean/dz_v = w_v / mean_vocab.
+  // 0 means the logits' own V; on a vocabulary slice the whole vocabulary's size (so grad_mean
+  // of the global mean_logit works slice by slice).
+  int64_t mean_vocab = 0;
 };
 
 void logprob_forward_cpu(const LogprobForwardArgs& a);

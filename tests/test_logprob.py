@@ -408,3 +408,17 @@ def test_mean_weights_bad_shape_is_a_clear_error():
         token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(8))
     with pytest.raises(Exception, match="mean_weights"):
         token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("V", [3, 700, 1500])
+def test_nan_logit_is_never_dropped(device, V):
+    # A NaN whose neighbours (the CPU's chunk, a CUDA thread's slice) are all -inf or NaN must
+    # still reach the row's statistics: the result is NaN, never a finite number.
+    x = torch.randn(3, V, device=device)
+    x[0, 1] = float("nan")
+    x[1, : min(V, 600)] = -float("inf")
+    x[1, 1] = float("nan")
+    x[2, :] = float("nan")
+    y = torch.zeros(3, dtype=torch.long, device=device) + V - 1
+    lp, ent = pyalign.token_logprobs(x, y, return_entropy=True)
+    assert lp.isnan().all() and ent.isnan().all(), (lp, ent)

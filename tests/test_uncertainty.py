@@ -656,3 +656,22 @@ def test_deterministic_and_compiles_without_graph_break(device):
     r = torch.randn(5, 8, device=device)
     g = torch.compile(lambda t: U.aggregate_rewards(t, method="lcb", lam=0.5).reward, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(g(r), U.aggregate_rewards(r, method="lcb", lam=0.5).reward)
+
+
+def test_nan_logit_in_a_masked_chunk_reaches_every_statistic(device):
+    V = 1500
+    logits = torch.randn(2, 3, V, device=device)
+    logits[0, 1, :700] = -float("inf")
+    logits[0, 1, 5] = float("nan")
+    tu = U.token_uncertainty(logits, torch.full((3,), V - 1, dtype=torch.long, device=device))
+    for name in ("total_entropy", "expected_entropy", "mutual_information", "logprobs"):
+        t = getattr(tu, name)
+        assert t[1].isnan() and torch.isfinite(t[[0, 2]]).all(), (name, t)
+
+
+def test_min_max_follow_amin_amax_with_infinities(device):
+    r = torch.tensor([[float("inf"), 1.0, float("nan")], [-float("inf"), 2.0, 0.0]], device=device)
+    r = r.repeat(1, 300)  # many 256-column chunks: a NaN in one column must not leak into others
+    agg = U.aggregate_rewards(r)
+    torch.testing.assert_close(agg.min, r.amin(0), equal_nan=True)
+    torch.testing.assert_close(agg.max, r.amax(0), equal_nan=True)

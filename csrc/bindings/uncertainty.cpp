@@ -120,6 +120,7 @@ void reward_stats(TensorArg rewards, TensorArg variances, TensorArg weights, Ten
             variances.describe() + ": expected the shape and dtype of " + rewards.describe());
     require(aleatoric.present(), "aleatoric output is required with variances");
   }
+  require(aleatoric.present() == variances.present(), aleatoric.describe() + ": the aleatoric output comes with variances, and only then");
   check_contig(weights, {M}, adt);
   require(mean.present() && var.present() && mn.present() && mx.present(), "reward_stats: mean, var, min and max outputs are required");
   for (const TensorArg* t : {&mean, &var, &mn, &mx, &quantile, &aleatoric}) check_contig(*t, {N}, adt);

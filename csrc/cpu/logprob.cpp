@@ -83,7 +83,11 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       for (int64_t j = 0; j < n; ++j)
         if (A(to_float(row[j0 + j])) == bxm) { argmax = j0 + j; break; }
     }
-    if (bm == A(-INFINITY)) continue;  // all masked so far in this chunk
+    if (bm == A(-INFINITY)) {  // all masked in this chunk, unless a NaN hides there (max skips it)
+      for (int64_t j = 0; j < n; ++j)
+        if (buf[j] != buf[j]) { st.m = st.s = st.d = st.q = buf[j]; break; }
+      continue;
+    }
     SoftmaxStats<A> cs;
     cs.m = bm;
     A s = 0, d = 0, q = 0;
@@ -117,10 +121,6 @@ struct BwdCtx {
   int64_t V;
 };
 
-// Stores a gradient in the logits' dtype; fp64 keeps full precision (it is the gradcheck dtype).
-template <typename T, typename A> inline T store_grad(A g) { return from_float<T>(float(g)); }
-template <> inline double store_grad<double, double>(double g) { return g; }
-
 template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
   const LogprobBackwardArgs& a = c.a;
@@ -149,7 +149,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
     for (int64_t j = 0; j < V; ++j) {
       A x = to_float(row[j]);
       A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, g_lse, g_m * mw[j], j == label);
-      out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
+      out[j] = to_storage<T, A>(gz * tf.grad_t<SC>(x));
     }
     return;
   }
@@ -157,7 +157,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   for (int64_t j = 0; j < V; ++j) {
     A x = to_float(row[j]);
     A gz = logprob_grad_z<A>(tf.apply_t<SC>(x), lse, ent, g_lp, g_ent, g_lse, g_m, j == label);
-    out[j] = store_grad<T>(gz * tf.grad_t<SC>(x));
+    out[j] = to_storage<T, A>(gz * tf.grad_t<SC>(x));
   }
 }
 PYALIGN_CPU_CLONES(backward_rows, backward_row, BwdCtx, typename T COMMA bool ENT COMMA bool SC,

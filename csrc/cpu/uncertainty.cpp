@@ -83,7 +83,9 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
         bm = z > bm ? z : bm;
       }
       sc[ci] = bm;
-      if (bm == A(-INFINITY)) {  // an all-masked chunk contributes nothing
+      if (bm == A(-INFINITY)) {  // an all-masked chunk contributes nothing, unless a NaN hides there
+        for (int64_t j = 0; j < n; ++j)
+          if (w[j] != w[j]) { st.m = st.s = st.d = w[j]; break; }
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) w[j] = 0;
         continue;
@@ -198,7 +200,7 @@ template <typename T> PYALIGN_HD void token_bwd_row(const TokBwdCtx& c, int64_t 
   for (int64_t j = 0; j < V; ++j) {
     A p = fast_exp(A(to_float(row[j])) * it - l);
     A gz = (j == label ? A(1) : A(0)) - p;
-    out[j] = from_float<T>(float(scale * gz));
+    out[j] = to_storage<T, A>(scale * gz);
   }
 }
 
@@ -236,10 +238,10 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
   const A* w = a.weights.data ? a.weights.ptr<A>() : nullptr;
   const A uni = A(1) / A(M);
   A mean[kCols], mn[kCols], mx[kCols], v[kCols];
+  bool nan[kCols];  // per column: chunks follow the thread partition, so nothing may be shared across columns
   for (int64_t c0 = n0; c0 < n1; c0 += kCols) {
     const int64_t n = std::min(kCols, n1 - c0);
-    for (int64_t j = 0; j < n; ++j) { mean[j] = 0; mn[j] = INFINITY; mx[j] = -INFINITY; v[j] = 0; }
-    bool nan = false;
+    for (int64_t j = 0; j < n; ++j) { mean[j] = 0; mn[j] = INFINITY; mx[j] = -INFINITY; v[j] = 0; nan[j] = false; }
     for (int64_t m = 0; m < M; ++m) {
       const A wm = w ? w[m] : uni;
       const T* row = R + m * s0 + c0 * s1;
@@ -248,7 +250,7 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
         mean[j] += wm * x;
         mn[j] = x < mn[j] ? x : mn[j];
         mx[j] = x > mx[j] ? x : mx[j];
-        nan |= x != x;
+        nan[j] = nan[j] || x != x;
       }
     }
     for (int64_t m = 0; m < M; ++m) {
@@ -263,9 +265,9 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
       const int64_t col = c0 + j;
       a.mean.ptr<A>()[col] = mean[j];
       a.var.ptr<A>()[col] = v[j] / A(a.var_denom);
-      // min/max propagate NaN like torch.amin/amax.
-      a.min.ptr<A>()[col] = nan && mean[j] != mean[j] ? mean[j] : mn[j];
-      a.max.ptr<A>()[col] = nan && mean[j] != mean[j] ? mean[j] : mx[j];
+      // min/max propagate NaN like torch.amin/amax (a NaN in the column; never inf - inf in the mean).
+      a.min.ptr<A>()[col] = nan[j] ? A(NAN) : mn[j];
+      a.max.ptr<A>()[col] = nan[j] ? A(NAN) : mx[j];
     }
     if (a.quantile.data) {
       A local[kLocal];  // the column's values, contiguous, when M is small (the usual case)
@@ -273,15 +275,15 @@ template <typename T> void reward_cols(const RewardStatsArgs& a, int64_t n0, int
         const T* col = R + (c0 + j) * s1;
         if (M <= kLocal) {
           // Insertion sort of the (small) column: the same value as column_quantile's ranks.
-          bool nan = false;
+          bool has_nan = false;
           for (int64_t i = 0; i < M; ++i) {
             const A x = to_float(col[i * s0]);
-            nan |= x != x;
+            has_nan |= x != x;
             int64_t k = i;
             for (; k > 0 && local[k - 1] > x; --k) local[k] = local[k - 1];
             local[k] = x;
           }
-          a.quantile.ptr<A>()[c0 + j] = nan ? A(NAN) : quantile_of_sorted<A>(local, M, a.q);
+          a.quantile.ptr<A>()[c0 + j] = has_nan ? A(NAN) : quantile_of_sorted<A>(local, M, a.q);
         } else {
           auto at = [&](int64_t i) { return A(to_float(col[i * s0])); };
           a.quantile.ptr<A>()[c0 + j] = column_quantile<A>(at, M, a.q);

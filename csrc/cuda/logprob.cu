@@ -43,6 +43,7 @@ template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, 
   zsum += wz;
   if (x > am.v) { am.v = x; am.i = i; }  // each thread visits increasing indices
   if (z == A(-INFINITY)) return;
+  if (z != z) { st.m = st.s = st.d = st.q = z; return; }  // NaN survives merge (m is no longer -inf)
   if (z > st.m) {
     if (st.m == A(-INFINITY)) {  // first finite logit: nothing to rescale (and no -inf * 0)
       st.s = st.d = st.q = A(0);
@@ -155,10 +156,12 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const A g_m = (!skip && a.grad_mean.data) ? a.grad_mean.ptr<A>()[r] / A(a.mean_vocab > 0 ? a.mean_vocab : V) : A(0);
   const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   const LogitTransform tf = a.tf;
-  auto grad_at = [&](A x, int64_t j) -> float {
-    if (skip) return 0.f;
+  // Rows with no upstream gradient are exact zeros, as on the CPU (never 0 * p with an infinite lse).
+  const bool zero = skip || (g_lp == A(0) && g_ent == A(0) && g_lse == A(0) && g_m == A(0));
+  auto grad_at = [&](A x, int64_t j) -> A {
+    if (zero) return A(0);
     const A g_mw = mw ? g_m * mw[j] : g_m;
-    return float(logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, g_lse, g_mw, j == label) * tf.grad(x));
+    return logprob_grad_z<A>(tf.apply(x), lse, ent, g_lp, g_ent, g_lse, g_mw, j == label) * tf.grad(x);
   };
   int64_t start = 0;
   if (VEC > 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0) {
@@ -169,12 +172,12 @@ __global__ void backward_kernel(BwdKernelArgs k) {
       uint4 res;
       T* o = reinterpret_cast<T*>(&res);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) o[j] = from_float<T>(grad_at(to_float(el[j]), i * VEC + j));
+      for (int j = 0; j < VEC; ++j) o[j] = to_storage<T, A>(grad_at(to_float(el[j]), i * VEC + j));
       reinterpret_cast<uint4*>(out)[i] = res;
     }
     start = nvec * VEC;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) out[i] = from_float<T>(grad_at(to_float(row[i]), i));
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) out[i] = to_storage<T, A>(grad_at(to_float(row[i]), i));
 }
 
 int threads_for(int64_t V) { return V >= 16384 ? 512 : V >= 2048 ? 256 : 128; }

@@ -25,6 +25,7 @@ __device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
 
 template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z) {
   if (z == A(-INFINITY)) return;
+  if (z != z) { st.m = st.s = st.d = z; return; }  // NaN survives merge (m is no longer -inf)
   if (z > st.m) {
     if (st.m != A(-INFINITY)) {  // rescale to the new max (nothing to rescale before the first)
       const A c = exp(st.m - z);
@@ -111,7 +112,8 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
   A tot = 0;
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
     A s = 0;
-    for (int64_t m = 0; m < M; ++m) s += exp(A(to_float(base[off_s[m] + i])) * it - lse_s[m]);
+    for (int64_t m = 0; m < M; ++m)
+      if (lse_s[m] != A(-INFINITY)) s += exp(A(to_float(base[off_s[m] + i])) * it - lse_s[m]);
     tot += neg_plogp(s * inv_m);
   }
   tot = block_reduce(tot, add, red_sum);
@@ -149,7 +151,7 @@ __global__ void token_backward_kernel(TokBwdKernelArgs k) {
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
     A v = 0;
     if (scale != A(0)) v = scale * ((i == label ? A(1) : A(0)) - exp(A(to_float(row[i])) * it - l));
-    out[i] = from_float<T>(float(v));
+    out[i] = to_storage<T, A>(v);
   }
 }
 
@@ -164,11 +166,13 @@ __global__ void reward_stats_kernel(RewardStatsArgs a) {
   const A* w = a.weights.data ? a.weights.ptr<A>() : nullptr;
   const A uni = A(1) / A(M);
   A mean = 0, mn = INFINITY, mx = -INFINITY;
+  bool nan = false;
   for (int64_t m = 0; m < M; ++m) {
     const A x = to_float(col[m * s0]);
     mean += (w ? w[m] : uni) * x;
     mn = x < mn ? x : mn;
     mx = x > mx ? x : mx;
+    nan |= x != x;
   }
   A v = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -177,8 +181,8 @@ __global__ void reward_stats_kernel(RewardStatsArgs a) {
   }
   a.mean.ptr<A>()[n] = mean;
   a.var.ptr<A>()[n] = v / A(a.var_denom);
-  a.min.ptr<A>()[n] = mean != mean ? mean : mn;
-  a.max.ptr<A>()[n] = mean != mean ? mean : mx;
+  a.min.ptr<A>()[n] = nan ? A(NAN) : mn;
+  a.max.ptr<A>()[n] = nan ? A(NAN) : mx;
   if (a.quantile.data) {
     auto at = [&](int64_t i) { return A(to_float(col[i * s0])); };
     a.quantile.ptr<A>()[n] = column_quantile<A>(at, M, a.q);

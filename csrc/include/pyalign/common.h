@@ -96,6 +96,10 @@ template <> PYALIGN_HD f16_t from_float<f16_t>(float x) {
 }
 template <> PYALIGN_HD double from_float<double>(float x) { return x; }
 
+// Rounds an accumulator value to the storage type T; fp64 stays fp64 (the gradcheck dtype).
+template <typename T, typename A> PYALIGN_HD T to_storage(A v) { return from_float<T>(float(v)); }
+template <> PYALIGN_HD double to_storage<double, double>(double v) { return v; }
+
 template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 

@@ -36,10 +36,6 @@ PYALIGN_HD A plastic_value(const PlasticCoeffs& k, A w, A g, A e, A g2, A r, A* 
   return A(k.keep) * w + A(k.lr) * (d - r * w);
 }
 
-// Rounds an accumulator value to the storage type (fp64 stays fp64; common.h's from_float takes a float).
-template <typename T, typename A> PYALIGN_HD T to_storage(A v) { return from_float<T>(float(v)); }
-template <> PYALIGN_HD double to_storage<double, double>(double v) { return v; }
-
 template <typename A> PYALIGN_HD A clip_value(A v, A lo, A hi) {
   v = v < lo ? lo : v;  // NaN passes through unchanged
   return v > hi ? hi : v;

@@ -26,6 +26,7 @@ from pyalign import _checks
 from pyalign.logprob import (OUTPUT_FLAGS, TokenStats, assemble_cross_entropy, check_labels, check_loss_options,
                              package)
 from pyalign.ops.logprob import MEAN_LOGIT
+from pyalign.ops import linear as ops_linear
 from pyalign.ops.linear import auto_chunk_size, linear_token_logprobs_op
 
 
@@ -220,6 +221,19 @@ def linear_cross_entropy(
     Returns the loss (fp32; fp64 for fp64 inputs; ``[...]`` for "none", 0 at ignored tokens) and,
     with ``return_z_loss``, ``(loss, z_loss)``. "mean" with no kept token gives NaN, as PyTorch.
     See :func:`pyalign.logprob.assemble_cross_entropy` for the formula.
+
+    Reduced losses ("mean"/"sum") under grad mode with some input requiring grad form the
+    gradient in the forward (3 GEMMs per chunk instead of 4; the backward only scales it by
+    ``grad_output``; see :mod:`pyalign.ops.linear`). Memory: the gradients of the inputs that
+    require grad (``dhidden`` ``[n, H]``, ``dweight`` ``[V, H]``, ``dbias`` ``[V]``, each in its
+    compute dtype) are held from the forward to the backward, as in Liger-Kernel, and the backward
+    allocates the scaled copies while they are alive (about 2x ``dweight`` for a moment).
+    bf16/fp16 weights whose kept tokens need more than one chunk accumulate ``dweight`` in an fp32
+    ``[V, H]`` buffer during the forward (rounded once; the recompute path's vocab-blocked backward
+    avoids that buffer at the cost of the 4th GEMM). With ``return_z_loss`` a nonzero gradient
+    reaching the z-loss output adds 3 GEMMs per chunk in the backward (its part is recomputed).
+    ``reduction="none"``, grad mode off or no input requiring grad: the forward makes 1 GEMM per
+    chunk and saves nothing beyond what the recompute path needs.
     """
     check_head(hidden, weight, bias, labels, shift=shift, mixed_dtypes=True)
     temperature, logit_scale, softcap, _, _ = check_options(
@@ -238,6 +252,17 @@ def linear_cross_entropy(
     h2, l1 = hidden.reshape(-1, H), labels.reshape(-1)
     if chunk_size is None:
         chunk_size = auto_chunk_size(max(1, l1.numel()), V, hidden.dtype, hidden.device, H)
+    needs = 0
+    if torch.is_grad_enabled():
+        needs = ((ops_linear.NEED_HIDDEN if h2.requires_grad else 0)
+                 | (ops_linear.NEED_WEIGHT if weight.requires_grad else 0)
+                 | (ops_linear.NEED_BIAS if (bias is not None and bias.requires_grad) else 0))
+    if reduction != "none" and needs and ops_linear._FORWARD_GRAD is not False:
+        # The gradient is known in the forward up to grad_output: 3 GEMMs per chunk, no recompute.
+        loss, zl, _, _, _, _ = ops_linear.linear_cross_entropy_fwd_grad_op(
+            h2, weight, bias, l1, ignore_index, temperature, logit_scale, softcap, int(chunk_size), eps, zs,
+            w, reduction == "sum", needs, bool(return_z_loss))
+        return (loss, zl) if return_z_loss else loss
     flags = MEAN_LOGIT if eps > 0 else 0
     logp, lse, _, _, mean, _ = linear_token_logprobs_op(
         h2, weight, bias, l1, ignore_index, temperature, logit_scale, softcap, flags, int(chunk_size),

@@ -757,3 +757,265 @@ def test_slice_kernel_grad_mean_with_global_vocab():
         _C.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
                                   None, None, desc(out, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"),
                                   desc(mw, "mean_weights"), mean_vocab=V)
+
+
+# ---- reduced cross-entropy: the gradient formed in the forward (3 GEMMs), scaled in the backward --
+
+from pyalign.ops.linear import (linear_cross_entropy_fwd_grad_backward_op,  # noqa: E402
+                                linear_cross_entropy_fwd_grad_op)
+
+
+@pytest.fixture
+def recompute_path():
+    """``set_(True)`` forces the recompute path (the forward-gradient switch off); restored after."""
+    def set_(on):
+        ops_linear._FORWARD_GRAD = False if on else None
+    yield set_
+    set_(False)
+
+
+class GemmCounter:
+    """Counts the GEMM calls (torch.mm, torch.addmm, Tensor.addmm_) made while active."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.Tensor, "addmm_")):
+            orig = getattr(owner, name)
+
+            def counted(*a, _orig=orig, **k):
+                self.n += 1
+                return _orig(*a, **k)
+            monkeypatch.setattr(owner, name, counted)
+
+
+def _lce_run(hidden, weight, b, labels, needs, upstream=(1.0, None), **kw):
+    """Loss (and z-loss), and the gradients of the leaves in ``needs`` for ``g_loss * loss (+ g_z *
+    z_loss)``; absent gradients are None."""
+    leaves = [None if t is None else t.clone().requires_grad_(bool(nd)) for t, nd in zip((hidden, weight, b), needs)]
+    out = linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], **kw)
+    loss, zl = out if isinstance(out, tuple) else (out, None)
+    total = loss * upstream[0] + (0 if upstream[1] is None else zl * upstream[1])
+    present = [t for t in leaves if t is not None and t.requires_grad]
+    it = iter(torch.autograd.grad(total, present))
+    grads = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
+    return loss.detach(), None if zl is None else zl.detach(), grads
+
+
+FG_OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.2),
+    dict(z_loss_scale=0.03, weighted=True),
+    dict(label_smoothing=0.3, z_loss_scale=0.01, weighted=True, softcap=3.0, temperature=0.7, logit_scale=1.3),
+    dict(shift=True, label_smoothing=0.1, z_loss_scale=0.02),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("opts", FG_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("ignore", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_grad_matches_torch_and_recompute(recompute_path, dtype, reduction, opts, ignore, bias):
+    """The forward-gradient path against F.cross_entropy (+ z-loss) on materialized fp64 logits and
+    against the recompute path (loss bitwise, gradients within rounding), several token chunks."""
+    hidden, weight, b, labels, cw, kw = _ce_case(dtype, dict(opts, weighted=opts.get("weighted", False)),
+                                                 shape=(3, 7), H=16, V=37, ignore=ignore, seed=11)
+    if not bias:
+        b = None
+    kw = dict(kw, reduction=reduction, class_weights=cw, chunk_size=4)
+    needs = (True, True, bias)
+    runs = {}
+    for recompute in (False, True):
+        recompute_path(recompute)
+        runs[recompute] = _lce_run(hidden, weight, b, labels, needs, upstream=(1.7, None), **kw)
+    recompute_path(False)
+    (loss, _, grads), (rloss, _, rgrads) = runs[False], runs[True]
+    assert torch.equal(loss, rloss)
+    # the fp64 oracle on materialized logits
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    h, lab = ref[0], labels
+    if kw.get("shift"):
+        h, lab = h[:, :-1], labels[:, 1:]
+    logits = h @ ref[1].t() + (0 if ref[2] is None else ref[2])
+    tf = {k: kw[k] for k in ("softcap", "temperature", "logit_scale") if k in kw}
+    want, _ = ref_cross_entropy(logits, lab, reduction=reduction, label_smoothing=kw.get("label_smoothing", 0.0),
+                                z_loss_scale=kw.get("z_loss_scale", 0.0), class_weights=cw, **tf)
+    wgrads = torch.autograd.grad(want * 1.7, [t for t in ref if t is not None])
+    low = dtype == torch.bfloat16
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 0.03}[dtype]
+    assert max_err(loss, want) <= tol * (1 + want.abs().max().item())
+    for gg, rg, wg in zip(grads, rgrads, wgrads):
+        assert gg.dtype == dtype
+        scale = 1 + wg.abs().max().item()
+        assert max_err(gg, wg) <= tol * scale
+        assert max_err(gg, rg) <= (LOW_TOL[dtype] if low else tol) * scale
+
+
+@pytest.mark.parametrize("needs", [n for n in itertools.product((False, True), repeat=3) if any(n)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_forward_grad_requires_grad_subsets(recompute_path, needs, reduction):
+    hidden, weight, b, labels = make((4, 5), 12, 29, torch.float64, "cpu", ignore=0.25, seed=2)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss_scale=0.02, chunk_size=3)
+    loss, _, grads = _lce_run(hidden, weight, b, labels, needs, **kw)
+    recompute_path(True)
+    rloss, _, rgrads = _lce_run(hidden, weight, b, labels, needs, **kw)
+    assert torch.equal(loss, rloss)
+    for nd, gg, rg in zip(needs, grads, rgrads):
+        assert (gg is None) == (not nd) == (rg is None)
+        if nd:
+            assert max_err(gg, rg) < 1e-12
+
+
+def test_forward_grad_path_is_taken(monkeypatch):
+    """3 GEMMs per token chunk in the forward and none in the backward (the recompute path: 1 + 3);
+    ignored tokens are dropped before the GEMMs (the chunk count is that of the kept tokens)."""
+    hidden, weight, b, labels = make((24,), 8, 17, torch.float32, "cpu", ignore=0.0, seed=5)
+    labels[:6] = -100  # 18 kept tokens: 3 chunks of 6
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    counter = GemmCounter(monkeypatch)
+    loss = linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], chunk_size=6, z_loss_scale=0.1)
+    assert counter.n == 9
+    loss.backward()
+    assert counter.n == 9
+    ops_linear._FORWARD_GRAD = False
+    try:
+        counter.n = 0
+        fresh = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        loss2 = linear_cross_entropy(*fresh[:2], labels, bias=fresh[2], chunk_size=6, z_loss_scale=0.1)
+        assert counter.n == 3
+        loss2.backward()
+        assert counter.n == 12
+    finally:
+        ops_linear._FORWARD_GRAD = None
+    # no gradient wanted (grad mode off, or no input requires grad): the plain forward, 1 GEMM per
+    # chunk, no graph and so nothing saved
+    for grad_mode, args in ((False, leaves[:2]), (True, (hidden, weight))):
+        counter.n = 0
+        with torch.set_grad_enabled(grad_mode):
+            out = linear_cross_entropy(*args, labels, chunk_size=6)
+        assert counter.n == 3 and out.grad_fn is None
+    # reduction="none" keeps the recompute path
+    counter.n = 0
+    out = linear_cross_entropy(*leaves[:2], labels, chunk_size=6, reduction="none")
+    out.sum().backward()
+    assert counter.n == 12
+
+
+@pytest.mark.parametrize("upstream", [(1.0, None), (0.0, 1.0), (0.7, -1.3), (-2.0, 0.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_forward_grad_return_z_loss(monkeypatch, upstream, reduction):
+    """return_z_loss: the loss and the separate z-loss output each with its own upstream gradient,
+    exactly; the z-loss output's part is recomputed only when its gradient is nonzero."""
+    hidden, weight, b, labels = make((3, 6), 8, 23, torch.float64, "cpu", ignore=0.2, seed=9)
+    kw = dict(reduction=reduction, label_smoothing=0.2, z_loss_scale=0.05, return_z_loss=True, chunk_size=4,
+              softcap=4.0)
+    counter = GemmCounter(monkeypatch)
+    loss, zl, grads = _lce_run(hidden, weight, b, labels, (True, True, True), upstream=upstream, **kw)
+    kept = int((labels != -100).sum())
+    chunks = -(-kept // 4)
+    assert counter.n == 3 * chunks + (3 * chunks if upstream[1] else 0)
+    ref = [t.detach().requires_grad_() for t in (hidden, weight, b)]
+    want, wz = ref_cross_entropy(ref[0] @ ref[1].t() + ref[2], labels, reduction=reduction, label_smoothing=0.2,
+                                 z_loss_scale=0.05, class_weights=None, softcap=4.0)
+    total = want * upstream[0] + (0 if upstream[1] is None else wz * upstream[1])
+    wgrads = torch.autograd.grad(total, ref)
+    assert max_err(loss, want) < 1e-12 and max_err(zl, wz) < 1e-12
+    for gg, wg in zip(grads, wgrads):
+        assert max_err(gg, wg) < 1e-10 * (1 + wg.abs().max().item())
+
+
+def test_forward_grad_gradcheck_fp64():
+    hidden, weight, b, labels = make((2, 4), 5, 7, torch.float64, "cpu", ignore=0.25, seed=3)
+    cw = torch.rand(7, dtype=torch.float64) + 0.5
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    for kw in (dict(label_smoothing=0.2, z_loss_scale=0.05, class_weights=cw, softcap=2.5, temperature=0.8),
+               dict(reduction="sum", z_loss_scale=0.1, logit_scale=1.4), dict(shift=True, label_smoothing=0.1)):
+        assert torch.autograd.gradcheck(
+            lambda h, w, bb: linear_cross_entropy(h, w, labels, bias=bb, chunk_size=3, **kw), leaves)
+    for red in ("mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, bb: linear_cross_entropy(h, w, labels, bias=bb, chunk_size=3, z_loss_scale=0.1,
+                                                  label_smoothing=0.1, return_z_loss=True, reduction=red), leaves)
+    # a subset: weight only
+    assert torch.autograd.gradcheck(lambda w: linear_cross_entropy(hidden, w, labels, chunk_size=2, z_loss_scale=0.1),
+                                    (leaves[1],))
+
+
+def test_forward_grad_all_ignored_and_determinism():
+    hidden, weight, b, labels = make((2, 5), 8, 13, torch.float32, "cpu", ignore=0.3, seed=4)
+    none = torch.full_like(labels, -100)
+    for red, expect_nan in (("mean", True), ("sum", False)):
+        _, _, grads = _lce_run(hidden, weight, b, none, (True, True, True), reduction=red, z_loss_scale=0.1)
+        loss = linear_cross_entropy(hidden.clone().requires_grad_(), weight, none, reduction=red)
+        assert bool(torch.isnan(loss)) == expect_nan
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    kw = dict(label_smoothing=0.1, z_loss_scale=0.01, chunk_size=3)
+    a = _lce_run(hidden, weight, b, labels, (True, True, True), **kw)
+    c = _lce_run(hidden, weight, b, labels, (True, True, True), **kw)
+    assert torch.equal(a[0], c[0]) and all(torch.equal(x, y) for x, y in zip(a[2], c[2]))
+
+
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_forward_grad_low_precision_dw(recompute_path, chunk):
+    """bf16/fp16 weights: one chunk writes dW with one GEMM, several chunks accumulate it in fp32
+    (no bf16 accumulation across chunks): within block rounding of the recompute path."""
+    for dtype in (torch.bfloat16, torch.float16):
+        hidden, weight, b, labels = make((4, 9), 32, 301, dtype, "cpu", ignore=0.2, seed=6)
+        kw = dict(label_smoothing=0.1, z_loss_scale=0.01, chunk_size=chunk)
+        loss, _, grads = _lce_run(hidden, weight, b, labels, (True, True, True), **kw)
+        recompute_path(True)
+        rloss, _, rgrads = _lce_run(hidden, weight, b, labels, (True, True, True), **kw)
+        recompute_path(False)
+        assert torch.equal(loss, rloss)
+        for gg, rg in zip(grads, rgrads):
+            assert gg.dtype == dtype
+            assert max_err(gg, rg) <= LOW_TOL[dtype] * (1 + rg.abs().max().item())
+
+
+def test_forward_grad_opcheck():
+    hidden, weight, b, labels = make((9,), 5, 11, torch.float32, "cpu", ignore=0.3, seed=7)
+    cw = torch.rand(11) + 0.5
+    N = ops_linear
+    for bb, needs, rest in ((b, N.NEED_HIDDEN | N.NEED_WEIGHT | N.NEED_BIAS, (0.1, 0.02, cw, False)),
+                            (None, N.NEED_WEIGHT, (0.0, 0.0, None, True)),
+                            (b, N.NEED_HIDDEN | N.NEED_BIAS, (0.2, 0.0, None, False))):
+        for z_output in (False, True):
+            h = hidden.clone().requires_grad_(bool(needs & N.NEED_HIDDEN))
+            w = weight.clone().requires_grad_(bool(needs & N.NEED_WEIGHT))
+            bias = None if bb is None else bb.clone().requires_grad_(bool(needs & N.NEED_BIAS))
+            torch.library.opcheck(linear_cross_entropy_fwd_grad_op,
+                                  (h, w, bias, labels, -100, 0.9, 1.0, 3.0, 4, *rest, needs, z_output))
+    needs = N.NEED_HIDDEN | N.NEED_WEIGHT | N.NEED_BIAS
+    loss, zl, lse, dh, dw, db = linear_cross_entropy_fwd_grad_op(hidden, weight, b, labels, -100, 1.0, 1.0, 0.0, 4,
+                                                                 0.1, 0.05, None, False, needs, True)
+    torch.library.opcheck(linear_cross_entropy_fwd_grad_backward_op,
+                          (torch.tensor(0.5), torch.tensor(1.5), dh, dw, db, hidden, weight, b, labels, lse, -100,
+                           1.0, 1.0, 0.0, 4, 0.05, False, needs))
+    # a forward told not to form a gradient that autograd then wants: a clear error naming it
+    h = hidden.clone().requires_grad_()
+    out = linear_cross_entropy_fwd_grad_op(h, weight, None, labels, -100, 1.0, 1.0, 0.0, 4, 0.0, 0.0, None, False,
+                                           N.NEED_WEIGHT, False)
+    with pytest.raises(RuntimeError, match="hidden requires grad"):
+        out[0].backward()
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, True)])
+def test_forward_grad_torch_compile_fullgraph(needs):
+    hidden, weight, b, labels = make((2, 7), 8, 19, torch.float32, "cpu", ignore=0.2, seed=8)
+
+    def loss_fn(h, w, bb):
+        loss, zl = linear_cross_entropy(h, w, labels, bias=bb, label_smoothing=0.1, z_loss_scale=0.02, shift=True,
+                                        return_z_loss=True, chunk_size=4)
+        return loss + 0.5 * zl
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    mk = lambda: [t.clone().requires_grad_(nd) for t, nd in zip((hidden, weight, b), needs)]
+    la_leaves, lb_leaves = mk(), mk()
+    la, lb = loss_fn(*la_leaves), compiled(*lb_leaves)
+    la.backward()
+    lb.backward()
+    assert max_err(la, lb) < 1e-6
+    for x, y, nd in zip(la_leaves, lb_leaves, needs):
+        assert (x.grad is None) == (not nd) == (y.grad is None)
+        if nd:
+            assert max_err(x.grad, y.grad) < 1e-6

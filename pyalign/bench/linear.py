@@ -3,9 +3,11 @@
 * ``linear_token_logprobs``: pyalign against eager PyTorch (``hidden @ W.T`` then log_softmax +
   gather) and TRL's chunked fused LM head (``trl.kernels.ChunkedLogProbFunction``, what
   ``add_fused_lm_head`` runs) when importable.
-* ``linear_cross_entropy`` (mean cross-entropy): pyalign against eager PyTorch (``hidden @ W.T``
-  then ``F.cross_entropy``) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused
-  linear cross-entropy, which compute exactly that loss.
+* ``linear_cross_entropy`` (mean cross-entropy): pyalign (the gradient formed in the forward, 3
+  GEMMs per chunk, as Liger does) against pyalign's recompute path (``pyalign-recompute``: the
+  backward recomputes the logits, 4 GEMMs), eager PyTorch (``hidden @ W.T`` then
+  ``F.cross_entropy``) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused linear
+  cross-entropy, which compute exactly that loss.
 
 Peak extra memory as measured by :func:`pyalign.bench.common.peak_extra_mb` (it includes the
 gradients every implementation produces).
@@ -41,6 +43,18 @@ def _eager_ce(h, w, y):
 
 def _ours_ce(h, w, y):
     return pyalign.logprob.linear_cross_entropy(h, w, y)
+
+
+def _ours_ce_recompute(h, w, y):
+    """The recompute path (the backward recomputes each chunk's logits: 4 GEMMs), what
+    ``linear_cross_entropy`` ran for reduced losses before the gradient moved into the forward."""
+    from pyalign.ops import linear as ops_linear
+
+    prev, ops_linear._FORWARD_GRAD = ops_linear._FORWARD_GRAD, False
+    try:
+        return pyalign.logprob.linear_cross_entropy(h, w, y)
+    finally:
+        ops_linear._FORWARD_GRAD = prev
 
 
 def _liger_ce():
@@ -99,7 +113,7 @@ def run(device: str, quick: bool) -> list[dict]:
             rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))
             rows.append(record("linear", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
         op = "linear_cross_entropy fwd+bwd"
-        impls = [("pyalign", _ours_ce), ("eager", _eager_ce)]
+        impls = [("pyalign", _ours_ce), ("pyalign-recompute", _ours_ce_recompute), ("eager", _eager_ce)]
         impls += _baselines(op, size, device, [("liger", "liger_kernel", _liger_ce),
                                                ("cce", "cut_cross_entropy", _cce_ce)], rows)
         for name, impl in impls:

@@ -30,11 +30,18 @@ no atomics), chosen by :func:`use_vocab_blocks`:
   into the result; otherwise an fp32 ``[V_block, H]`` staging block is written once into ``dW``. No
   ``[V, H]`` fp32 accumulator exists.
 
-Recomputing the logits in the backward costs one extra GEMM (4 instead of eager's 3). The
-alternative, computing the gradient in the forward and scaling it later, does not work for
-per-token outputs: the upstream gradient is a per-token vector known only in the backward, and
-``dW = sum_t g_t (x) h_t`` cannot be rescaled per token after the sum (and the entropy term would
-need a second saved part). Rows whose label is ``ignore_index`` are dropped before any GEMM.
+Recomputing the logits in the backward costs one extra GEMM (4 instead of eager's 3). For
+per-token outputs that is unavoidable: the upstream gradient is a per-token vector known only in
+the backward, and ``dW = sum_t g_t (x) h_t`` cannot be rescaled per token after the sum. A
+*reduced* cross-entropy ("mean"/"sum") is different: its per-token coefficients are known in the
+forward up to the one scalar ``grad_output`` (the "mean" divisor comes from the labels, the
+z-loss coefficient ``2 z lse_t / N`` from the chunk's own forward kernel), so
+``pyalign::linear_cross_entropy_fwd_grad`` forms the gradient in the forward, 3 GEMMs per chunk
+(:func:`chunked_forward_grad`), holds ``dh``/``dW``/``db`` until the backward and there only
+multiplies them by ``grad_output`` (as Liger-Kernel does). Its separate z-loss output
+(``return_z_loss``) has its own upstream gradient; when that is nonzero the backward adds its part
+with the recompute loop (``pyalign::linear_cross_entropy_fwd_grad_backward``), so any combination
+of the two is exact. Rows whose label is ``ignore_index`` are dropped before any GEMM.
 
 The helpers :func:`chunked_stats` and :func:`chunked_backward` also serve the vocab-parallel
 variant in :mod:`pyalign.distributed`, on a shard of the vocabulary (``vocab_slice=True``).
@@ -500,3 +507,245 @@ def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
 
 
 linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- reduced cross-entropy: the gradient computed in the forward ---------------------------------
+#
+# For reduction "mean"/"sum" the loss is L = sum_t (a_t logp_t + b_t lse_t + c_t mean_t) with
+# coefficients known in the forward up to lse_t itself (the z-loss term), which the chunk's forward
+# kernel produces just before the gradient is needed. So each token chunk costs one logits GEMM,
+# the forward kernel, the backward kernel in place on the same buffer, and the two product GEMMs:
+# 3 GEMMs in all (eager's count). The backward only scales the saved dh/dW/db by grad_output.
+
+# Private switch for tests and benches: None = automatic (reduced losses that need a gradient take
+# the forward-gradient path), False = always the recompute path.
+_FORWARD_GRAD: Optional[bool] = None
+
+
+def ce_coefficients(labels: Tensor, ignore_index: int, label_smoothing: float, z_loss_scale: float,
+                    class_weights: Optional[Tensor], vocab: int, reduction_sum: bool, acc: torch.dtype):
+    """Upstream-gradient coefficients of the reduced loss of
+    :func:`pyalign.logprob.assemble_cross_entropy` per unit ``grad_output``, over all ``n`` rows:
+    ``(grad_logp [n], grad_lse_const (0-dim), lse_coef (0-dim), grad_mean [n] or None)`` with
+    ``d loss/d lse_t = grad_lse_const + lse_coef * lse_t`` (``lse_coef`` = ``2 z / N`` of the
+    z-loss, the ``lse_coef`` of the separate z-loss output too). "mean" divides the cross-entropy
+    terms by ``sum w_y`` of the kept tokens and the z-loss by their count, both from the labels."""
+    valid = labels != ignore_index
+    dev = labels.device
+    if class_weights is None:
+        wy = valid.to(acc)
+        total_w = torch.tensor(float(vocab), dtype=acc, device=dev)
+    else:
+        wy = class_weights.gather(0, labels.long().clamp(0, vocab - 1))
+        wy = torch.where(valid, wy, torch.zeros_like(wy))
+        total_w = class_weights.sum()
+    if reduction_sum:
+        d_ce = torch.ones((), dtype=acc, device=dev)
+        d_z = torch.ones((), dtype=acc, device=dev)
+    else:
+        d_ce, d_z = wy.sum(), valid.sum().to(acc)
+    eps = float(label_smoothing)
+    grad_logp = wy * (-(1.0 - eps)) / d_ce
+    grad_lse_const = (eps / vocab) * total_w / d_ce
+    lse_coef = (2.0 * float(z_loss_scale)) / d_z
+    grad_mean = None
+    if eps > 0:
+        grad_mean = torch.where(valid, -eps / d_ce, torch.zeros((), dtype=acc, device=dev))
+    return grad_logp, grad_lse_const, lse_coef, grad_mean
+
+
+def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                         temperature: float, logit_scale: float, softcap: float, chunk: int, needs: int,
+                         grad_logp: Tensor, grad_lse_const: Tensor, lse_coef: Optional[Tensor],
+                         grad_mean: Optional[Tensor], mean_weights: Optional[Tensor],
+                         ignore_index: int = -100):
+    """Per-row ``(logp, lse, mean_logit)`` (``mean_logit`` empty without ``grad_mean``) and the
+    gradients ``(dh [n, H], dW [V, H], db [V])`` (None where ``needs`` has no bit) of
+    ``sum_t grad_logp_t logp_t + (grad_lse_const + lse_coef lse_t) lse_t + grad_mean_t mean_t``,
+    where ``lse_coef`` multiplies the chunk's own ``lse`` as the forward kernel produced it (the
+    gradient of ``lse_coef/2 * lse^2``). One logits GEMM per chunk, the forward kernel, the backward
+    kernel in place, ``dh = g @ W`` and ``dW += g.T @ h``: 3 GEMMs.
+
+    ``dW``: fp32/fp64 weights accumulate in the result itself; bf16/fp16 weights with all rows in
+    one chunk take one GEMM straight into the result (fp32 inside the GEMM, rounded once), else an
+    fp32 ``[V, H]`` accumulator filled by :func:`accumulate_dw` (vocabulary slices, no low-precision
+    ``[V, H]`` temporary), rounded once at the end."""
+    n, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dt, dev = hidden.dtype, hidden.device
+    acc = _acc(dt)
+    logp = torch.empty(n, dtype=acc, device=dev)
+    lse = torch.empty(n, dtype=acc, device=dev)
+    mean = torch.empty(n if grad_mean is not None else 0, dtype=acc, device=dev)
+    dh = torch.empty(n, H, dtype=dt, device=dev) if needs & NEED_HIDDEN else None
+    db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
+    dw = dw_acc = None
+    if needs & NEED_WEIGHT:
+        if n == 0:
+            dw = torch.zeros(V, H, dtype=weight.dtype, device=dev)
+        elif _acc(weight.dtype) != weight.dtype and n > chunk:
+            dw_acc = torch.zeros(V, H, dtype=torch.float32, device=dev)
+        else:
+            dw = torch.empty(V, H, dtype=weight.dtype, device=dev)
+    if n > 0:
+        buf = torch.empty(min(chunk, n), V, dtype=dt, device=dev)
+        stream = stream_of(hidden)
+        part = lambda t, s: None if t is None else t[s]
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            s = slice(c0, c1)
+            h = hidden[s]
+            b = _logits_into(buf[: c1 - c0], h, weight, bias)
+            _C.logprob_forward(desc(b, "logits"), desc(labels[s], "labels"), desc(logp[s], "logp"),
+                               desc(lse[s], "lse"), None, None,
+                               desc(mean[s], "mean_logit") if grad_mean is not None else None, None,
+                               temperature, logit_scale, softcap, ignore_index, stream,
+                               desc(mean_weights, "mean_weights"))
+            g_lse = grad_lse_const.expand(c1 - c0)
+            if lse_coef is not None:
+                g_lse = g_lse + lse_coef * lse[s]
+            g_lse = g_lse.contiguous()
+            _C.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(lse[s], "lse"), None,
+                                desc(grad_logp[s], "grad_logp"), None, desc(b, "grad_logits"),
+                                temperature, logit_scale, softcap, ignore_index, stream,
+                                desc(g_lse, "grad_lse"), desc(part(grad_mean, s), "grad_mean"),
+                                desc(mean_weights, "mean_weights"))
+            if dh is not None:
+                torch.mm(b, weight, out=dh[s])
+            if dw_acc is not None:
+                accumulate_dw(dw_acc, b, h)
+            elif dw is not None:
+                if c0 == 0:
+                    torch.mm(b.t(), h, out=dw)
+                else:
+                    dw.addmm_(b.t(), h)
+            if db_acc is not None:
+                db_acc += b.sum(0, dtype=acc)
+        del buf, b  # the logits buffer and the rounded dW never coexist
+    if dw_acc is not None:
+        dw = dw_acc.to(weight.dtype)
+        del dw_acc
+    db = None if db_acc is None else db_acc.to(bias.dtype)
+    return logp, lse, mean, dh, dw, db
+
+
+@torch.library.custom_op("pyalign::linear_cross_entropy_fwd_grad", mutates_args=())
+def linear_cross_entropy_fwd_grad_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+    temperature: float, logit_scale: float, softcap: float, chunk_size: int, label_smoothing: float,
+    z_loss_scale: float, class_weights: Optional[Tensor], reduction_sum: bool, needs: int,
+    z_output: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, z_loss, lse [n], dh, dW, db)`` of the reduced linear cross-entropy (the loss as
+    :func:`pyalign.logprob.assemble_cross_entropy` forms it, z-loss included; ``z_loss`` its
+    z-loss part) with the gradients of ``loss`` w.r.t. the inputs whose bit is in ``needs`` (empty
+    ``[0]`` tensors for the others), computed in the forward. ``z_output``: the z-loss output is
+    returned to the caller (its gradient is then honoured in the backward)."""
+    from pyalign.logprob import assemble_cross_entropy  # pyalign.logprob imports this module's users
+
+    n, V = labels.shape[0], weight.shape[0]
+    acc = _acc(hidden.dtype)
+    eps, zs = float(label_smoothing), float(z_loss_scale)
+    w = class_weights
+    grad_logp, glc, lse_coef, grad_mean = ce_coefficients(labels, ignore_index, eps, zs, w, V,
+                                                          reduction_sum, acc)
+    idx = valid_rows(labels, ignore_index)
+    sel = lambda t: None if t is None else _select(t, idx)
+    logp, lse, mean, dh, dw, db = chunked_forward_grad(
+        sel(hidden), weight, bias, sel(labels), temperature, logit_scale, softcap, chunk_size, needs,
+        sel(grad_logp), glc, lse_coef if zs > 0 else None, sel(grad_mean), w if eps > 0 else None,
+        ignore_index)
+    logp, lse = _scatter_rows(logp, idx, n), _scatter_rows(lse, idx, n)
+    mean = _scatter_rows(mean, idx, n) if eps > 0 else None
+    loss, zl = assemble_cross_entropy(
+        logp, lse, mean, labels, ignore_index=ignore_index, reduction="sum" if reduction_sum else "mean",
+        label_smoothing=eps, z_loss_scale=zs, class_weights=w, vocab_size=V, return_z_loss=True)
+    empty = lambda: hidden.new_empty(0)
+    return (loss, zl, lse, empty() if dh is None else _scatter_rows(dh, idx, n),
+            empty() if dw is None else dw, empty() if db is None else db)
+
+
+def _fwd_grad_fake_grads(hidden, weight, bias, needs):
+    return (torch.empty_like(hidden) if needs & NEED_HIDDEN else hidden.new_empty(0),
+            torch.empty_like(weight) if needs & NEED_WEIGHT else hidden.new_empty(0),
+            torch.empty_like(bias) if (needs & NEED_BIAS and bias is not None) else hidden.new_empty(0))
+
+
+@linear_cross_entropy_fwd_grad_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, chunk_size,
+      label_smoothing, z_loss_scale, class_weights, reduction_sum, needs, z_output):
+    acc = _acc(hidden.dtype)
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((), dtype=acc),
+            hidden.new_empty(labels.shape[0], dtype=acc), *_fwd_grad_fake_grads(hidden, weight, bias, needs))
+
+
+@torch.library.custom_op("pyalign::linear_cross_entropy_fwd_grad_backward", mutates_args=())
+def linear_cross_entropy_fwd_grad_backward_op(
+    grad_loss: Tensor, grad_z: Tensor, dh: Tensor, dw: Tensor, db: Tensor, hidden: Tensor, weight: Tensor,
+    bias: Optional[Tensor], labels: Tensor, lse: Tensor, ignore_index: int, temperature: float,
+    logit_scale: float, softcap: float, chunk_size: int, z_loss_scale: float, reduction_sum: bool,
+    needs: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`linear_cross_entropy_fwd_grad_op` when its z-loss output is returned
+    too: ``grad_loss`` times the saved gradients plus, only when ``grad_z`` is nonzero, the z-loss
+    output's own gradient (``grad_lse = grad_z * 2 z lse / N``), recomputed chunk by chunk
+    (:func:`chunked_backward`, 3 more GEMMs). Exact for any combination of the two."""
+    outs = [t * grad_loss for t in (dh, dw, db)]  # [0] stays [0] (absent gradients)
+    if z_loss_scale > 0 and bool(grad_z != 0):
+        acc = lse.dtype
+        valid = labels != ignore_index
+        d_z = torch.ones((), dtype=acc, device=lse.device) if reduction_sum else valid.sum().to(acc)
+        grad_lse = (lse * ((2.0 * z_loss_scale) / d_z) * grad_z.to(acc)).contiguous()
+        parts = linear_token_logprobs_backward_op(None, None, hidden, weight, bias, labels, lse, None,
+                                                  ignore_index, temperature, logit_scale, softcap,
+                                                  chunk_size, needs, grad_lse)
+        outs = [o + p if o.numel() else o for o, p in zip(outs, parts)]
+    return tuple(outs)
+
+
+@linear_cross_entropy_fwd_grad_backward_op.register_fake
+def _(grad_loss, grad_z, dh, dw, db, hidden, weight, bias, labels, lse, ignore_index, temperature,
+      logit_scale, softcap, chunk_size, z_loss_scale, reduction_sum, needs):
+    return _fwd_grad_fake_grads(hidden, weight, bias, needs)
+
+
+_GRAD_NAMES = ((0, NEED_HIDDEN, "hidden"), (1, NEED_WEIGHT, "weight"), (2, NEED_BIAS, "bias"))
+
+
+def _fwd_grad_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, chunk_size,
+     label_smoothing, z_loss_scale, class_weights, reduction_sum, needs, z_output) = inputs
+    loss, zl, lse, dh, dw, db = output
+    ctx.mark_non_differentiable(lse, dh, dw, db)
+    ctx.needs = needs
+    ctx.z_active = bool(z_output) and z_loss_scale > 0
+    if ctx.z_active:  # the z-loss output's gradient may need the inputs again
+        ctx.save_for_backward(dh, dw, db, hidden, weight, bias, labels, lse)
+    else:
+        ctx.save_for_backward(dh, dw, db)
+    ctx.params = (ignore_index, temperature, logit_scale, softcap, chunk_size, z_loss_scale, reduction_sum)
+
+
+def _fwd_grad_backward(ctx, g_loss, g_z, g_lse, g_dh, g_dw, g_db):
+    for i, bit, name in _GRAD_NAMES:
+        if ctx.needs_input_grad[i] and not ctx.needs & bit:
+            raise RuntimeError(f"pyalign::linear_cross_entropy_fwd_grad: {name} requires grad but the forward "
+                               f"was called with needs={ctx.needs}, which does not include it")
+    saved = ctx.saved_tensors
+    dh, dw, db = saved[:3]
+    if g_loss is None:
+        g_loss = torch.zeros((), dtype=dh.dtype if dh.dtype == torch.float64 else torch.float32, device=dh.device)
+    if ctx.z_active:
+        hidden, weight, bias, labels, lse = saved[3:]
+        if g_z is None:
+            g_z = torch.zeros_like(g_loss)
+        ignore_index, temperature, logit_scale, softcap, chunk_size, zs, rsum = ctx.params
+        gh, gw, gb = linear_cross_entropy_fwd_grad_backward_op(
+            g_loss, g_z, dh, dw, db, hidden, weight, bias, labels, lse, ignore_index, temperature,
+            logit_scale, softcap, chunk_size, zs, rsum, ctx.needs)
+    else:
+        gh, gw, gb = dh * g_loss, dw * g_loss, db * g_loss
+    keep = lambda g, i: g if ctx.needs_input_grad[i] else None
+    return (keep(gh, 0), keep(gw, 1), keep(gb, 2)) + (None,) * 12
+
+
+linear_cross_entropy_fwd_grad_op.register_autograd(_fwd_grad_backward, setup_context=_fwd_grad_setup_context)

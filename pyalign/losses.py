@@ -31,7 +31,7 @@ from pyalign.ops.losses import (CPO_TYPES, DPO_TYPES, F_DIVERGENCES, FAMILIES, K
                                 REDUCTIONS, preference_loss)
 
 __all__ = ["Metrics", "dpo_loss", "kto_loss", "bco_loss", "BCORunningMean", "orpo_loss", "cpo_loss",
-           "simpo_loss", "reward_model_loss", "DPO_LOSS_TYPES", "F_DIVERGENCES"]
+           "simpo_loss", "reward_model_loss", "fused_linear_dpo_loss", "DPO_LOSS_TYPES", "F_DIVERGENCES"]
 
 DPO_LOSS_TYPES = DPO_TYPES
 # Loss types that are defined through per-response log-ratios against a reference model.
@@ -48,6 +48,12 @@ _SMOOTHING = {
     "aot": (0.0, 0.5, True, True),
     "aot_unpaired": (0.0, 0.5, True, True),
 }
+
+
+def _smoothing_ok(loss_type: str, eps: float) -> bool:
+    """Whether ``eps`` is a valid label_smoothing for ``loss_type`` (one of the keys of _SMOOTHING)."""
+    lo, hi, lo_in, hi_in = _SMOOTHING[loss_type]
+    return (eps > lo or (lo_in and eps == lo)) and (eps < hi or (hi_in and eps == hi))
 
 _PAIRED_METRICS = {"rewards/chosen": 0, "rewards/rejected": 1, "rewards/margins": 2,
                    "rewards/accuracies": 3, "logps/chosen": 4, "logps/rejected": 5}
@@ -177,9 +183,12 @@ def dpo_loss(
 
     With log-ratios ``r_c = pi_c - ref_c`` and ``r_r = pi_r - ref_r`` (the policy log-probs when no
     reference is given: reference-free), f-divergence scores ``s = f'(exp(r))`` (Wang et al. 2023,
-    arXiv:2309.16240: ``reverse_kl`` s = r, ``forward_kl`` -exp(-r), ``js_divergence``
-    log sigmoid(r), ``alpha_divergence`` exp((f_alpha - 1) r) / (f_alpha - 1); exponents capped at
-    40, so that even the squared losses stay finite in fp32, with zero gradient beyond) and ``delta = s_c - s_r``, the per-pair losses are:
+    arXiv:2309.16240; TRL's generators, all with f'(1) = 0: ``reverse_kl`` s = r, ``forward_kl``
+    1 - exp(-r), ``js_divergence`` log 2 + log sigmoid(r), ``alpha_divergence``
+    (exp((f_alpha - 1) r) - 1) / (f_alpha - 1); exponents capped at 40, so that even the squared
+    losses stay finite in fp32, with zero gradient beyond) and ``delta = s_c - s_r``, the per-pair
+    losses are (the constants of f' cancel in delta but not in the length-normalized
+    ``s_c / L_c - s_r / L_r`` of ``ipo`` and ``sigmoid_norm``):
 
     - ``sigmoid``: -(1-e) log sigmoid(beta delta) - e log sigmoid(-beta delta); cDPO with e > 0.
     - ``sigmoid_norm``: -log sigmoid(beta (s_c / L_c - s_r / L_r)) (needs lengths).
@@ -206,6 +215,10 @@ def dpo_loss(
       (Lu et al. 2024, arXiv:2406.08414, eq. 5).
     - ``sft``: -pi_c / L_c, the chosen response's NLL per token (per sequence without lengths).
       TRL pools the chosen tokens of the whole batch instead; the two agree when lengths are equal.
+
+    ``label_smoothing`` e applies to every type that has one; unlike TRL, whose ``sigmoid``
+    ignores it, pyalign's ``sigmoid`` with e > 0 is cDPO (:func:`pyalign.integrations.trl.patch_trainer`
+    reproduces TRL's behaviour).
 
     Args:
         loss_type: one name or a list (e.g. MPO: ``["sigmoid", "bco_pair", "sft"]``), summed with
@@ -258,7 +271,7 @@ def dpo_loss(
                          f"{', '.join(_SMOOTHING)} do); got {eps}")
     for t in users:
         lo, hi, lo_in, hi_in = _SMOOTHING[t]
-        if not ((eps > lo or (lo_in and eps == lo)) and (eps < hi or (hi_in and eps == hi))):
+        if not _smoothing_ok(t, eps):
             rng = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
             hint = " (EXO's paper uses 1e-3)" if t == "exo_pair" else ""
             raise ValueError(f"label_smoothing: loss type {t!r} needs a value in {rng}{hint}, got {eps}")
@@ -585,9 +598,9 @@ def fused_linear_dpo_loss(
     ``[2B, T, V]`` logits are never held and gradients flow to ``hidden``, ``weight`` and ``bias``.
 
     The reference is either given as ``ref_logps`` (a ``[2B]`` tensor in the same layout, or a pair
-    ``(ref_chosen, ref_rejected)``), or computed without gradient from ``ref_hidden`` (with
-    ``ref_weight``/``ref_bias``, defaulting to the policy head); with neither, the loss is
-    reference-free. Completion lengths (the non-ignored label counts) are passed to length-normalized
+    ``(ref_chosen, ref_rejected)`` of ``[B]`` tensors; detached in both forms), or computed without
+    gradient from ``ref_hidden`` (with ``ref_weight``/``ref_bias``, defaulting to the policy head);
+    with neither, the loss is reference-free. Completion lengths (the non-ignored label counts) are passed to length-normalized
     losses unless given. Other keyword arguments go to :func:`dpo_loss`; returns ``(loss, metrics)``.
     """
     from pyalign.logprob import linear_sequence_logprobs
@@ -602,8 +615,14 @@ def fused_linear_dpo_loss(
     lengths_c, lengths_r = counts.chunk(2)
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("ref_logps / ref_hidden: give the reference log-probs or the reference hidden states, not both")
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight / ref_bias: only used with ref_hidden (the reference model's hidden states)")
     ref_c = ref_r = None
     if ref_hidden is not None:
+        if not isinstance(ref_hidden, Tensor) or ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            got = tuple(ref_hidden.shape) if isinstance(ref_hidden, Tensor) else type(ref_hidden).__name__
+            raise ValueError(f"ref_hidden: expected [2B, T, H_ref] with [2B, T] = {tuple(hidden.shape[:-1])} "
+                             f"like hidden, got {got}")
         with torch.no_grad():
             ref, _ = linear_sequence_logprobs(ref_hidden, weight if ref_weight is None else ref_weight, labels,
                                               bias=bias if ref_weight is None and ref_bias is None else ref_bias,
@@ -613,7 +632,13 @@ def fused_linear_dpo_loss(
         if isinstance(ref_logps, (tuple, list)):
             if len(ref_logps) != 2:
                 raise ValueError("ref_logps: expected a [2B] tensor or a pair (ref_chosen, ref_rejected)")
-            ref_c, ref_r = ref_logps
+            for k, x in enumerate(ref_logps):
+                if not isinstance(x, Tensor) or x.shape != chosen.shape:
+                    got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                    raise ValueError(f"ref_logps[{k}]: expected a tensor of shape {tuple(chosen.shape)} "
+                                     f"(one per pair), got {got}")
+            # Reference log-probs are constants of the loss, in either form.
+            ref_c, ref_r = (x.detach() for x in ref_logps)
         else:
             if not isinstance(ref_logps, Tensor) or ref_logps.shape != logps.shape:
                 raise ValueError(f"ref_logps: expected a tensor of shape {tuple(logps.shape)} (chosen rows first)")

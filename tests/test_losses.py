@@ -1,9 +1,10 @@
 """Preference losses against plain-PyTorch references written from the papers' formulas.
 
 Tolerances: float64 inputs are compared at 1e-9 relative. For float32/bfloat16/float16 inputs the
-kernel computes in float32; its error against a float64 reference must be at most twice the error
-of the same formula evaluated eagerly by PyTorch in float32 on the same inputs (gradients rounded
-to the input dtype on both sides), plus a floor of 1e-6 relative to the value's scale.
+kernel computes in float32; its error against the float64 reference evaluated on the same rounded
+inputs must be at most twice the error of the same formula evaluated eagerly by PyTorch in float32
+on those inputs (gradients rounded to the input dtype on all sides), plus a floor of 1e-6 relative
+to the value's scale and, for gradients, one unit of rounding to the input dtype.
 """
 from __future__ import annotations
 
@@ -118,6 +119,43 @@ def test_dpo_f_divergences(device, f_divergence, loss_type):
         close(a, e)
 
 
+@pytest.mark.parametrize("f_divergence", F_DIVERGENCES)
+def test_f_divergence_scores_vanish_at_zero_log_ratio(device, f_divergence):
+    """TRL's f'(u) are zero at u = 1 (constants kept), so with policy == reference the length-
+    normalized losses do not depend on the lengths: ipo = 1/(4 beta^2), sigmoid_norm = log 2. With
+    the constants dropped (-1 for forward KL, -log 2 for JS, 1/(a-1) for alpha) they would be
+    (c/L_c - c/L_r - 1/(2 beta))^2 and -log sigmoid(beta c (1/L_c - 1/L_r))."""
+    b = make_batch(9, seed=30, device=device)
+    beta = 0.4
+    kw = dict(f_divergence=f_divergence, f_alpha=0.3, beta=beta, chosen_lengths=b["lc"], rejected_lengths=b["lr"],
+              reduction="none")
+    ipo, _ = L.dpo_loss(b["rc"], b["rr"], b["rc"], b["rr"], loss_type="ipo", **kw)
+    close(ipo, torch.full_like(ipo, 1 / (4 * beta ** 2)), rtol=1e-12, atol=0)
+    sn, _ = L.dpo_loss(b["rc"], b["rr"], b["rc"], b["rr"], loss_type="sigmoid_norm", **kw)
+    close(sn, torch.full_like(sn, math.log(2)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_f_divergence_length_normalized_losses_written_out(device, loss_type):
+    """ipo / sigmoid_norm with each f-divergence against the scores written out from TRL's
+    definitions (forward KL 1 - 1/u, JS log(2u/(1+u)), alpha (u^(a-1) - 1)/(a-1), u = exp(r))."""
+    b = make_batch(12, seed=31, device=device, spread=1.0)
+    beta, a = 0.3, 0.3
+    scores = {
+        "reverse_kl": lambda r: r,
+        "forward_kl": lambda r: 1 - 1 / torch.exp(r),
+        "js_divergence": lambda r: torch.log(2 * torch.exp(r) / (1 + torch.exp(r))),
+        "alpha_divergence": lambda r: (torch.exp(r) ** (a - 1) - 1) / (a - 1),
+    }
+    Lc, Lr = b["lc"].double(), b["lr"].double()
+    for fd, f in scores.items():
+        x = (f(b["pc"] - b["rc"]) / Lc - f(b["pr"] - b["rr"]) / Lr)
+        want = (x - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -torch.nn.functional.logsigmoid(beta * x)
+        got, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], loss_type=loss_type, f_divergence=fd, f_alpha=a,
+                            beta=beta, chosen_lengths=b["lc"], rejected_lengths=b["lr"], reduction="none")
+        close(got, want, rtol=1e-10, atol=1e-13)
+
+
 def test_alpha_divergence_limit_is_reverse_kl(device):
     b = make_batch(7, seed=4, device=device)
     l1, _ = L.dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], f_divergence="alpha_divergence", f_alpha=1.0)
@@ -171,7 +209,11 @@ def test_dpo_hypothesis(n, type_idx, seed, beta, spread, reduction, weighted):
 
 
 def _errors(fn_kernel, fn_ref, inputs, dtype):
-    """Max abs errors of kernel and of eager fp32 vs fp64, for the loss and each input gradient."""
+    """Kernel, fp64 truth and eager fp32 on the same (already rounded) inputs: (loss, grads) each.
+
+    The truth is the reference evaluated in fp64 on the inputs as the kernel sees them (rounded to
+    ``dtype``), so input rounding is not counted as error; gradients of all three are rounded to
+    ``dtype``, as autograd returns them in the input's dtype."""
     def run(fn, cast_dtype):
         xs = leaves(*[x.to(cast_dtype) for x in inputs])
         out = fn(xs, cast_dtype)
@@ -180,40 +222,128 @@ def _errors(fn_kernel, fn_ref, inputs, dtype):
     k_out, k_g = fn_kernel(inputs)
     t_out, t_g = run(fn_ref, torch.float64)
     e_out, e_g = run(fn_ref, torch.float32)
-    return (k_out, k_g), (t_out, t_g), (e_out, e_g)
+    return (k_out, k_g), (t_out, t_g), (e_out, e_g), dtype
 
 
-def assert_within_eager(kernel, truth, eager):
+def assert_within_eager(kernel, truth, eager, dtype):
+    """Error against the fp64 truth at most twice eager fp32 PyTorch's, plus a floor: 1e-6 of the
+    value's scale, and for gradients one unit of rounding to ``dtype`` at that scale (the kernel's
+    fp32 gradient and eager's may round to neighbouring ``dtype`` values)."""
     (k_out, k_g), (t_out, t_g), (e_out, e_g) = kernel, truth, eager
-    def ok(k, t, e):
-        floor = 1e-6 * max(1.0, t.abs().max().item())
+    ulp = torch.finfo(dtype).eps
+
+    def ok(k, t, e, what, rounded):
+        tmax = t.abs().max().item()
+        floor = 1e-6 * max(1.0, tmax) + (ulp * tmax if rounded else 0.0)
         err_k = (k.double().cpu() - t.double().cpu()).abs().max().item()
         err_e = (e.double().cpu() - t.double().cpu()).abs().max().item()
-        assert err_k <= 2 * err_e + floor, (err_k, err_e, floor)
-    ok(k_out, t_out, e_out)
-    for k, t, e in zip(k_g, t_g, e_g):
-        ok(k, t, e)
+        assert err_k <= 2 * err_e + floor, (what, err_k, err_e, floor)
+    ok(k_out, t_out, e_out, "loss", False)
+    for i, (k, t, e) in enumerate(zip(k_g, t_g, e_g)):
+        ok(k, t, e, f"grad {i}", True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "exo_pair", "nca_pair", "sppo_hard", "aot", "discopop",
-                                       "apo_zero", "sigmoid_norm"])
+LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("loss_type", DPO_TYPES)
 def test_dpo_low_precision(device, dtype, loss_type):
     b = make_batch(24, seed=7, dtype=dtype, device=device)
-    ins = [b["pc"], b["pr"], b["rc"], b["rr"]]
+    ins = [b["pc"], b["pr"], b["rc"], b["rr"], b["w"]]
     kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTH.get(loss_type, 0.0))
 
     def kernel(inputs):
         xs = leaves(*inputs)
-        loss, _ = L.dpo_loss(*xs, chosen_lengths=b["lc"], rejected_lengths=b["lr"], **kw)
+        loss, _ = L.dpo_loss(*xs[:4], weights=xs[4], chosen_lengths=b["lc"], rejected_lengths=b["lr"], **kw)
         assert loss.dtype == torch.float32
         gs = grads_of(loss, xs)
         assert all(gg.dtype == dtype for gg in gs)
         return loss, gs
 
     def ref(xs, dt):
-        return R.dpo_losses(*xs, chosen_lengths=b["lc"], rejected_lengths=b["lr"], dtype=dt,
-                            **{k: v for k, v in kw.items() if k != "loss_type"}, loss_type=loss_type).mean()
+        per = R.dpo_losses(*xs[:4], chosen_lengths=b["lc"], rejected_lengths=b["lr"], dtype=dt,
+                           **{k: v for k, v in kw.items() if k != "loss_type"}, loss_type=loss_type)
+        return R.reduce(per, xs[4])
+
+    assert_within_eager(*_errors(kernel, ref, ins, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "sigmoid"])
+@pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_dpo_f_divergence_low_precision(device, dtype, loss_type, f_divergence):
+    b = make_batch(24, seed=32, dtype=dtype, device=device, spread=1.0)
+    ins = [b["pc"], b["pr"], b["rc"], b["rr"]]
+    kw = dict(beta=0.2, f_divergence=f_divergence, f_alpha=0.3, chosen_lengths=b["lc"], rejected_lengths=b["lr"])
+
+    def kernel(inputs):
+        xs = leaves(*inputs)
+        loss, _ = L.dpo_loss(*xs, loss_type=loss_type, **kw)
+        return loss, grads_of(loss, xs)
+
+    assert_within_eager(*_errors(kernel, lambda xs, dt: R.dpo_losses(*xs, loss_type=loss_type, dtype=dt, **kw).mean(),
+                                 ins, dtype))
+
+
+def _family_case(family, b, dtype, device):
+    """(inputs, kernel loss fn, reference loss fn(xs, dt)) for the non-DPO families."""
+    lc, lr = b["lc"], b["lr"]
+    desirable = torch.arange(lc.shape[0], device=device) % 3 != 1
+    if family == "kto":
+        kl = dict(policy_kl_logps=b["pr"], ref_kl_logps=b["rr"] - 0.3)
+        ins = [b["pc"], b["rc"], b["w"]]
+        ours = lambda xs: L.kto_loss(xs[0], xs[1], desirable, weights=xs[2], beta=0.2, desirable_weight=1.3,
+                                     undesirable_weight=0.7, **kl)[0]
+        ref = lambda xs, dt: R.reduce(R.kto_losses(xs[0], xs[1], desirable, policy_kl=kl["policy_kl_logps"],
+                                                   ref_kl=kl["ref_kl_logps"], beta=0.2, desirable_weight=1.3,
+                                                   undesirable_weight=0.7, dtype=dt), xs[2])
+    elif family == "apo_zero_unpaired":
+        ins = [b["pc"], b["rc"]]
+        ours = lambda xs: L.kto_loss(xs[0], xs[1], desirable, beta=0.2, loss_type=family)[0]
+        ref = lambda xs, dt: R.kto_losses(xs[0], xs[1], desirable, beta=0.2, loss_type=family, dtype=dt).mean()
+    elif family == "bco":
+        ins = [b["pc"], b["rc"]]
+
+        def ours(xs):
+            run = L.BCORunningMean()
+            run.state = torch.tensor([0.3, 2.0], device=device)
+            return L.bco_loss(xs[0], xs[1], desirable, run, beta=0.2)[0]
+        ref = lambda xs, dt: R.bco_losses(xs[0], xs[1], desirable, running_mean=0.3, running_count=2, beta=0.2,
+                                          dtype=dt)[0].mean()
+    elif family == "orpo":
+        ins = [-b["pc"].abs() - 1e-2, -b["pr"].abs() - 1e-2, b["w"]]
+        ours = lambda xs: L.orpo_loss(xs[0], xs[1], chosen_lengths=lc, rejected_lengths=lr, beta=0.25, weights=xs[2])[0]
+        ref = lambda xs, dt: R.reduce(R.orpo_losses(xs[0], xs[1], lc, lr, beta=0.25, dtype=dt)[0], xs[2])
+    elif family in ("cpo", "cpo_hinge", "cpo_ipo", "simpo", "alphapo"):
+        lt = {"cpo": "sigmoid", "cpo_hinge": "hinge", "cpo_ipo": "ipo", "simpo": "simpo", "alphapo": "simpo"}[family]
+        kw = dict(loss_type=lt, beta=2.0 if lt == "simpo" else 0.1, gamma=0.8, alpha=0.25 if family == "alphapo" else 0.0,
+                  cpo_alpha=0.6, label_smoothing=0.1 if lt in ("sigmoid", "simpo") else 0.0)
+        ins = [b["pc"], b["pr"]]
+        ours = lambda xs: L.cpo_loss(xs[0], xs[1], chosen_lengths=lc, rejected_lengths=lr, **kw)[0]
+        ref = lambda xs, dt: R.cpo_losses(xs[0], xs[1], lc=lc, lr=lr, dtype=dt, **kw)[0].mean()
+    else:  # rm
+        ins = [b["pc"] / 10, b["pr"] / 10, (b["rc"] / 50).abs(), b["w"]]
+        ours = lambda xs: L.reward_model_loss(xs[0], xs[1], margin=xs[2], center_rewards_coefficient=0.01,
+                                              weights=xs[3])[0]
+        ref = lambda xs, dt: R.reduce(R.rm_losses(xs[0], xs[1], margin=xs[2], center=0.01, dtype=dt), xs[3])
+    return [x.to(dtype) for x in ins], ours, ref
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("family", ["kto", "apo_zero_unpaired", "bco", "orpo", "cpo", "cpo_hinge", "cpo_ipo", "simpo",
+                                    "alphapo", "rm"])
+def test_other_families_low_precision(device, dtype, family):
+    b = make_batch(24, seed=33, device=device)
+    ins, ours, ref = _family_case(family, b, dtype, device)
+
+    def kernel(inputs):
+        xs = leaves(*inputs)
+        loss = ours(xs)
+        assert loss.dtype == torch.float32
+        gs = grads_of(loss, xs)
+        assert all(gg.dtype == dtype for gg in gs)
+        return loss, gs
 
     assert_within_eager(*_errors(kernel, ref, ins, dtype))
 
@@ -730,3 +860,118 @@ def test_bad_inputs_reaching_the_binding():
         _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
                         desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [99], [1.0], p, 0,
                         1, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# fused_linear_dpo_loss against materialized logits (fp64)
+
+def _linear_batch(device, *, B=3, T=7, H=6, V=13, seed=40):
+    g = torch.Generator().manual_seed(seed)
+    f = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100                       # prompt tokens
+    labels[1, 5:] = -100                       # a shorter chosen completion
+    labels[B + 2, 3:] = -100                   # a shorter rejected completion
+    return dict(hidden=f(2 * B, T, H), weight=f(V, H) / 2, bias=f(V) / 3, labels=labels.to(device),
+                ref_hidden=f(2 * B, T, H), ref_weight=f(V, H) / 2, ref_bias=f(V) / 3)
+
+
+def _eager_seq_logps(hidden, weight, bias, labels, temperature=1.0):
+    """Sequence log-probs from the full logits: shift, log_softmax, gather, masked sum."""
+    logits = hidden[:, :-1] @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    lab = labels[:, 1:]
+    mask = lab != -100
+    tok = lp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1), mask.sum(-1)
+
+
+@pytest.mark.parametrize("ref_kind", ["ref_hidden", "ref_hidden_own_head", "tensor", "pair", "none"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_fused_linear_dpo_matches_eager(device, ref_kind, loss_type):
+    d = _linear_batch(device)
+    beta, temperature = 0.3, 0.8
+    h, w, bias = leaves(d["hidden"], d["weight"], d["bias"])
+    # Reference log-probs handed in as tensors may require grad: they must receive none.
+    ref_full, _ = _eager_seq_logps(d["ref_hidden"], d["ref_weight"], d["ref_bias"], d["labels"], temperature)
+    ref_leaf = ref_full.detach().clone().requires_grad_(True)
+    ref_pair = [x.detach().clone().requires_grad_(True) for x in ref_full.chunk(2)]
+    kw = dict(bias=bias, loss_type=loss_type, beta=beta, temperature=temperature)
+    if ref_kind == "ref_hidden":
+        kw["ref_hidden"] = d["ref_hidden"]
+    elif ref_kind == "ref_hidden_own_head":
+        kw.update(ref_hidden=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=d["ref_bias"])
+    elif ref_kind == "tensor":
+        kw["ref_logps"] = ref_leaf
+    elif ref_kind == "pair":
+        kw["ref_logps"] = tuple(ref_pair)
+    loss, m = L.fused_linear_dpo_loss(h, w, d["labels"], **kw)
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, bias))
+    if ref_kind == "tensor":
+        assert torch.autograd.grad(L.fused_linear_dpo_loss(h, w, d["labels"], **kw)[0], ref_leaf,
+                                   allow_unused=True)[0] is None
+    if ref_kind == "pair":
+        assert torch.autograd.grad(L.fused_linear_dpo_loss(h, w, d["labels"], **kw)[0], ref_pair,
+                                   allow_unused=True) == (None, None)
+
+    # Eager fp64: full logits, then the DPO formula written out.
+    eh, ew, eb = leaves(d["hidden"], d["weight"], d["bias"])
+    logps, counts = _eager_seq_logps(eh, ew, eb, d["labels"], temperature)
+    pc, pr = logps.chunk(2)
+    lc, lr = counts.chunk(2)
+    if ref_kind == "ref_hidden":
+        with torch.no_grad():
+            ref = _eager_seq_logps(d["ref_hidden"], d["weight"], d["bias"], d["labels"], temperature)[0]
+    elif ref_kind == "none":
+        ref = torch.zeros_like(logps)
+    else:
+        ref = ref_full
+    rc, rr = ref.detach().chunk(2)
+    if loss_type == "sigmoid":
+        want_per = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    else:
+        want_per = (((pc - rc) / lc.clamp(min=1) - (pr - rr) / lr.clamp(min=1)) - 1 / (2 * beta)) ** 2
+    want = want_per.mean()
+    wh, ww, wb = torch.autograd.grad(want, (eh, ew, eb))
+    close(loss, want, rtol=1e-10, atol=1e-12)
+    for a, e in ((gh, wh), (gw, ww), (gb, wb)):
+        close(a, e, rtol=1e-9, atol=1e-12)
+    close(m["rewards/chosen"], (beta * (pc - rc)).mean(), rtol=1e-10, atol=1e-12)
+    close(m["logps/rejected"], pr.mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_dpo_float32_matches_eager_fp64(device):
+    d = _linear_batch(device, seed=41, V=50)
+    h, w = leaves(d["hidden"].float(), d["weight"].float())
+    ref = _eager_seq_logps(d["ref_hidden"], d["ref_weight"], None, d["labels"])[0]
+    loss, _ = L.fused_linear_dpo_loss(h, w, d["labels"], ref_logps=ref.float(), beta=0.5)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    eh, ew = leaves(d["hidden"].float().double(), d["weight"].float().double())
+    pc, pr = _eager_seq_logps(eh, ew, None, d["labels"])[0].chunk(2)
+    rc, rr = ref.float().double().chunk(2)
+    want = -torch.nn.functional.logsigmoid(0.5 * ((pc - rc) - (pr - rr))).mean()
+    wh, ww = torch.autograd.grad(want, (eh, ew))
+    assert loss.dtype == torch.float32
+    close(loss, want, rtol=1e-5, atol=1e-6)
+    close(gh, wh, rtol=1e-4, atol=1e-6)
+    close(gw, ww, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_dpo_bad_inputs():
+    d = _linear_batch("cpu")
+    h, w, y = d["hidden"], d["weight"], d["labels"]
+    cases = [
+        ("hidden: expected \\[2B, T, H\\]", dict(), lambda: L.fused_linear_dpo_loss(h[:5], w, y[:5])),
+        ("ref_logps / ref_hidden: give", dict(ref_logps=torch.zeros(6), ref_hidden=d["ref_hidden"]), None),
+        ("ref_logps: expected a tensor of shape \\(6,\\)", dict(ref_logps=torch.zeros(5, dtype=torch.float64)), None),
+        ("ref_logps: expected a \\[2B\\] tensor or a pair", dict(ref_logps=(torch.zeros(3),)), None),
+        ("ref_logps\\[1\\]: expected a tensor of shape \\(3,\\)", dict(ref_logps=(torch.zeros(3), torch.zeros(4))), None),
+        ("ref_weight / ref_bias: only used with ref_hidden", dict(ref_weight=d["ref_weight"]), None),
+        ("ref_hidden: expected \\[2B, T, H_ref\\]", dict(ref_hidden=d["ref_hidden"][:, :4]), None),
+    ]
+    for pattern, kw, fn in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn() if fn else L.fused_linear_dpo_loss(h, w, y, **kw)
+    assert "fused_linear_dpo_loss" in L.__all__

@@ -47,9 +47,12 @@ template <typename A> void run(const LossArgs& s) {
   std::vector<A> partial(size_t(nblocks) * kSums, A(0));
   parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      A* sums = partial.data() + blk * kSums;
+      // A local accumulator: the compiler can keep it in registers (a pointer into `partial`
+      // might alias the gradient rows written for every element).
+      A sums[kSums] = {0};
       const int64_t end = std::min(n, (blk + 1) * kBlock);
       for (int64_t i = blk * kBlock; i < end; ++i) process_element<A>(s, i, shift, scale, sums);
+      std::copy(sums, sums + kSums, partial.data() + blk * kSums);
     }
   });
   A sums[kSums] = {0};

@@ -6,7 +6,8 @@ TRL computes per-token log-probs through its chunked fused LM head (``add_fused_
 that computation for :func:`pyalign.logprob.linear_token_logprobs` in every trainer at once;
 :func:`patch_trainer` does that and, for a ``DPOTrainer``, computes the loss with
 :func:`pyalign.losses.dpo_loss` (every loss type TRL offers, f-divergences, WPO weighting), logging
-the same metrics under the same names.
+the same metrics under the same names. ``label_smoothing`` reaches only the loss types whose TRL
+formula uses it (``exo_pair``, ``robust``, ``aot``, ``aot_unpaired``; TRL's ``sigmoid`` ignores it).
 
     from pyalign.integrations.trl import patch_trainer
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -21,6 +22,11 @@ from contextlib import nullcontext
 import torch
 
 import pyalign.logprob as _logprob
+
+# Loss types whose formula in TRL's DPOTrainer uses `label_smoothing` (TRL 1.16); the others, `sigmoid`
+# included, ignore it, while pyalign.losses.dpo_loss applies it to `sigmoid` (cDPO) and refuses it
+# for types that have none.
+_TRL_SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")
 
 # TRL's names for the optional per-token outputs -> pyalign's.
 _OUTPUT_NAMES = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
@@ -64,13 +70,20 @@ def patch_fused_lm_head() -> callable:
 def _dpo_compute_loss(self, model, inputs, return_outputs):
     """``DPOTrainer._compute_loss`` with the loss from :func:`pyalign.losses.dpo_loss`.
 
-    Follows TRL's batch layout ([chosen; rejected] along the batch) and metric names. Options this
-    path does not cover (``ld_alpha``, MoE auxiliary loss, PEFT reference adapters) fall back to
-    TRL's own method.
+    Follows TRL's batch layout ([chosen; rejected] along the batch) and metric names, and TRL's use
+    of ``label_smoothing``: only the types in ``_TRL_SMOOTHED`` get it (pyalign's own ``sigmoid``
+    would be cDPO with it). Options this path does not cover (``ld_alpha``, MoE auxiliary loss,
+    PEFT reference adapters, a ``label_smoothing`` that pyalign refuses for a smoothed type, such
+    as ``robust`` with 0.5 or ``aot`` with 0.7) fall back to TRL's own method.
     """
-    from pyalign.losses import dpo_loss
+    from pyalign.losses import _smoothing_ok, dpo_loss
 
-    if self.ld_alpha is not None or self.aux_loss_enabled or self.ref_model is None and not self.precompute_ref_logps:
+    eps = float(self.label_smoothing)
+    types, loss_weights = list(self.loss_types), list(self.loss_weights)
+    kept = [(t, w) for t, w in zip(types, loss_weights) if t != "sft"]
+    smoothed = [(t, w) for t, w in kept if t in _TRL_SMOOTHED]
+    if (self.ld_alpha is not None or self.aux_loss_enabled or self.ref_model is None and not self.precompute_ref_logps
+            or any(not _smoothing_ok(t, eps) for t, _ in smoothed)):
         return self._pyalign_original_compute_loss(model, inputs, return_outputs)
     mode = "train" if self.model.training else "eval"
     model_kwargs = {k: v for k, v in inputs.items() if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
@@ -98,17 +111,24 @@ def _dpo_compute_loss(self, model, inputs, return_outputs):
             weights = wc * wr
     # TRL's "sft" term pools the chosen tokens of the whole batch; pyalign's is per sequence, so
     # the pooled form is added here to keep the loss identical.
-    types, loss_weights = list(self.loss_types), list(self.loss_weights)
     sft_weight = sum(w for t, w in zip(types, loss_weights) if t == "sft")
-    kept = [(t, w) for t, w in zip(types, loss_weights) if t != "sft"]
+    # One dpo_loss call per smoothing value: eps for the types TRL smooths, 0 for the others.
+    plain = [(t, w) for t, w in kept if t not in _TRL_SMOOTHED]
+    groups = [(smoothed, eps), (plain, 0.0)] if eps != 0 else [(kept, 0.0)]
     loss = per_token.new_zeros(())
-    if kept:
-        loss, metrics = dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=[t for t, _ in kept],
-            loss_weights=[w for _, w in kept], beta=self.beta, label_smoothing=self.label_smoothing,
+    metrics = None
+    for group, e in groups:
+        if not group:
+            continue
+        part, m = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=[t for t, _ in group],
+            loss_weights=[w for _, w in group], beta=self.beta, label_smoothing=e,
             f_divergence=self.f_divergence_type, f_alpha=self.f_alpha_divergence_coef,
-            chosen_lengths=lengths_c, rejected_lengths=lengths_r, weights=weights)
-    else:
+            discopop_tau=self.args.discopop_tau, chosen_lengths=lengths_c, rejected_lengths=lengths_r,
+            weights=weights)
+        loss = loss + part
+        metrics = m if metrics is None else metrics
+    if metrics is None:
         _, metrics = dpo_loss(chosen_logps.detach(), rejected_logps.detach(), ref_chosen, ref_rejected,
                               loss_type="sigmoid", beta=self.beta)
     if sft_weight:

@@ -81,6 +81,8 @@ _GRAD_SLOT = {0: 0, 1: 1, 2: 2, 3: 3, 6: 4}  # input index (a, b, c, d, w) -> ro
 def _input_grads(needs, dtypes, grads, g_loss):
     """Gradients of the 11 tensor inputs (None for the non-differentiable ones), then 6 Nones."""
     out = [None] * 17
+    if g_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+        return tuple(out)
     for idx, k in _GRAD_SLOT.items():
         if dtypes[idx] is not None and needs[idx]:
             out[idx] = (grads[k] * g_loss).to(dtypes[idx])
@@ -90,6 +92,9 @@ def _input_grads(needs, dtypes, grads, g_loss):
 def _setup_context(ctx, inputs, output):
     _, grads, metrics = output
     ctx.mark_non_differentiable(grads, metrics)
+    # The gradients and metrics outputs never receive a gradient: without this, autograd would
+    # allocate and zero-fill a [5, N] tensor for them on every backward (as costly as the kernel).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grads)
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:11]]
 
@@ -111,6 +116,7 @@ class _Direct(torch.autograd.Function):
         loss, grads, metrics = _compute(a, b, c, d, la, lb, w, label, kla, klb, state, family, types,
                                         type_weights, params, fdiv, reduction)
         ctx.mark_non_differentiable(grads, metrics)
+        ctx.set_materialize_grads(False)  # as in _setup_context: no zero-filled [5, N] per backward
         ctx.save_for_backward(grads)
         ctx.dtypes = [None if t is None else t.dtype for t in (a, b, c, d, la, lb, w, label, kla, klb, state)]
         return loss, grads, metrics

@@ -118,35 +118,48 @@ template <typename A> PYALIGN_HD A capped_exp(A x, A& dx) {
   return e;
 }
 
+// expm1(min(x, cap)) and the derivative of exp(min(x, cap)) (0 above the cap, as for a clamp).
+template <typename A> PYALIGN_HD A capped_expm1(A x, A& dx) {
+  if (x > A(kExpCap)) { dx = A(0); return std::expm1(A(kExpCap)); }
+  dx = std::exp(x);
+  return std::expm1(x);
+}
+
 // f-DPO score of a log-ratio r (Wang et al. 2023, "Beyond Reverse KL", arXiv:2309.16240): the
-// derivative f'(u) of the divergence's generator at u = pi/pi_ref, constants dropped.
+// derivative f'(u) of the divergence's generator at u = pi / pi_ref = exp(r). A generator is
+// defined up to a term c (u - 1), which shifts f' by c; as TRL's DPOTrainer, every f' here is
+// zero at u = 1, constants included. They cancel in s_c - s_r but not in the length-normalized
+// s_c / L_c - s_r / L_r (ipo, sigmoid_norm), so dropping them would change those losses.
 template <typename A> PYALIGN_HD A fdiv_score(int fdiv, A f_alpha, A r, A& ds) {
   switch (FDiv(fdiv)) {
-    case FDiv::forward_kl: {  // f'(u) = 1 - 1/u  ->  -exp(-r)
-      A e = capped_exp(-r, ds);
-      return -e;
-    }
-    case FDiv::js_divergence:  // f'(u) = log(2u / (1 + u))  ->  log sigmoid(r)
+    case FDiv::forward_kl:  // f'(u) = 1 - 1/u  ->  1 - exp(-r)
+      return -capped_expm1(-r, ds);
+    case FDiv::js_divergence:  // f'(u) = log(2u / (1 + u))  ->  log 2 + log sigmoid(r)
       ds = sigmoid(-r);
-      return -softplus(-r);
-    case FDiv::alpha_divergence: {  // f'(u) = (u^(a-1) - 1) / (a - 1)  ->  exp((a-1) r) / (a-1)
-      A am1 = f_alpha - A(1);
+      return A(0.69314718055994530942) - softplus(-r);
+    case FDiv::alpha_divergence: {  // f'(u) = (u^(a-1) - 1) / (a - 1)  ->  expm1((a-1) r) / (a-1)
+      const A am1 = f_alpha - A(1);
       if (am1 < A(1e-6) && am1 > A(-1e-6)) { ds = A(1); return r; }  // limit: reverse KL
       A de;
-      A e = capped_exp(am1 * r, de);
-      ds = de;  // d/dr [exp(am1 r) / am1] = exp(am1 r)
+      const A e = capped_expm1(am1 * r, de);
+      ds = de;  // d/dr [expm1(am1 r) / am1] = exp(am1 r)
       return e / am1;
     }
     default: ds = A(1); return r;
   }
 }
 
-// softplus(+-z) and sigmoid(+-z) from one exp and one log1p, without overflow or cancellation.
+// softplus(+-z) and sigmoid(+-z) from one exp and one log, without overflow or cancellation.
+// log1p(e) for e = exp(-|z|) in (0, 1] is log(u) + (e - (u - 1)) / u with u = 1 + e rounded: u - 1
+// is exact, and the second term restores what rounding 1 + e lost (it gives e when u == 1), so
+// the result is within a few ulps of log1p. glibc's log1pf is several times slower than logf and
+// was the largest cost of the whole kernel; 1/u is needed for the sigmoid anyway.
 template <typename A> struct Logistic {
   A sp_pos, sp_neg, sig_pos, sig_neg;  // softplus(z), softplus(-z), sigmoid(z), sigmoid(-z)
   PYALIGN_HD explicit Logistic(A z) {
     const A az = z < A(0) ? -z : z;
-    const A e = std::exp(-az), l = std::log1p(e), r = A(1) / (A(1) + e);
+    const A e = std::exp(-az), u = A(1) + e, r = A(1) / u;
+    const A l = std::log(u) + (e - (u - A(1))) * r;
     sp_pos = (z > A(0) ? z : A(0)) + l;
     sp_neg = (z < A(0) ? -z : A(0)) + l;
     sig_pos = z >= A(0) ? r : e * r;

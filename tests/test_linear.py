@@ -1019,3 +1019,35 @@ def test_forward_grad_torch_compile_fullgraph(needs):
         assert (x.grad is None) == (not nd) == (y.grad is None)
         if nd:
             assert max_err(x.grad, y.grad) < 1e-6
+
+
+def test_forward_grad_backward_memory():
+    """The backward holds the saved dW and its scaled copy, nothing more (no zero-filled [V, H]
+    upstream gradient for the dW output): peak extra memory of forward+backward below 2 dW + the
+    logits buffer + O(n * H) + slack, where a third [V, H] would exceed it."""
+    from pyalign.bench.common import cpu_peak_supported, peak_extra_mb
+    if not cpu_peak_supported():
+        pytest.skip("/proc/self/clear_refs not writable")
+    import ctypes
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        trim = lambda _: None
+    n, H, V, chunk = 256, 512, 32000, 64
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    labels = torch.randint(0, V, (n,), generator=g)
+
+    def run():
+        gh, gw = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, chunk_size=chunk), (hidden, weight))
+        return gh, gw
+    run()
+    peaks = []
+    for _ in range(2):
+        trim(0)
+        peaks.append(peak_extra_mb(run, "cpu"))
+    mib = 2 ** 20
+    dw = V * H * 4 / mib
+    bound = 2 * dw + (chunk * V * 4 + 4 * n * H * 4) / mib
+    assert min(peaks) <= bound + 6, (peaks, bound)

@@ -716,6 +716,9 @@ def _fwd_grad_setup_context(ctx, inputs, output):
      label_smoothing, z_loss_scale, class_weights, reduction_sum, needs, z_output) = inputs
     loss, zl, lse, dh, dw, db = output
     ctx.mark_non_differentiable(lse, dh, dw, db)
+    # No zero-filled upstream gradients for the outputs nobody differentiates: the default would
+    # allocate a [V, H] zero tensor for the dW output in every backward.
+    ctx.set_materialize_grads(False)
     ctx.needs = needs
     ctx.z_active = bool(z_output) and z_loss_scale > 0
     if ctx.z_active:  # the z-loss output's gradient may need the inputs again
@@ -732,18 +735,18 @@ def _fwd_grad_backward(ctx, g_loss, g_z, g_lse, g_dh, g_dw, g_db):
                                f"was called with needs={ctx.needs}, which does not include it")
     saved = ctx.saved_tensors
     dh, dw, db = saved[:3]
-    if g_loss is None:
-        g_loss = torch.zeros((), dtype=dh.dtype if dh.dtype == torch.float64 else torch.float32, device=dh.device)
-    if ctx.z_active:
+    if ctx.z_active and g_z is not None:
         hidden, weight, bias, labels, lse = saved[3:]
-        if g_z is None:
-            g_z = torch.zeros_like(g_loss)
+        if g_loss is None:
+            g_loss = torch.zeros_like(g_z)
         ignore_index, temperature, logit_scale, softcap, chunk_size, zs, rsum = ctx.params
         gh, gw, gb = linear_cross_entropy_fwd_grad_backward_op(
             g_loss, g_z, dh, dw, db, hidden, weight, bias, labels, lse, ignore_index, temperature,
             logit_scale, softcap, chunk_size, zs, rsum, ctx.needs)
-    else:
+    elif g_loss is not None:
         gh, gw, gb = dh * g_loss, dw * g_loss, db * g_loss
+    else:  # neither output reached the loss being differentiated
+        return (None,) * 15
     keep = lambda g, i: g if ctx.needs_input_grad[i] else None
     return (keep(gh, 0), keep(gw, 1), keep(gb, 2)) + (None,) * 12
 

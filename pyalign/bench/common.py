@@ -95,6 +95,14 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def compiled(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn)`` with a fresh dynamo cache: baselines share code objects (one lambda per
+    case, one loss per size), and past dynamo's recompile limit a compiled function silently runs
+    eagerly, which would time eager code under the "compile" label."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **kwargs)
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pyalign
-from pyalign.bench.common import installed, record
+from pyalign.bench.common import compiled, installed, record
 
 
 def _eager(x, y, entropy):
@@ -70,7 +70,7 @@ def sizes(device: str, quick: bool):
 
 def run(device: str, quick: bool) -> list[dict]:
     rows = []
-    compiled = torch.compile(_eager, dynamic=False)
+    compiled_eager = compiled(_eager, dynamic=False)
     for n, V, dtype in sizes(device, quick):
         x = torch.randn(n, V, device=device).to(dtype)
         y = torch.randint(0, V, (n,), device=device)
@@ -80,7 +80,7 @@ def run(device: str, quick: bool) -> list[dict]:
         for entropy in (False, True):
             impls = [("pyalign", _ours), ("eager", _eager)] + ([] if entropy else others)
             if not (quick and entropy):  # each compiled variant costs seconds of compile time
-                impls.append(("compile", compiled))
+                impls.append(("compile", compiled_eager))
             op = "token_logprobs+entropy" if entropy else "token_logprobs"
             for name, impl in impls:
                 rows.append(record("logprob", f"{op} fwd", size, name,

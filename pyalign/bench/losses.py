@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pyalign import losses as L
-from pyalign.bench.common import installed, record
+from pyalign.bench.common import compiled, installed, record
 from pyalign.ops.losses import DPO_TYPES, FAMILIES, preference_loss_op
 from pyalign.reference import losses as R
 
@@ -81,7 +81,7 @@ def run(device: str, quick: bool) -> list[dict]:
                 continue  # the rank count is O(n^2) on one block
             impls = [("pyalign", ours), ("eager", eager)]
             if not quick or name == "dpo sigmoid":  # compiling every case takes minutes on a small CPU
-                impls.append(("compile", torch.compile(eager, dynamic=False)))
+                impls.append(("compile", compiled(eager, dynamic=False)))
             if op is not None:
                 impls.insert(1, ("pyalign-op", op))
             for impl, fn in impls:
@@ -150,7 +150,7 @@ def _shifted_policy_loss(h, w, labels, ref):
 
 
 def _compiled_eager(hidden, weight, labels, ref):
-    fn = torch.compile(_shifted_policy_loss, dynamic=False)
+    fn = compiled(_shifted_policy_loss, dynamic=False)
 
     def run():
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()

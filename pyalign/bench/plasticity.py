@@ -20,7 +20,7 @@ import time
 import torch
 
 from pyalign import plasticity as P
-from pyalign.bench.common import peak_extra_mb
+from pyalign.bench.common import compiled, peak_extra_mb
 
 
 def _sync(device):
@@ -137,7 +137,7 @@ def run(device: str, quick: bool) -> list[dict]:
             fns["eager_inplace"] = lambda: _oja_inplace(w, xf, yf)
             if not quick:
                 try:
-                    oja_c = torch.compile(_oja_formula)
+                    oja_c = compiled(_oja_formula)
                     oja_c(w, xf, yf)  # compiles here, outside the timing
                     fns["compile"] = lambda: w.copy_(oja_c(w, xf, yf))
                 except Exception as e:  # reported, not fatal

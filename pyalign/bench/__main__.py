@@ -123,9 +123,11 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
     h = 0.8 / max(len(impls), 1)
     for k, impl in enumerate(impls):
         ys = [i + k * h for i in range(len(labels))]
-        axes[0].barh(ys, [groups[l].get(impl, {}).get("median_ms") or 0 for l in labels], h, label=impl)
-        axes[1].barh(ys, [groups[l].get(impl, {}).get("peak_mem_mb") or 0 for l in labels], h, label=impl)
-        axes[2].barh(ys, [100 * (groups[l].get(impl, {}).get("gbps") or 0) / info["copy_bandwidth_gbs"] for l in labels], h)
+        color = plt.cm.tab20(k % 20)  # more implementations than the default cycle's 10 colours
+        axes[0].barh(ys, [groups[l].get(impl, {}).get("median_ms") or 0 for l in labels], h, label=impl, color=color)
+        axes[1].barh(ys, [groups[l].get(impl, {}).get("peak_mem_mb") or 0 for l in labels], h, label=impl, color=color)
+        axes[2].barh(ys, [100 * (groups[l].get(impl, {}).get("gbps") or 0) / info["copy_bandwidth_gbs"] for l in labels], h,
+                     color=color)
     axes[0].set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
     axes[0].set_xlabel("median time (ms)"); axes[0].set_xscale("log")
     axes[1].set_xlabel("peak extra memory (MiB)")

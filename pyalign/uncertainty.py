@@ -143,7 +143,7 @@ def aggregate_rewards(
         raise ValueError("member_weights: ddof=1 needs at least two members with non-zero weight")
     qq = 0.5 if method == "median" else float(q) if method == "quantile" else -1.0
     mean, var, mn, mx, quant, ale = reward_stats_op(r2, v2, w, var_denom, qq)
-    std = torch.where(var > 0, var.clamp(min=torch.finfo(var.dtype).tiny).sqrt(), torch.zeros_like(var))
+    std = torch.where(var > 0, var.clamp(min=torch.finfo(var.dtype).tiny).sqrt(), var * 0)  # NaN stays NaN
     reward = {
         "mean": lambda: mean, "min": lambda: mn, "uwo": lambda: mean - lam * var,
         "lcb": lambda: mean - lam * std, "median": lambda: quant, "quantile": lambda: quant,

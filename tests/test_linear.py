@@ -460,6 +460,7 @@ def test_accumulate_dw_is_fp32_exact():
     assert max_err(acc, (a.t() @ h).float()) > 1e-4  # what rounding to bf16 would have given
 
 
+@pytest.mark.rss
 def test_peak_memory_within_documented_bound(force_path):
     """bf16 head, gradients for hidden and weight, peak extra memory by the VmHWM method of the bench
     suite (results included). The automatic (vocab-blocked) path stays within the documented bound
@@ -1021,6 +1022,7 @@ def test_forward_grad_torch_compile_fullgraph(needs):
             assert max_err(x.grad, y.grad) < 1e-6
 
 
+@pytest.mark.rss
 def test_forward_grad_backward_memory():
     """The backward holds the saved dW and its scaled copy, nothing more (no zero-filled [V, H]
     upstream gradient for the dW output): peak extra memory of forward+backward below 2 dW + the

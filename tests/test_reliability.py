@@ -19,6 +19,7 @@ def _rss_mb() -> float:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
 
 
+@pytest.mark.rss
 def test_no_memory_growth_forward_backward():
     x = torch.randn(64, 1000)
     y = torch.randint(0, 1000, (64,))
@@ -221,6 +222,7 @@ def _peak_extra_mib(fn) -> float:
     return min(peak_extra_mb(fn, "cpu") for _ in range(3))
 
 
+@pytest.mark.rss
 @pytest.mark.parametrize("case", ["token_logprobs", "token_uncertainty", "linear_token_logprobs"])
 def test_forward_holds_no_vocabulary_sized_temporary(case):
     # Each input below is 64-128 MiB; an implementation that materializes probabilities (or the

@@ -66,7 +66,10 @@ def _cdpo(z, eps):
     """Label-smoothed logistic loss: conservative DPO (cDPO; Mitchell 2023, "A note on DPO with
     noisy preferences & relationship to IPO", technical note, no arXiv id): the preference label is
     flipped with probability eps, -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
-    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    # A zero weight drops its term (0 * log sigmoid(-inf) is 0, not NaN: a certain preference).
+    keep = -F.logsigmoid(z) if eps < 1 else torch.zeros_like(z)
+    flip = -F.logsigmoid(-z) if eps > 0 else torch.zeros_like(z)
+    return (1 - eps) * keep + eps * flip
 
 
 def dpo_losses(pc, pr, rc=None, rr=None, *, loss_type="sigmoid", loss_weights=None, beta=0.1,

@@ -171,7 +171,8 @@ template <typename A> struct Logistic {
 template <typename A> PYALIGN_HD A smoothed_logistic(A z, A eps, A& dz) {
   const Logistic<A> f(z);
   dz = -(A(1) - eps) * f.sig_neg + eps * f.sig_pos;
-  return (A(1) - eps) * f.sp_neg + eps * f.sp_pos;
+  // A zero weight drops its term outright: 0 * softplus(+-inf) would be NaN once |z| overflows.
+  return (eps < A(1) ? (A(1) - eps) * f.sp_neg : A(0)) + (eps > A(0) ? eps * f.sp_pos : A(0));
 }
 
 // sigmoid(z) (1 - sigmoid(z)) without cancellation.
@@ -417,8 +418,8 @@ PYALIGN_HD void orpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out,
   const A Lc = e.la, Lr = e.lb;
   A mc = e.a / Lc, mr = e.b / Lr;
   const A cap = A(kOrpoMaxMeanLogp);
-  mc = mc < cap ? mc : cap;  // the gradient passes the clamp unchanged
-  mr = mr < cap ? mr : cap;
+  mc = mc > cap ? cap : mc;  // the gradient passes the clamp unchanged; NaN stays NaN
+  mr = mr > cap ? cap : mr;
   const A lo = (mc - mr) - (log1mexp(mc) - log1mexp(mr));
   const A dlo_c = -A(1) / std::expm1(mc);  // 1 / (1 - p_c)
   const A dlo_r = A(1) / std::expm1(mr);   // -1 / (1 - p_r)
@@ -543,7 +544,7 @@ template <typename A> PYALIGN_HD A prepass_shift(const LossArgs& s, A sum) {
   if (LossFamily(s.p.family) == LossFamily::kto) {
     if (m == 0) return A(0);
     const A kl = sum / A(m);
-    return kl > A(0) ? kl : A(0);
+    return kl < A(0) ? A(0) : kl;  // clamped at 0; NaN stays NaN
   }
   if (LossFamily(s.p.family) == LossFamily::bco) {
     const A mean0 = load<A>(s.state, 0), count0 = load<A>(s.state, 1);

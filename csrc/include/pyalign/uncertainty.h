@@ -103,13 +103,19 @@ void token_uncertainty_backward_cuda(const TokenUncertaintyBackwardArgs& a, void
 void reward_stats_cuda(const RewardStatsArgs& a, void* stream);
 #endif
 
+// lo + frac (hi - lo), exact at frac = 0 and for equal ends: no 0 * inf or inf - inf when the
+// neighbouring order statistic is infinite.
+template <typename A> PYALIGN_HD A interpolate(A lo, A hi, A frac) {
+  return (frac == A(0) || lo == hi) ? lo : lo + frac * (hi - lo);
+}
+
 // Linear-interpolated quantile (torch.quantile's default) of sorted values x[0..M-1].
 template <typename A> PYALIGN_HD A quantile_of_sorted(const A* x, int64_t M, double q) {
   const double pos = q * double(M - 1);
   int64_t lo = int64_t(pos);
   if (lo > M - 1) lo = M - 1;
   const int64_t hi = lo + 1 < M ? lo + 1 : lo;
-  return x[lo] + A(pos - double(lo)) * (x[hi] - x[lo]);
+  return interpolate(x[lo], x[hi], A(pos - double(lo)));
 }
 
 // Linear-interpolated quantile (torch.quantile's default) of column values x(0..M-1) read
@@ -133,7 +139,7 @@ template <typename A, typename At> PYALIGN_HD A column_quantile(At at, int64_t M
     if (rank == lo) vlo = xi;
     if (rank == hi) vhi = xi;
   }
-  return vlo + frac * (vhi - vlo);
+  return interpolate(vlo, vhi, frac);
 }
 
 }  // namespace pyalign

@@ -158,9 +158,10 @@ def linear_token_logprobs(
         labels: int32/int64 of shape ``hidden.shape[:-1]``.
         bias: optional ``[V]``.
         chunk_size: tokens per chunk; default from V, H, dtype and device
-            (:func:`pyalign.ops.linear.auto_chunk_size`: a 64 MiB working set on CPU, 512 MiB on
-            CUDA). Peak extra memory beyond the returned gradients (``n`` kept tokens):
-            ``chunk_size * V * itemsize`` (the logits buffer; in the backward of bf16/fp16
+            (:func:`pyalign.ops.linear.auto_chunk_size`: a 64 MiB working set and at most 256
+            rows on CPU, 512 MiB on CUDA). Peak extra memory beyond the returned gradients (``n``
+            kept tokens): ``chunk_size * V * itemsize`` (the logits buffer, up to twice that on
+            CPU fp32, whose oneDNN GEMM makes a fresh buffer per chunk; in the backward of bf16/fp16
             weights that need a gradient, the vocab-blocked logits block, at most
             ``max(chunk_size * V, 16 * min(V, 1024 CPU / 4096 CUDA))`` elements) + ``n * H * 4``
             (fp32 ``dhidden`` accumulator, bf16/fp16 only) + O(n * H); an fp32 ``[V_block, H]``

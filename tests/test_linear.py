@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import pyalign
 from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs
 from pyalign.logprob import sequence_logprobs
-from pyalign.ops.linear import (CHUNK_BYTES, auto_chunk_size, linear_token_logprobs_backward_op,
+from pyalign.ops.linear import (CHUNK_BYTES, MAX_ROWS, auto_chunk_size, linear_token_logprobs_backward_op,
                                 linear_token_logprobs_op)
 from pyalign.reference.linear import linear_token_stats
 
@@ -509,16 +509,19 @@ def test_peak_memory_within_documented_bound(force_path):
 
 def test_auto_chunk_size_depends_on_hidden():
     item = 4
-    small = auto_chunk_size(1 << 20, 1000, torch.float32, "cpu", 64)
-    large = auto_chunk_size(1 << 20, 1000, torch.float32, "cpu", 16384)
+    small = auto_chunk_size(1 << 20, 1000, torch.float32, "cuda", 64)
+    large = auto_chunk_size(1 << 20, 1000, torch.float32, "cuda", 16384)
     assert small > large >= 16
     # the whole per-row working set fits the budget while that leaves GEMM-efficient chunks
-    assert small * (1000 * item + 64 * (item + 4)) <= CHUNK_BYTES["cpu"]
+    assert small * (1000 * item + 64 * (item + 4)) <= CHUNK_BYTES["cuda"]
+    # CPU: at most MAX_ROWS rows; below that cap a large H still shrinks the chunk
+    assert auto_chunk_size(1 << 20, 1000, torch.float32, "cpu", 64) == MAX_ROWS["cpu"]
+    assert auto_chunk_size(1 << 20, 128256, torch.float32, "cpu", 64) < MAX_ROWS["cpu"]
     # a large H never pushes the chunk below the GEMM floor that the logits budget alone allows
     assert auto_chunk_size(1 << 20, 32000, torch.float32, "cpu", 65536) >= 128
     assert auto_chunk_size(1 << 20, 128256, torch.bfloat16, "cuda", 8192) >= 512
     # without H: the previous behaviour (logits buffer only)
-    assert auto_chunk_size(1 << 20, 32000, torch.float32, "cpu") == (CHUNK_BYTES["cpu"] // (32000 * 4)) // 16 * 16
+    assert auto_chunk_size(1 << 20, 32000, torch.float32, "cuda") == (CHUNK_BYTES["cuda"] // (32000 * 4)) // 16 * 16
 
 
 @settings(max_examples=30)
@@ -776,11 +779,13 @@ def recompute_path():
 
 
 class GemmCounter:
-    """Counts the GEMM calls (torch.mm, torch.addmm, Tensor.addmm_) made while active."""
+    """Counts the GEMM calls (torch.mm, torch.addmm, Tensor.addmm_, and oneDNN's linear, which the
+    CPU fp32 path uses) made while active."""
 
     def __init__(self, monkeypatch):
         self.n = 0
-        for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.Tensor, "addmm_")):
+        for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.Tensor, "addmm_"),
+                            (torch.ops.mkldnn, "_linear_pointwise")):
             orig = getattr(owner, name)
 
             def counted(*a, _orig=orig, **k):
@@ -1051,5 +1056,81 @@ def test_forward_grad_backward_memory():
         peaks.append(peak_extra_mb(run, "cpu"))
     mib = 2 ** 20
     dw = V * H * 4 / mib
-    bound = 2 * dw + (chunk * V * 4 + 4 * n * H * 4) / mib
+    # two logits buffers: on CPU fp32 each chunk's oneDNN GEMM makes a fresh one, which the
+    # allocator need not place where the previous one was
+    bound = 2 * dw + (2 * chunk * V * 4 + 4 * n * H * 4) / mib
     assert min(peaks) <= bound + 6, (peaks, bound)
+
+
+# ---- CPU fp32 GEMMs through oneDNN ------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _head_run(hidden, weight, b, labels, chunk, ce=False):
+    """Outputs and (hidden, weight, bias) gradients of per-token stats (or the mean cross-entropy)."""
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    if ce:
+        outs = [linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], chunk_size=chunk, z_loss_scale=0.01)]
+        loss = outs[0]
+    else:
+        r = linear_token_logprobs(*leaves[:2], labels, bias=leaves[2], outputs=ALL, chunk_size=chunk)
+        outs = [r.logprobs, r.entropy, r.log_sum_sq_probs, r.mean_logit, r.is_top1]
+        loss = (r.logprobs * torch.linspace(-1, 1, r.logprobs.numel()).view_as(r.logprobs)).sum() + r.entropy.sum()
+    return outs + list(torch.autograd.grad(loss, leaves))
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
+@pytest.mark.parametrize("ce", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_gemms_match_blas(monkeypatch, ce, bias):
+    """The oneDNN path (CPU fp32 default) is taken and agrees with the BLAS path (torch.mm) to
+    fp32 rounding, forward and backward; with oneDNN disabled through torch.backends.mkldnn no
+    oneDNN call is made and the result is the BLAS path's, bitwise."""
+    import pyalign.ops.linear as ops_linear
+    hidden, weight, b, labels = make((3, 41), 24, 700, torch.float32, "cpu", bias=bias, seed=3)
+    if b is None:
+        b = torch.zeros(700)
+    monkeypatch.setattr(ops_linear, "_ONEDNN", False)
+    blas = _head_run(hidden, weight, b, labels, 32, ce)
+    monkeypatch.setattr(ops_linear, "_ONEDNN", None)
+    counter = GemmCounter(monkeypatch)
+    calls = []
+    orig = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or orig(*a))
+    fast = _head_run(hidden, weight, b, labels, 32, ce)
+    assert len(calls) > 0 and counter.n > 0
+    for x, y in zip(fast, blas):
+        if x.dtype == torch.bool:
+            assert (x == y).float().mean() >= 0.99
+        else:
+            assert max_err(x, y) <= 2e-5 * (1 + y.abs().max().item())
+    calls.clear()
+    with torch.backends.mkldnn.flags(enabled=False):
+        off = _head_run(hidden, weight, b, labels, 32, ce)
+    assert not calls
+    for x, y in zip(off, blas):
+        assert torch.equal(x, y)
+
+
+@needs_onednn
+def test_onednn_failure_falls_back_to_blas(monkeypatch):
+    """Where oneDNN's linear op refuses (an old or unusual torch build), the BLAS path gives the
+    result and the op is not tried again."""
+    import pyalign.ops.linear as ops_linear
+    hidden, weight, b, labels = make((50,), 16, 300, torch.float32, "cpu", seed=4)
+    monkeypatch.setattr(ops_linear, "_ONEDNN", False)
+    blas = _head_run(hidden, weight, b, labels, 16)
+    calls = []
+
+    def refuse(*a):
+        calls.append(1)
+        raise RuntimeError("no oneDNN kernel for this input")
+    monkeypatch.setattr(ops_linear, "_ONEDNN", None)
+    monkeypatch.setattr(ops_linear, "_ONEDNN_WORKS", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    got = _head_run(hidden, weight, b, labels, 16)
+    assert len(calls) == 1 and ops_linear._ONEDNN_WORKS is False
+    for x, y in zip(got, blas):
+        assert torch.equal(x, y)

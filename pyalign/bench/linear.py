@@ -2,7 +2,8 @@
 
 * ``linear_token_logprobs``: pyalign against eager PyTorch (``hidden @ W.T`` then log_softmax +
   gather) and TRL's chunked fused LM head (``trl.kernels.ChunkedLogProbFunction``, what
-  ``add_fused_lm_head`` runs) when importable.
+  ``add_fused_lm_head`` runs) when importable; on CPU with ``--full`` also pyalign with its GEMMs
+  through BLAS instead of oneDNN (``pyalign-blas``).
 * ``linear_cross_entropy`` (mean cross-entropy): pyalign (the gradient formed in the forward, 3
   GEMMs per chunk, as Liger does) against pyalign's recompute path (``pyalign-recompute``: the
   backward recomputes the logits, 4 GEMMs), eager PyTorch (``hidden @ W.T`` then
@@ -28,6 +29,18 @@ def _eager(h, w, y):
 
 def _ours(h, w, y):
     return pyalign.logprob.linear_token_logprobs(h, w, y)
+
+
+def _ours_blas(h, w, y):
+    """The same with every GEMM through ``torch.mm`` (BLAS), not oneDNN (see pyalign.ops.linear):
+    what the CPU fp32 path ran before its vocabulary-sized GEMMs moved to oneDNN."""
+    from pyalign.ops import linear as ops_linear
+
+    prev, ops_linear._ONEDNN = ops_linear._ONEDNN, False
+    try:
+        return pyalign.logprob.linear_token_logprobs(h, w, y)
+    finally:
+        ops_linear._ONEDNN = prev
 
 
 def _trl():
@@ -108,6 +121,8 @@ def run(device: str, quick: bool) -> list[dict]:
         size = f"{n}x{H}x{V} {str(dtype).replace('torch.', '')}"
         op = "linear_token_logprobs"
         impls = [("pyalign", _ours), ("eager", _eager)]
+        if not quick and device == "cpu" and dtype == torch.float32:  # what oneDNN's GEMMs give, for the record
+            impls.insert(1, ("pyalign-blas", _ours_blas))
         impls += _baselines(f"{op} fwd+bwd", size, device, [("trl", "trl", _trl)], rows)
         for name, impl in impls:
             rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))

@@ -32,7 +32,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def desc(t: torch.Tensor | None, name: str):
-    """The descriptor of ``t`` for the compiled core (None stays None: an absent argument)."""
+    """The descriptor of ``t`` for the compiled core (None stays None: an absent argument).
+
+    It holds ``t``'s data pointer, not ``t``: the caller keeps ``t`` alive until the kernel has run
+    (never ``desc(x.contiguous(), ...)`` on a temporary)."""
     if t is None:
         return None
     code = DTYPE_CODES.get(t.dtype)

@@ -175,14 +175,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         tf, shift, vocab, has_mean = ctx.params
         grad = empty_rows_like(logits)
         lg, gl = (logits[..., :-1, :], grad[..., :-1, :]) if shift else (logits, grad)
+        # Dense copies bound to names: a descriptor holds a raw pointer, not the tensor, so a
+        # temporary made inside the call would be freed before the kernel reads it.
         prep = lambda g: None if g is None else g.to(lse.dtype).contiguous()
+        g_logp, g_lse = prep(g_logp), prep(g_lse)
         g_ent = prep(g_ent) if ent is not None else None
         g_mean = prep(g_mean) if has_mean else None
         _C.logprob_backward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(lse, "lse"),
                                   desc(ent if g_ent is not None else None, "entropy"),
-                                  desc(prep(g_logp), "grad_logp"), desc(g_ent, "grad_entropy"),
+                                  desc(g_logp, "grad_logp"), desc(g_ent, "grad_entropy"),
                                   desc(gl, "grad_logits"), *tf, _LOCAL_IGNORE, stream_of(logits),
-                                  desc(prep(g_lse), "grad_lse"), desc(g_mean, "grad_mean"), None,
+                                  desc(g_lse, "grad_lse"), desc(g_mean, "grad_mean"), None,
                                   mean_vocab=vocab if g_mean is not None else 0)
         if shift:
             grad[..., -1, :].zero_()

@@ -25,7 +25,7 @@ from torch import Tensor
 from pyalign import _checks
 from pyalign.logprob import (OUTPUT_FLAGS, TokenStats, assemble_cross_entropy, check_labels, check_loss_options,
                              package)
-from pyalign.ops.logprob import MEAN_LOGIT
+from pyalign.ops.logprob import ENTROPY, MEAN_LOGIT
 from pyalign.ops import linear as ops_linear
 from pyalign.ops.linear import auto_chunk_size, linear_token_logprobs_op
 
@@ -186,9 +186,20 @@ def linear_token_logprobs(
     h2, l1 = hidden.reshape(-1, H), labels.reshape(-1)
     if chunk_size is None:
         chunk_size = auto_chunk_size(max(1, l1.numel()), V, hidden.dtype, hidden.device, H)
-    logp, lse, ent, lss, mean, top1 = linear_token_logprobs_op(
-        h2, weight, bias, l1, ignore_index, temperature, logit_scale, softcap, flags, int(chunk_size))
+    args = (h2, weight, bias, l1, ignore_index, temperature, logit_scale, softcap, flags, int(chunk_size))
+    if frozen_head(h2, weight, bias) and not flags & (ENTROPY | MEAN_LOGIT):
+        # only hidden needs a gradient: its basis is formed in the forward, 2 GEMMs per chunk
+        logp, lse, ent, lss, mean, top1, _ = ops_linear.linear_token_logprobs_basis_op(*args)
+    else:
+        logp, lse, ent, lss, mean, top1 = linear_token_logprobs_op(*args)
     return package((logp, ent, lss, mean, top1, lse), out_shape, wanted, outputs, return_entropy)
+
+
+def frozen_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Grad mode on and only ``hidden`` requires grad (a frozen LM head, as in LoRA): the case
+    :func:`pyalign.ops.linear.linear_token_logprobs_basis_op` makes in 2 GEMMs per chunk."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and not (bias is not None and bias.requires_grad) and ops_linear._FORWARD_GRAD is not False)
 
 
 def linear_cross_entropy(

@@ -29,6 +29,12 @@ def _loss(r, coeffs):
     return (r.logprobs * c1).sum() + (r.entropy * c2).sum() + (r.lse ** 2 * c3).sum() + (r.mean_logit * c4).sum()
 
 
+def _plain_loss(r, coeffs):
+    """Plain sums: the upstream gradients arrive expanded (stride 0), so the backward makes dense
+    copies of them (which must stay alive while the kernel reads them)."""
+    return r.logprobs.sum() + r.lse.sum()
+
+
 def _coeffs(shape, g):
     return [torch.randn(shape, generator=g) for _ in range(4)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -57,7 +63,7 @@ def _close(a, b, tol, what):
         assert err <= tol * scale, f"{what}: max error {err} > {tol} * {scale}"
 
 
-def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False, give_start=True):
+def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False, give_start=True, loss=_loss):
     g = torch.Generator().manual_seed(11)
     V = 37
     logits = (torch.randn(3, 5, V, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -73,14 +79,14 @@ def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False,
     full = logits.clone().requires_grad_()
     ref = token_logprobs(full, labels, shift=shift, outputs=ALL, **opts)
     coeffs = _coeffs(ref.logprobs.shape, g)
-    _loss(ref, coeffs).backward()
+    loss(ref, coeffs).backward()
 
     shard = logits[..., s0:s0 + n].clone().requires_grad_()
     got = vocab_parallel_token_logprobs(shard, labels, vocab_start=s0 if give_start else None, shift=shift,
                                         outputs=ALL, **opts)
     for name in STATS:
         _close(getattr(got, name), getattr(ref, name), tol, f"{name} (rank {rank}/{world}, {dtype})")
-    _loss(got, coeffs).backward()
+    loss(got, coeffs).backward()
     _close(shard.grad, full.grad[..., s0:s0 + n], tol, f"grad (rank {rank}/{world}, {dtype})")
 
 
@@ -170,6 +176,7 @@ def _all_cases(rank, world):
             _case_logits(rank, world, dtype, shift=i == 1, uneven=i != 0, opts=opts, give_start=i != 2)
     _case_logits(rank, world, torch.float64, shift=False, uneven=True, opts={}, masked_shard=True)
     _case_logits(rank, world, torch.bfloat16, shift=True, uneven=False, opts={})
+    _case_logits(rank, world, torch.float32, shift=False, uneven=True, opts={}, loss=_plain_loss)
     _case_linear(rank, world, torch.float64, bias=True, shift=False, opts={})
     _case_linear(rank, world, torch.float64, bias=False, shift=True, opts={"temperature": 1.3, "softcap": 3.0})
     _case_linear(rank, world, torch.float32, bias=True, shift=True, opts={}, needs=(True, False, True))

@@ -3,7 +3,8 @@
 * ``linear_token_logprobs``: pyalign against eager PyTorch (``hidden @ W.T`` then log_softmax +
   gather) and TRL's chunked fused LM head (``trl.kernels.ChunkedLogProbFunction``, what
   ``add_fused_lm_head`` runs) when importable; on CPU with ``--full`` also pyalign with its GEMMs
-  through BLAS instead of oneDNN (``pyalign-blas``).
+  through BLAS instead of oneDNN (``pyalign-blas``); forward+backward also with a frozen head
+  (only ``hidden`` requires grad, as in LoRA).
 * ``linear_cross_entropy`` (mean cross-entropy): pyalign (the gradient formed in the forward, 3
   GEMMs per chunk, as Liger does) against pyalign's recompute path (``pyalign-recompute``: the
   backward recomputes the logits, 4 GEMMs), eager PyTorch (``hidden @ W.T`` then
@@ -90,6 +91,15 @@ def _fwd_bwd(impl, h, w, y):
     return run
 
 
+def _fwd_bwd_frozen_head(impl, h, w, y):
+    """Only hidden requires grad (a frozen LM head, as in LoRA)."""
+    def run():
+        hr = h.detach().requires_grad_()
+        impl(hr, w, y).sum().backward()
+        return hr.grad
+    return run
+
+
 def sizes(device: str, quick: bool):
     if device == "cuda":
         return [(4096, 4096, 32000, torch.bfloat16)] if quick else [(16384, 4096, 128256, torch.bfloat16)]
@@ -127,6 +137,10 @@ def run(device: str, quick: bool) -> list[dict]:
         for name, impl in impls:
             rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))
             rows.append(record("linear", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
+        for name, impl in impls:
+            if name != "pyalign-blas":
+                rows.append(record("linear", f"{op} fwd+bwd, frozen head", size, name,
+                                   _fwd_bwd_frozen_head(impl, h, w, y), device, reps=3))
         op = "linear_cross_entropy fwd+bwd"
         impls = [("pyalign", _ours_ce), ("eager", _eager_ce)]
         if not quick:  # the path the forward-gradient one replaces, for the record

@@ -306,7 +306,8 @@ def valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
 def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                   temperature: float, logit_scale: float, softcap: float, outputs: int, chunk: int,
                   *, vocab_slice: bool = False, ignore_index: int = -100, label_logit: bool = False,
-                  extremes: bool = False, mean_weights: Optional[Tensor] = None) -> dict:
+                  extremes: bool = False, mean_weights: Optional[Tensor] = None,
+                  basis: Optional[Tensor] = None) -> dict:
     """Per-row softmax statistics of ``hidden @ weight.T + bias`` (``[n]`` each), chunk by chunk.
 
     Keys: ``logp, lse`` and, by ``outputs`` flags, ``entropy, log_sum_sq, mean_logit, top1``.
@@ -314,7 +315,10 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     allowed (see ``LogprobForwardArgs::vocab_slice``). ``label_logit``: also the raw logit at
     each row's label (0 where the label is outside the slice); ``extremes``: the raw max of each
     row (for the argmax test across slices). ``mean_weights``: ``[V]`` class weights of
-    ``mean_logit`` (see ``LogprobForwardArgs::mean_weights``).
+    ``mean_logit`` (see ``LogprobForwardArgs::mean_weights``). ``basis``: an ``[n, H]`` tensor in
+    the accumulation dtype filled with ``(d logp / d logits) @ W`` per row (see
+    :func:`linear_token_logprobs_basis_op`): the backward kernel with unit upstream gradient
+    writes ``d logp / d logits`` over the chunk's logits in place, one GEMM multiplies it back.
     """
     n, V = hidden.shape[0], weight.shape[0]
     acc, dev = _acc(hidden.dtype), hidden.device
@@ -332,6 +336,8 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
     buf = logits_buffer(min(chunk, n), hidden, weight, bias)
     stream = stream_of(hidden)
     opt = lambda key, s: desc(res[key][s], key) if res[key].numel() else None
+    # the unit upstream gradient of the basis (held here: a descriptor does not keep its tensor alive)
+    ones = torch.ones(min(chunk, n), dtype=acc, device=dev) if basis is not None else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         s = slice(c0, c1)
@@ -348,6 +354,15 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
             res["label_logit"][s] = torch.where(inside, x, torch.zeros_like(x))
         if extremes:
             res["max"][s] = b.amax(1).to(acc)
+        if basis is not None:
+            _C.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(res["lse"][s], "lse"),
+                                None, desc(ones[: c1 - c0], "grad_logp"), None, desc(b, "grad_logits"),
+                                temperature, logit_scale, softcap, ignore_index, stream, None, None, None)
+            if basis.dtype == b.dtype:
+                _dhidden_into(basis[s], b, weight)
+            else:
+                basis[s].zero_()
+                _acc_mm(basis[s], b, weight)
     return res
 
 
@@ -575,6 +590,83 @@ def _backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1):
 linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- frozen head: the hidden gradient's basis formed in the forward -------------------------------
+#
+# With only ``hidden`` requiring grad (a frozen LM head or tied embedding, as in LoRA), the
+# log-prob part of the hidden gradient is ``dh_t = g_t * B_t`` with ``B_t = (d logp_t / d z_t) @ W``
+# (temperature, logit scale and softcap included), a per-token vector that does not depend on the
+# upstream gradient ``g``. The forward has each chunk's logits at hand, so it forms ``B`` there
+# (the backward kernel with ``g = 1`` in place, one GEMM): 2 GEMMs per chunk in all, eager's
+# count, instead of 3 (forward, recompute, dhidden); the backward only scales ``B``. A gradient
+# reaching ``lse``, the entropy or ``mean_logit`` adds its part through the recompute loop, so any
+# combination stays exact (the public functions take this path only when no such output is
+# requested, apart from ``lse``). ``dW`` needs the recompute whatever the forward keeps
+# (``dW = sum_t g_t dz_t (x) h_t`` cannot be rescaled per token after the sum), so a head that
+# requires grad takes the ordinary op.
+
+
+@torch.library.custom_op("pyalign::linear_token_logprobs_basis", mutates_args=())
+def linear_token_logprobs_basis_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+    temperature: float, logit_scale: float, softcap: float, outputs: int, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`linear_token_logprobs_op`'s six outputs and the basis ``B [n, H]`` (accumulation
+    dtype; zero rows at ignored tokens) of the hidden gradient of the log-probs."""
+    n, H = labels.shape[0], hidden.shape[1]
+    idx = valid_rows(labels, ignore_index)
+    hv, lv = _select(hidden, idx), _select(labels, idx)
+    basis = torch.empty(hv.shape[0], H, dtype=_acc(hidden.dtype), device=hidden.device)
+    r = chunked_stats(hv, weight, bias, lv, temperature, logit_scale, softcap, outputs, chunk_size,
+                      ignore_index=ignore_index, basis=basis)
+    flags = {"logp": -1, "lse": -1, "entropy": ENTROPY, "log_sum_sq": LOG_SUM_SQ, "mean_logit": MEAN_LOGIT,
+             "top1": TOP1}
+    res = tuple(_scatter_rows(r[k], idx, n) if (f < 0 or outputs & f) else r[k] for k, f in flags.items())
+    return res + (_scatter_rows(basis, idx, n),)
+
+
+@linear_token_logprobs_basis_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs, chunk_size):
+    n = labels.shape[0]
+    acc = _acc(hidden.dtype)
+    new = lambda flag, dt=acc: hidden.new_empty(n if outputs & flag else 0, dtype=dt)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc), new(ENTROPY),
+            new(LOG_SUM_SQ), new(MEAN_LOGIT), new(TOP1, torch.bool), hidden.new_empty(n, hidden.shape[1], dtype=acc))
+
+
+def _basis_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, outputs, chunk_size) = inputs
+    logp, lse, ent, lss, mean, top1, basis = output
+    ctx.mark_non_differentiable(lss, top1, basis)
+    ctx.set_materialize_grads(False)
+    ctx.has_ent, ctx.has_mean = bool(outputs & ENTROPY), bool(outputs & MEAN_LOGIT)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ctx.has_ent else None, basis)
+    ctx.params = (ignore_index, temperature, logit_scale, softcap, chunk_size)
+
+
+def _basis_backward(ctx, g_logp, g_lse, g_ent, g_lss, g_mean, g_top1, g_basis):
+    for i, name in ((1, "weight"), (2, "bias")):
+        if ctx.needs_input_grad[i]:
+            raise RuntimeError(f"pyalign::linear_token_logprobs_basis: {name} requires grad; this op "
+                               "forms the hidden gradient only (use pyalign::linear_token_logprobs)")
+    hidden, weight, bias, labels, lse, ent, basis = ctx.saved_tensors
+    dh = None
+    if g_logp is not None:
+        dh = basis * g_logp.to(basis.dtype).unsqueeze(1)
+    rest = (g_lse, g_ent if ctx.has_ent else None, g_mean if ctx.has_mean else None)
+    if any(g is not None and bool((g != 0).any()) for g in rest):
+        dt = lse.dtype
+        part, _, _ = linear_token_logprobs_backward_op(
+            None, dense_grad(g_ent, dt, ctx.has_ent), hidden, weight, bias, labels, lse, ent, *ctx.params,
+            NEED_HIDDEN, dense_grad(g_lse, dt), dense_grad(g_mean, dt, ctx.has_mean), None)
+        dh = part.to(basis.dtype) if dh is None else dh + part
+    if dh is None or not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    return (dh.to(hidden.dtype),) + (None,) * 9
+
+
+linear_token_logprobs_basis_op.register_autograd(_basis_backward, setup_context=_basis_setup_context)
+
+
 # ---- reduced cross-entropy: the gradient computed in the forward ---------------------------------
 #
 # For reduction "mean"/"sum" the loss is L = sum_t (a_t logp_t + b_t lse_t + c_t mean_t) with
@@ -584,7 +676,8 @@ linear_token_logprobs_op.register_autograd(_backward, setup_context=_setup_conte
 # 3 GEMMs in all (eager's count). The backward only scales the saved dh/dW/db by grad_output.
 
 # Private switch for tests and benches: None = automatic (reduced losses that need a gradient take
-# the forward-gradient path), False = always the recompute path.
+# the forward-gradient path, per-token log-probs of a frozen head the basis path above), False =
+# always the recompute path.
 _FORWARD_GRAD: Optional[bool] = None
 
 

@@ -1149,13 +1149,13 @@ def _frozen_run(hidden, weight, b, labels, g, **kw):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7, logit_scale=1.3, softcap=2.5), dict(shift=True)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_frozen_head_basis_matches_recompute(dtype, opts, bias):
+def test_frozen_head_basis_matches_recompute(dtype, opts, bias, device):
     """Only hidden requires grad: the basis path (hidden gradient formed in the forward) gives the
     recompute path's log-probs bitwise and its gradient within rounding, ignored tokens included;
     fp64 against the materialized reference."""
-    hidden, weight, b, labels = make((3, 13), 16, 150, dtype, "cpu", bias=bias, ignore=0.25, seed=11)
+    hidden, weight, b, labels = make((3, 13), 16, 150, dtype, device, bias=bias, ignore=0.25, seed=11)
     g = torch.randn(labels[..., 1:].shape if opts.get("shift") else labels.shape,
-                    generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
+                    generator=torch.Generator().manual_seed(2), dtype=torch.float64).float().to(device)
     if dtype == torch.float64:
         g = g.double()
     got = _frozen_run(hidden, weight, b, labels, g, chunk_size=8, **opts)

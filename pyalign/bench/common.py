@@ -3,11 +3,14 @@
 Time: median of repeated calls after warm-up (CUDA events on GPU, perf_counter on CPU).
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the
 call. On CPU, the process's peak resident set (VmHWM) is reset through ``/proc/self/clear_refs``
-before the call and read after it, minus the resident set before: this counts every allocation the
-call makes (torch's CPU allocator returns large blocks to the OS, so freed buffers are not hidden).
+before the call and read after it, minus the resident set before (after handing freed heap pages
+back to the OS with ``malloc_trim``): this counts every allocation the call makes (torch's CPU
+allocator returns large blocks to the OS, and the trim returns the freed heap, so earlier calls'
+freed buffers neither hide nor inflate it).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib.util
 import statistics
@@ -64,6 +67,16 @@ def cpu_peak_supported() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Hands freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere). Without
+    it pages freed by earlier calls stay resident, count in the resident set before the call, and a
+    call that reuses them does not raise the high-water mark: its peak would read too low."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak memory of ``fn()`` above what was allocated before it, in MiB (None if unmeasurable)."""
     gc.collect()
@@ -78,6 +91,7 @@ def peak_extra_mb(fn: Callable[[], object], device: str) -> float | None:
         return peak / 2**20
     if not cpu_peak_supported():
         return None
+    _trim_heap()
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

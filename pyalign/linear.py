@@ -160,8 +160,9 @@ def linear_token_logprobs(
         chunk_size: tokens per chunk; default from V, H, dtype and device
             (:func:`pyalign.ops.linear.auto_chunk_size`: a 64 MiB working set and at most 256
             rows on CPU, 512 MiB on CUDA). Peak extra memory beyond the returned gradients (``n``
-            kept tokens): ``chunk_size * V * itemsize`` (the logits buffer, up to twice that on
-            CPU fp32, whose oneDNN GEMM makes a fresh buffer per chunk; in the backward of bf16/fp16
+            kept tokens): ``chunk_size * V * itemsize`` (the logits buffer; on CPU fp32, whose
+            oneDNN GEMM makes a fresh buffer per chunk, 2-3 times that were measured, as the C
+            allocator need not reuse the freed one in place; in the backward of bf16/fp16
             weights that need a gradient, the vocab-blocked logits block, at most
             ``max(chunk_size * V, 16 * min(V, 1024 CPU / 4096 CUDA))`` elements) + ``n * H * 4``
             (fp32 ``dhidden`` accumulator, bf16/fp16 only) + O(n * H); an fp32 ``[V_block, H]``

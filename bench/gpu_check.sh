@@ -2,26 +2,37 @@
 # GPU check: build pyalign for this GPU, run every family's CUDA tests (also under
 # compute-sanitizer memcheck and racecheck), then the bench suite; logs and JSON go to OUTDIR and a
 # short summary table is printed last.
-# Usage: bench/gpu_check.sh OUTDIR   (from the repository root, on a machine with an NVIDIA GPU)
+#
+# Usage: bench/gpu_check.sh [--dry-run] OUTDIR     (from anywhere, on a machine with an NVIDIA GPU)
+#   --dry-run: the same steps on the CPU (build, import, the device-parametrized tests with the device
+#              set to cpu, the quick bench), without the sanitizers and the full bench, so that CI
+#              proves on every submission each step that needs no GPU.
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: steps run in priority order, each within
-# what is left of the budget, and a step with no time left is listed as skipped.
+# what is left of the budget, and a step with no time left is listed as skipped. The script exits
+# non-zero when a step failed.
 set -uo pipefail
-OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT="${1:?usage: bench/gpu_check.sh [--dry-run] OUTDIR}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 budget=${GPU_CHECK_BUDGET_S:-540}
 summary=()
+failed=0
+note() { summary+=("$(printf '%-22s %-8s %5ss  %s' "$1" "$2" 0 "$3")"); }
 step() {  # step NAME TIMEOUT_S CMD...: runs CMD within the budget, logs to OUT/NAME.log, records rc and time
   local name=$1 limit=$2; shift 2
   local left=$((budget - SECONDS))
   if [ "$left" -lt 20 ]; then
-    summary+=("$(printf '%-22s %-8s %5ss  %s' "$name" "skipped" 0 "no time left in the ${budget}s budget")")
+    note "$name" skipped "no time left in the ${budget}s budget"
     return 99
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  [ "$rc" -ne 0 ] && failed=1
   summary+=("$(printf '%-22s rc=%-5s %5ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")")
   return $rc
 }
@@ -31,41 +42,59 @@ finish() {
   printf '%s\n' "${summary[@]}"
   [ -f "$OUT/bench_full.md" ] && cat "$OUT/bench_full.md"
   [ -f "$OUT/bench_quick.md" ] && [ ! -f "$OUT/bench_full.md" ] && cat "$OUT/bench_quick.md"
+  exit $failed
 }
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.')
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-echo "gpu: $gpu (sm_$cap)" | tee "$OUT/device.txt"
+if [ "$DRY" = 1 ]; then
+  dev=cpu
+  gpu="CPU dry run ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
+  export PYALIGN_CUDA=${PYALIGN_CUDA:-OFF}  # the CUDA sources compile in CI's main build already
+else
+  dev=cuda
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.')
+  gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1) (sm_$cap)"
+  # Build for the local architecture only (fast); the device image provides the build tools.
+  export PYALIGN_CUDA=ON SKBUILD_CMAKE_DEFINE="CMAKE_CUDA_ARCHITECTURES=${cap}"
+fi
+echo "device: $gpu" | tee "$OUT/device.txt"
+export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYTHONUNBUFFERED=1
 
-# Build for the local architecture only (fast); the device image provides the build tools.
-export PYALIGN_CUDA=ON SKBUILD_CMAKE_DEFINE="CMAKE_CUDA_ARCHITECTURES=${cap}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-step build 300 pip install --no-build-isolation --no-deps -v . || { finish; exit 1; }
-python - > "$OUT/import.txt" 2>&1 <<'PY'
+step build 300 python -m pip install --no-build-isolation --no-deps -v . || finish
+step import 60 python -c "
 import pyalign, torch
-print("pyalign", pyalign.__version__, "has_cuda", pyalign.has_cuda(), "cuda_available", pyalign.cuda_available(),
-      "torch", torch.__version__, "device", torch.cuda.get_device_name())
-PY
-cat "$OUT/import.txt"
+print('pyalign', pyalign.__version__, 'from', pyalign.__file__, 'has_cuda', pyalign.has_cuda(),
+      'cuda_available', pyalign.cuda_available(), 'cpu_isa', pyalign.cpu_isa(), 'torch', torch.__version__,
+      'device', torch.cuda.get_device_name() if '$dev' == 'cuda' else 'cpu')
+if '$dev' == 'cuda' and not pyalign.cuda_available():
+    raise SystemExit('pyalign sees no CUDA device: the CUDA tests would all skip')
+" || finish
+cat "$OUT/import.log"
 
-# Every family's tests parametrized over devices, on CUDA (the CPU half runs in CI).
+# Every family's tests parametrized over devices, on the checked device (the CPU half runs in CI).
 FAMILIES="tests/test_logprob.py tests/test_linear.py tests/test_losses.py tests/test_uncertainty.py tests/test_plasticity.py"
-step tests_cuda 180 pytest -q -ra -k cuda -p no:cacheprovider --junitxml="$OUT/tests_cuda.xml" $FAMILIES tests/test_reliability.py
-# The bench suite on the GPU: quick set, then the real sizes of the bandwidth/GEMM-bound kernels.
-step bench_quick 120 python -m pyalign.bench --device cuda --json "$OUT/bench_quick.json" --markdown "$OUT/bench_quick.md"
+step "tests_$dev" 200 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" \
+  $FAMILIES tests/test_reliability.py tests/test_distributed.py
+# The bench suite: quick set, then (GPU only) the real sizes of the bandwidth/GEMM-bound kernels.
+step bench_quick 150 python -m pyalign.bench --device "$dev" --json "$OUT/bench_quick.json" --markdown "$OUT/bench_quick.md"
+if [ "$DRY" = 1 ]; then
+  note "memcheck/racecheck" skipped "dry run"
+  note bench_full skipped "dry run"
+  finish
+fi
 # Memory errors and races in every family's CUDA kernels (all four .cu files use shared memory),
 # with few hypothesis examples so the slowed-down runs stay short.
 if command -v compute-sanitizer > /dev/null; then
   export PYALIGN_HYPOTHESIS_EXAMPLES=3
   memcheck_k="cuda and not (fused_matches_eager_formula or f_divergences or finite_at_extreme_margins or dpo_low_precision)"
   racecheck_k="cuda and (matches_reference or gradients_match or large_batch or deterministic or token_grad or quantile or penalty_kernel or custom_op_and_direct or test_dtypes)"
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 pytest -q -x -k "$memcheck_k" \
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x -k "$memcheck_k" \
     -p no:cacheprovider $FAMILIES
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 pytest -q -x -k "$racecheck_k" \
+  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 python -m pytest -q -x -k "$racecheck_k" \
     -p no:cacheprovider $FAMILIES
   unset PYALIGN_HYPOTHESIS_EXAMPLES
 else
-  summary+=("$(printf '%-22s %-8s %5ss  %s' "memcheck/racecheck" "skipped" 0 "compute-sanitizer is not on PATH")")
+  note "memcheck/racecheck" skipped "compute-sanitizer is not on PATH"
 fi
 step bench_full 200 python -m pyalign.bench --device cuda --full --only logprob,linear \
   --json "$OUT/bench_full.json" --markdown "$OUT/bench_full.md" --plot "$OUT/bench_full.png"

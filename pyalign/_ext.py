@@ -1,21 +1,55 @@
-"""Loads the compiled core and turns tensors into the descriptors it takes.
+"""The one module that touches the compiled core: loads it, checks its stamps, and turns tensors
+into the descriptors its kernels take.
 
-The core (``pyalign._C``) does not link libtorch: each tensor crosses as
-``(data_ptr, dtype_code, shape, strides, device_index, name)`` and every output is allocated
-here with torch, so the caching allocator and memory statistics see it.
+The core is the top-level extension module ``_pyalign``, installed beside this package (not inside
+it), so this package works the same from site-packages and from a source checkout. It does not
+link libtorch: each tensor crosses as a descriptor ``(tensor, data_ptr, dtype_code, shape, strides,
+device_index, name)`` and every output is allocated here with torch, so the caching allocator and
+memory statistics see it. The descriptor holds the tensor itself, so a tensor made on the fly
+(``desc(x.contiguous(), "x")``) lives until the kernel has returned.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from pyalign._version import __version__
+
+# Changes together with kAbiVersion in csrc/include/pyalign/contract.h.
+ABI_VERSION = 1
+
+_REINSTALL = "reinstall it from this source tree with `pip install .`"
+
 try:
-    from pyalign import _C
-except ImportError as e:  # pragma: no cover - only without a built extension
+    import _pyalign as kernels
+except ImportError as e:  # pragma: no cover - only without a built core
+    raise ImportError(f"pyalign's compiled core (the module _pyalign) is not installed: {_REINSTALL} "
+                      f"(a C++17 compiler and CMake >= 3.24 are needed; see docs/development.md)") from e
+
+if getattr(kernels, "ABI_VERSION", None) != ABI_VERSION or kernels.__version__ != __version__:
     raise ImportError(
-        "pyalign's compiled core (pyalign._C) is missing: install pyalign with `pip install .` "
-        "rather than importing it from a source tree; if you run from the repository root, the "
-        "source folder pyalign/ shadows the installed package"
-    ) from e
+        f"pyalign's compiled core at {kernels.__file__} is stale: it has version {kernels.__version__} and ABI "
+        f"{getattr(kernels, 'ABI_VERSION', 'none')}, this package needs version {__version__} and ABI {ABI_VERSION}; "
+        f"{_REINSTALL}")
+
+
+def _check_isa_request() -> None:
+    want = os.environ.get("PYALIGN_CPU_ISA")
+    if want is None:
+        return
+    levels = ("baseline", "avx2", "avx512")
+    best = kernels.cpu_isa_supported()
+    if want not in levels:
+        raise ImportError(f"PYALIGN_CPU_ISA: expected one of {', '.join(levels)}, got {want!r}")
+    if levels.index(want) > levels.index(best):
+        raise ImportError(f"PYALIGN_CPU_ISA: {want!r} is not supported by this CPU (at most {best!r})")
+    if kernels.cpu_isa() != want:  # the core read the variable before it was set
+        raise ImportError(f"PYALIGN_CPU_ISA: {want!r} was set after the core chose {kernels.cpu_isa()!r}; "
+                          "set it before the process starts")
+
+
+_check_isa_request()
 
 # Same codes as csrc/include/pyalign/common.h: DType.
 DTYPE_CODES = {
@@ -29,13 +63,12 @@ DTYPE_CODES = {
     torch.bool: 7,
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HAS_CUDA = bool(kernels.has_cuda())  # read once: no call into the core while torch.compile traces
 
 
 def desc(t: torch.Tensor | None, name: str):
-    """The descriptor of ``t`` for the compiled core (None stays None: an absent argument).
-
-    It holds ``t``'s data pointer, not ``t``: the caller keeps ``t`` alive until the kernel has run
-    (never ``desc(x.contiguous(), ...)`` on a temporary)."""
+    """The descriptor of ``t`` for the compiled core (None stays None: an absent argument). It
+    holds ``t``, so ``t`` stays alive for as long as the descriptor does."""
     if t is None:
         return None
     code = DTYPE_CODES.get(t.dtype)
@@ -44,7 +77,7 @@ def desc(t: torch.Tensor | None, name: str):
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: tensors on {t.device.type} are not supported (cpu or cuda only)")
     device = t.device.index if t.device.type == "cuda" else -1
-    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device, name)
+    return (t, t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device, name)
 
 
 def empty_rows_like(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +97,7 @@ def stream_of(t: torch.Tensor) -> int:
 
 
 def check_cuda_supported(t: torch.Tensor, what: str) -> None:
-    if t.device.type == "cuda" and not _C.has_cuda():
+    if t.device.type == "cuda" and not HAS_CUDA:
         raise RuntimeError(
             f"{what}: got a CUDA tensor, but this pyalign build has no CUDA kernels "
             "(built without nvcc or with PYALIGN_CUDA=OFF); reinstall with a CUDA toolkit present"

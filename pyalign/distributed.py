@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pyalign import _checks
-from pyalign._ext import _C, desc, empty_rows_like, stream_of
+from pyalign._ext import kernels, desc, empty_rows_like, stream_of
 from pyalign.linear import cast_head, check_head, check_options, package
 from pyalign.logprob import check_labels
 from pyalign.ops.linear import (NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, auto_chunk_size, chunked_backward,
@@ -153,7 +153,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for key, flag in (("entropy", ENTROPY), ("log_sum_sq", LOG_SUM_SQ), ("mean_logit", MEAN_LOGIT)):
             r[key] = torch.empty(n if flags & flag else 0, dtype=acc, device=logits.device)
         opt = lambda key: desc(r[key], key) if r[key].numel() else None
-        _C.logprob_forward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(r["logp"], "logp"),
+        kernels.logprob_forward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(r["logp"], "logp"),
                                  desc(r["lse"], "lse"), opt("entropy"), opt("log_sum_sq"), opt("mean_logit"),
                                  None, *tf, _LOCAL_IGNORE, stream_of(logits))
         idx = local.clamp(0, v_local - 1).unsqueeze(-1)
@@ -181,7 +181,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         g_logp, g_lse = prep(g_logp), prep(g_lse)
         g_ent = prep(g_ent) if ent is not None else None
         g_mean = prep(g_mean) if has_mean else None
-        _C.logprob_backward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(lse, "lse"),
+        kernels.logprob_backward_slice(desc(lg, "logits_shard"), desc(local, "labels"), desc(lse, "lse"),
                                   desc(ent if g_ent is not None else None, "entropy"),
                                   desc(g_logp, "grad_logp"), desc(g_ent, "grad_entropy"),
                                   desc(gl, "grad_logits"), *tf, _LOCAL_IGNORE, stream_of(logits),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from pyalign import _checks
-from pyalign._ext import FLOAT_DTYPES, _C
+from pyalign._ext import FLOAT_DTYPES, HAS_CUDA
 from pyalign.ops.losses import (CPO_TYPES, DPO_TYPES, F_DIVERGENCES, FAMILIES, KTO_TYPES, N_PARAMS,
                                 REDUCTIONS, preference_loss)
 
@@ -102,7 +102,6 @@ class Metrics(Mapping):
 # ------------------------------------------------------------------------------------------
 # Argument checks
 
-_HAS_CUDA = bool(_C.has_cuda())  # read once: no call into _C while torch.compile traces
 _NUMERIC = FLOAT_DTYPES + (torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
@@ -113,7 +112,7 @@ def _vec(x, name: str, n: Optional[int], device, *, numeric: bool = False) -> Te
     if x.dtype not in ok:
         raise TypeError(f"{name}: expected a {'real' if numeric else 'floating'} tensor "
                         f"({', '.join(str(d) for d in ok)}), got {x.dtype}")
-    if x.device.type == "cuda" and not _HAS_CUDA:
+    if x.device.type == "cuda" and not HAS_CUDA:
         raise RuntimeError(f"{name}: got a CUDA tensor, but this pyalign build has no CUDA kernels "
                            "(built without nvcc or with PYALIGN_CUDA=OFF); reinstall with a CUDA toolkit present")
     if x.dim() != 1:

@@ -10,7 +10,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "continual_alignmen
 
 
 def test_continual_alignment_example_runs():
-    # Run from outside the repository so the installed pyalign (with _C) is imported.
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True,
                           timeout=300, cwd="/", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,6 @@ CASE_FILES = sorted(p.name for p in FUZZ_DIR.glob("fuzz_*.py"))
 
 @pytest.mark.parametrize("case_file", CASE_FILES)
 def test_fuzz_module_survives(case_file):
-    # cwd = tests/fuzz: the source tree's pyalign/ is not on sys.path, so the installed package is used.
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", case_file],
         cwd=FUZZ_DIR, capture_output=True, text=True, timeout=1200, env={**os.environ},

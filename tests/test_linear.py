@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyalign
+from pyalign.bench.memory import measure
 from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs
 from pyalign.logprob import sequence_logprobs
 from pyalign.ops.linear import (CHUNK_BYTES, MAX_ROWS, auto_chunk_size, linear_token_logprobs_backward_op,
@@ -460,16 +461,12 @@ def test_accumulate_dw_is_fp32_exact():
     assert max_err(acc, (a.t() @ h).float()) > 1e-4  # what rounding to bf16 would have given
 
 
-@pytest.mark.rss
 def test_peak_memory_within_documented_bound(force_path):
-    """bf16 head, gradients for hidden and weight, peak extra memory by the VmHWM method of the bench
-    suite (results included). The automatic (vocab-blocked) path stays within the documented bound
-    V*H*2 (the bf16 dW result) + dhidden (n*H*2) + the logits block (<= chunk*V*2) + fp32 dhidden
-    accumulator (n*H*4) + O(n*H), which is below the V*H*4 of an fp32 [V, H] accumulator alone;
-    the token-outer path, which holds that accumulator, needs at least that much more."""
-    from pyalign.bench.common import cpu_peak_supported, peak_extra_mb
-    if not cpu_peak_supported():
-        pytest.skip("/proc/self/clear_refs not writable")
+    """bf16 head, gradients for hidden and weight, memory from torch's allocator events
+    (pyalign.bench.memory: deterministic). The automatic (vocab-blocked) path's temporaries stay
+    within the documented bound: the logits block (<= chunk*V*2) + the fp32 dhidden accumulator
+    (n*H*4) + O(n*H) + the GEMMs' own packing scratch (< 2 MiB here), far below the V*H*4 of an
+    fp32 [V, H] accumulator, which the token-outer path holds and must show."""
     n, H, V, chunk = 256, 512, 32000, 64
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, H, generator=g).to(torch.bfloat16)
@@ -479,32 +476,19 @@ def test_peak_memory_within_documented_bound(force_path):
     def run():
         h, w = hidden.clone().requires_grad_(), weight.requires_grad_()
         lp = linear_token_logprobs(h, w, labels, chunk_size=chunk)
-        gh, gw = torch.autograd.grad(lp.sum(), (h, w))
-        return gh, gw
-    import ctypes
-    try:  # hand freed heap memory back to the OS first, or the RSS before a run would include it
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        trim = lambda _: None
-
-    def measure():
-        trim(0)
-        return peak_extra_mb(run, "cpu")
-    mib = 2 ** 20
-    peaks = {}
+        return torch.autograd.grad(lp.sum(), (h, w))
+    use = {}
     for path in (None, "token"):
         force_path(path)
-        run()  # warm-up (allocator, thread pools)
-        peaks[path] = min(measure() for _ in range(2))
+        use[path] = measure(run)[1]
     force_path(None)
-    bound = (V * H * 2 + chunk * V * 2 + n * H * (2 + 4) + 8 * n * H * 4) / mib
-    acc = V * H * 4 / mib  # 62.5 MiB
-    assert peaks[None] <= bound * 1.05 + 6, (peaks, bound)
-    assert peaks[None] < acc, (peaks, acc)  # cannot be holding an fp32 [V, H] accumulator
-    assert peaks["token"] >= peaks[None] + 0.7 * acc, peaks
-    # the old token-outer bound still holds for that path
-    old = (V * H * 4 + max(chunk * V * 2 * 9 / 8, V * H * 2) + 8 * n * H * 4) / mib
-    assert peaks["token"] <= old * 1.05 + 6, (peaks, old)
+    mib = 2 ** 20
+    results = V * H * 2 + n * H * 2  # the gradients returned: dW and dh (bf16)
+    assert use[None].retained == use["token"].retained == results, use
+    bound = chunk * V * 2 + n * H * 4 + 4 * n * H * 4 + 2 * mib
+    acc = V * H * 4  # 62.5 MiB
+    assert use[None].transient <= bound, (use, bound)
+    assert acc <= use["token"].transient <= acc + bound, (use, acc)
 
 
 def test_auto_chunk_size_depends_on_hidden():
@@ -541,7 +525,7 @@ def test_matches_reference_hypothesis_all_dtypes_and_grad_subsets(B, T, H, V, bi
 # ---- the vocab-blocked backward (vocabulary blocks outermost, token chunks inside) ----------------
 
 import pyalign.ops.linear as ops_linear  # noqa: E402
-from pyalign._ext import _C, desc  # noqa: E402
+from pyalign._ext import kernels, desc  # noqa: E402
 
 LOW_TOL = {torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # block-by-block rounding (relative to max)
 # forced (token chunk, vocab block) sizes: several chunks and blocks with remainders; one block
@@ -736,14 +720,14 @@ def test_slice_kernel_grad_mean_with_global_vocab():
     gr = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3)]  # logp, lse, mean
     full = torch.empty_like(logits)
     tf = (1.0, 1.0, 0.0)
-    _C.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+    kernels.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
                         desc(gr[0], "grad_logp"), None, desc(full, "grad_logits"), *tf, -100, 0,
                         desc(gr[1], "grad_lse"), desc(gr[2], "grad_mean"), desc(mw, "mean_weights"))
     parts = []
     for v0, v1 in ((0, 4), (4, 10)):
         local = torch.where((labels >= v0) & (labels < v1), labels - v0, -1)
         out = torch.empty(n, v1 - v0, dtype=torch.float64)
-        _C.logprob_backward_slice(desc(logits[:, v0:v1], "logits"), desc(local, "labels"), desc(lse, "lse"), None,
+        kernels.logprob_backward_slice(desc(logits[:, v0:v1], "logits"), desc(local, "labels"), desc(lse, "lse"), None,
                                   desc(gr[0], "grad_logp"), None, desc(out, "grad_logits"), *tf, -(1 << 62), 0,
                                   desc(gr[1], "grad_lse"), desc(gr[2], "grad_mean"), desc(mw[v0:v1].contiguous(), "mean_weights"),
                                   mean_vocab=V)
@@ -751,14 +735,14 @@ def test_slice_kernel_grad_mean_with_global_vocab():
     assert max_err(torch.cat(parts, 1), full) < 1e-14
     out = torch.empty(n, 4, dtype=torch.float64)
     with pytest.raises(Exception, match="mean_vocab"):  # the slice's own V is not the vocabulary size
-        _C.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+        kernels.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
                                   None, None, desc(out, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"),
                                   None, mean_vocab=2)
     with pytest.raises(Exception, match="mean_vocab"):
-        _C.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None, None, None,
+        kernels.logprob_backward(desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), None, None, None,
                             desc(full, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"), None, mean_vocab=7)
     with pytest.raises(Exception, match="mean_weights"):
-        _C.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
+        kernels.logprob_backward_slice(desc(logits[:, :4], "logits"), desc(labels, "labels"), desc(lse, "lse"), None,
                                   None, None, desc(out, "grad_logits"), *tf, -100, 0, None, desc(gr[2], "grad_mean"),
                                   desc(mw, "mean_weights"), mean_vocab=V)
 
@@ -1027,19 +1011,10 @@ def test_forward_grad_torch_compile_fullgraph(needs):
             assert max_err(x.grad, y.grad) < 1e-6
 
 
-@pytest.mark.rss
 def test_forward_grad_backward_memory():
     """The backward holds the saved dW and its scaled copy, nothing more (no zero-filled [V, H]
-    upstream gradient for the dW output): peak extra memory of forward+backward below 2 dW + the
-    logits buffer + O(n * H) + slack, where a third [V, H] would exceed it."""
-    from pyalign.bench.common import cpu_peak_supported, peak_extra_mb
-    if not cpu_peak_supported():
-        pytest.skip("/proc/self/clear_refs not writable")
-    import ctypes
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        trim = lambda _: None
+    upstream gradient for the dW output): the peak of forward+backward (torch's allocator events)
+    is below 2 dW + two logits buffers + O(n * H), where a third [V, H] would exceed it."""
     n, H, V, chunk = 256, 512, 32000, 64
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, H, generator=g).requires_grad_()
@@ -1047,19 +1022,13 @@ def test_forward_grad_backward_memory():
     labels = torch.randint(0, V, (n,), generator=g)
 
     def run():
-        gh, gw = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, chunk_size=chunk), (hidden, weight))
-        return gh, gw
-    run()
-    peaks = []
-    for _ in range(2):
-        trim(0)
-        peaks.append(peak_extra_mb(run, "cpu"))
-    mib = 2 ** 20
-    dw = V * H * 4 / mib
-    # a few logits buffers: on CPU fp32 each chunk's oneDNN GEMM makes a fresh one, which the C
-    # allocator need not place where the previous one was (2-3 measured; 4 allowed)
-    bound = 2 * dw + (4 * chunk * V * 4 + 4 * n * H * 4) / mib
-    assert min(peaks) <= bound + 6, (peaks, bound)
+        return torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, chunk_size=chunk), (hidden, weight))
+    use = measure(run)[1]
+    dw = V * H * 4
+    assert use.retained == dw + n * H * 4, use  # the two gradients returned
+    bound = 2 * dw + 2 * chunk * V * 4 + 4 * n * H * 4 + 2 ** 20
+    assert use.peak <= bound, (use, bound)
+    assert use.peak < 3 * dw, use
 
 
 # ---- CPU fp32 GEMMs through oneDNN ------------------------------------------------------------------

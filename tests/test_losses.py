@@ -838,26 +838,26 @@ def test_bad_inputs():
 
 def test_bad_inputs_reaching_the_binding():
     """The compiled core validates by itself: a wrong call raises, never crashes."""
-    from pyalign._ext import _C, desc
+    from pyalign._ext import kernels, desc
     a = torch.zeros(4)
     loss = torch.empty(())
     grads = torch.empty(5, 4)
     metrics = torch.empty(16)
     p = [0.1, 0, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0]
     with pytest.raises(ValueError, match="expected a 1-d tensor of 4 elements"):
-        _C.loss_forward(desc(a, "a"), desc(torch.zeros(3), "b"), None, None, None, None, None, None, None, None,
+        kernels.loss_forward(desc(a, "a"), desc(torch.zeros(3), "b"), None, None, None, None, None, None, None, None,
                         None, desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [0], [1.0],
                         p, 0, 1, 0)
     with pytest.raises(ValueError, match="grads.*wrong shape"):
-        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
                         desc(loss, "loss"), desc(torch.empty(5, 3), "grads"), desc(metrics, "metrics"), None, 0, [0],
                         [1.0], p, 0, 1, 0)
     with pytest.raises(ValueError, match="aot losses need reference"):
-        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
                         desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [9], [1.0], p, 0,
                         1, 0)
     with pytest.raises(ValueError, match="unknown loss type code"):
-        _C.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
+        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
                         desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [99], [1.0], p, 0,
                         1, 0)
 

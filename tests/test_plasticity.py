@@ -613,12 +613,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="module"):
         P.attach(nn.ReLU(), P.Oja(0.1))
     # The compiled core rejects what the Python layer would never send.
-    from pyalign._ext import _C, desc
+    from pyalign._ext import kernels, desc
     with pytest.raises(ValueError, match="g.*expected the shape"):
-        _C.plastic_update(desc(w, "weight"), desc(torch.zeros(3, 6), "g"), None, None, None,
+        kernels.plastic_update(desc(w, "weight"), desc(torch.zeros(3, 6), "g"), None, None, None,
                           1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
     with pytest.raises(ValueError, match="expected dtype float32"):
-        _C.plastic_update(desc(w, "weight"), desc(torch.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
+        kernels.plastic_update(desc(w, "weight"), desc(torch.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
                           1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
 
 

@@ -553,17 +553,17 @@ def test_bad_input_tokens():
 
 def test_bad_input_kernel_level():
     # The compiled core validates too: descriptors of the wrong shape never reach a kernel.
-    from pyalign._ext import _C, desc
+    from pyalign._ext import kernels, desc
     x = torch.randn(2, 3, 10)
     out = torch.empty(2)
     with pytest.raises(ValueError, match="total"):
-        _C.token_uncertainty_forward(desc(x, "logits"), None, desc(out, "total"), desc(out, "expected"),
+        kernels.token_uncertainty_forward(desc(x, "logits"), None, desc(out, "total"), desc(out, "expected"),
                                      desc(out, "mutual_info"), None, None, None,
                                      desc(torch.empty(2, 3), "lse"), 1.0, -100, 0)
     with pytest.raises(ValueError, match="q"):
         r = torch.randn(3, 4)
         o = torch.empty(4)
-        _C.reward_stats(desc(r, "rewards"), None, None, desc(o, "mean"), desc(o, "var"), desc(o, "min"),
+        kernels.reward_stats(desc(r, "rewards"), None, None, desc(o, "mean"), desc(o, "var"), desc(o, "min"),
                         desc(o, "max"), desc(o, "quantile"), None, 1.0, 1.5, 0)
 
 

@@ -194,12 +194,6 @@ template <typename T> void launch_backward(const BwdKernelArgs& k, int64_t rows,
 
 }  // namespace
 
-int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
-  return n;
-}
-
 void logprob_forward_cuda(const LogprobForwardArgs& a, void* stream) {
   const int64_t rows = a.labels.numel();
   if (rows == 0) return;

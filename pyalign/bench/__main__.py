@@ -30,7 +30,7 @@ def machine_info(device: str) -> dict:
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "pyalign": pyalign.__version__,
-            "cpu_isa": pyalign._C.cpu_isa(), "python": platform.python_version(), "device": device,
+            "cpu_isa": pyalign.cpu_isa(), "python": platform.python_version(), "device": device,
             "date": time.strftime("%Y-%m-%d")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -6,10 +6,10 @@ The logits ``hidden @ weight.T + bias`` are never held whole. Tokens are process
 buffer per chunk: see ``_ONEDNN``), then through the log-prob kernels of
 ``csrc/cpu/logprob.cpp`` / ``csrc/cuda/logprob.cu``:
 
-* forward: the softmax statistics of each row (``_C.logprob_forward``); only per-token results
+* forward: the softmax statistics of each row (``kernels.logprob_forward``); only per-token results
   survive the chunk;
 * backward: the chunk's logits are recomputed, the gradient w.r.t. them is written **in place**
-  into the same buffer (``_C.logprob_backward`` with ``grad_logits`` aliasing the logits), and
+  into the same buffer (``kernels.logprob_backward`` with ``grad_logits`` aliasing the logits), and
   multiplied back: ``dhidden_chunk = g @ W``, ``dW += g.T @ hidden_chunk`` (accumulated in fp32,
   see :func:`accumulate_dw`), ``dbias += g.sum(0)`` (fp32). The upstream gradients of the
   log-probs, the entropy, the log-sum-exp and ``mean_logit`` all enter that one kernel call, so
@@ -23,7 +23,7 @@ no atomics), chosen by :func:`use_vocab_blocks`:
   buffer;
 * vocab-blocked (bf16/fp16 weights that need a gradient): vocabulary blocks outermost, token
   chunks inside (:func:`vocab_block_sizes`). For each (token chunk, vocab block) one GEMM makes the
-  block's logits, the slice-mode kernel (``_C.logprob_backward_slice``: the forward's global
+  block's logits, the slice-mode kernel (``kernels.logprob_backward_slice``: the forward's global
   ``lse``/entropy, labels as block-local indices or -1 for "label in another block", ``mean_vocab``
   = V and the block's class weights for ``grad_mean``) writes the gradient in place, then
   ``dh[tok] += g @ W[vb]`` (fp32 ``dh`` accumulator for bf16/fp16) and ``dW[vb] += g.T @ h[tok]``.
@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import kernels, desc, stream_of
 from pyalign.ops.logprob import ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1, dense_grad
 
 # Bytes of the per-chunk working set (the logits buffer and the chunk's hidden-sized temporaries)
@@ -332,7 +332,7 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         res["max"] = torch.empty(n, dtype=acc, device=dev)
     if n == 0:
         return res
-    forward = _C.logprob_forward_slice if vocab_slice else _C.logprob_forward
+    forward = kernels.logprob_forward_slice if vocab_slice else kernels.logprob_forward
     buf = logits_buffer(min(chunk, n), hidden, weight, bias)
     stream = stream_of(hidden)
     opt = lambda key, s: desc(res[key][s], key) if res[key].numel() else None
@@ -355,7 +355,7 @@ def chunked_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels
         if extremes:
             res["max"][s] = b.amax(1).to(acc)
         if basis is not None:
-            _C.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(res["lse"][s], "lse"),
+            kernels.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(res["lse"][s], "lse"),
                                 None, desc(ones[: c1 - c0], "grad_logp"), None, desc(b, "grad_logits"),
                                 temperature, logit_scale, softcap, ignore_index, stream, None, None, None)
             if basis.dtype == b.dtype:
@@ -391,7 +391,7 @@ def chunked_backward(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]
     dw_acc = torch.zeros(V, H, dtype=_acc(weight.dtype), device=dev) if needs & NEED_WEIGHT else None
     db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
     if n > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_lse, grad_mean)):
-        backward = _C.logprob_backward_slice if vocab_slice else _C.logprob_backward
+        backward = kernels.logprob_backward_slice if vocab_slice else kernels.logprob_backward
         buf = logits_buffer(min(chunk, n), hidden, weight, bias)
         stream = stream_of(hidden)
         part = lambda t, s: None if t is None else t[s]
@@ -448,7 +448,7 @@ def _vocab_blocked_backward(grad_logp, grad_entropy, hidden, weight, bias, label
         stage = torch.empty(vb, H, dtype=acc, device=dev)
     stream = stream_of(hidden)
     part = lambda t, s: None if t is None else t[s]
-    backward = _C.logprob_backward_slice
+    backward = kernels.logprob_backward_slice
     for v0 in range(0, V, vb):
         v1 = min(V, v0 + vb)
         w_blk = weight[v0:v1]
@@ -755,7 +755,7 @@ def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
             h = hidden[s]
             b = None  # the previous chunk's oneDNN output is freed before the next is made
             b = _logits_into(None if buf is None else buf[: c1 - c0], h, weight, bias)
-            _C.logprob_forward(desc(b, "logits"), desc(labels[s], "labels"), desc(logp[s], "logp"),
+            kernels.logprob_forward(desc(b, "logits"), desc(labels[s], "labels"), desc(logp[s], "logp"),
                                desc(lse[s], "lse"), None, None,
                                desc(mean[s], "mean_logit") if grad_mean is not None else None, None,
                                temperature, logit_scale, softcap, ignore_index, stream,
@@ -764,7 +764,7 @@ def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
             if lse_coef is not None:
                 g_lse = g_lse + lse_coef * lse[s]
             g_lse = g_lse.contiguous()
-            _C.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(lse[s], "lse"), None,
+            kernels.logprob_backward(desc(b, "logits"), desc(labels[s], "labels"), desc(lse[s], "lse"), None,
                                 desc(grad_logp[s], "grad_logp"), None, desc(b, "grad_logits"),
                                 temperature, logit_scale, softcap, ignore_index, stream,
                                 desc(g_lse, "grad_lse"), desc(part(grad_mean, s), "grad_mean"),

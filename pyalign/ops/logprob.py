@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, empty_rows_like, stream_of
+from pyalign._ext import kernels, desc, empty_rows_like, stream_of
 
 ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1 = 1, 2, 4, 8
 
@@ -45,7 +45,7 @@ def token_logprobs_op(
     lse = torch.empty(rows, dtype=acc, device=logits.device)
     ent, lss, mean, top1 = new(ENTROPY), new(LOG_SUM_SQ), new(MEAN_LOGIT), new(TOP1, torch.bool)
     opt = lambda t, name: desc(t, name) if t.numel() == rows and t.numel() > 0 else None
-    _C.logprob_forward(
+    kernels.logprob_forward(
         desc(lg, "logits"), desc(lb, "labels"), desc(logp, "logp"), desc(lse, "lse"),
         opt(ent, "entropy"), opt(lss, "log_sum_sq"), opt(mean, "mean_logit"), opt(top1, "top1"),
         temperature, logit_scale, softcap, ignore_index, stream_of(logits),
@@ -72,7 +72,7 @@ def _backward_into(grad_logits: Tensor, grad_logp: Optional[Tensor], grad_entrop
                    mean_weights: Optional[Tensor] = None) -> None:
     lg, lb = _shifted(logits, labels, shift)
     gl, _ = _shifted(grad_logits, labels, shift)
-    _C.logprob_backward(
+    kernels.logprob_backward(
         desc(lg, "logits"), desc(lb, "labels"), desc(lse, "lse"), desc(entropy, "entropy"),
         desc(grad_logp, "grad_logp"), desc(grad_entropy, "grad_entropy"), desc(gl, "grad_logits"),
         temperature, logit_scale, softcap, ignore_index, stream_of(logits),

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import kernels, desc, stream_of
 
 FAMILIES = {"dpo": 0, "kto": 1, "bco": 2, "orpo": 3, "cpo": 4, "rm": 5}
 # Same order as csrc/include/pyalign/losses.h: DpoType.
@@ -46,7 +46,7 @@ def _compute(a, b, c, d, la, lb, w, label, kla, klb, state, family, types, type_
     metrics = torch.empty(N_METRICS, dtype=acc, device=dev)
     naot = sum(1 for t in types if t in _AOT) if family == 0 else 0
     work = torch.empty(4 * naot, n, dtype=torch.int32, device=dev) if naot else None
-    _C.loss_forward(
+    kernels.loss_forward(
         desc(a, "a"), desc(b, "b"), desc(c, "c"), desc(d, "d"), desc(la, "la"), desc(lb, "lb"),
         desc(w, "w"), desc(label, "label"), desc(kla, "kla"), desc(klb, "klb"), desc(state, "state"),
         desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), desc(work, "work"),

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, stream_of
+from pyalign._ext import kernels, desc, stream_of
 
 PENALTY_CHUNK = 8192  # kPenaltyChunk in plasticity.h
 NORM_MODES = {"none": 0, "max": 1, "exact": 2}
@@ -23,7 +23,7 @@ NORM_MODES = {"none": 0, "max": 1, "exact": 2}
 
 def plastic_update(weight, g, g2, trace, row_coef, a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode):
     """The fused rule update (see plasticity.h: PlasticCoeffs), called directly."""
-    _C.plastic_update(
+    kernels.plastic_update(
         desc(weight, "weight"), desc(g, "g"), desc(g2, "g2"), desc(trace, "trace"), desc(row_coef, "row_coef"),
         a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode, stream_of(weight),
     )
@@ -48,7 +48,7 @@ def quad_penalty(param, anchor, importance, grad, coef):
     n = param.numel()
     acc = torch.float64 if param.dtype == torch.float64 else torch.float32
     partial = torch.empty((n + PENALTY_CHUNK - 1) // PENALTY_CHUNK, dtype=acc, device=param.device)
-    _C.quad_penalty(desc(param, "param"), desc(anchor, "anchor"), desc(importance, "importance"),
+    kernels.quad_penalty(desc(param, "param"), desc(anchor, "anchor"), desc(importance, "importance"),
                     desc(grad, "grad"), desc(partial, "partial"), coef, stream_of(param))
     return partial
 

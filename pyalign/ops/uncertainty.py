@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import _C, desc, empty_rows_like, stream_of
+from pyalign._ext import kernels, desc, empty_rows_like, stream_of
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -40,7 +40,7 @@ def token_uncertainty_op(
     total, expected, mi = new(rows), new(rows), new(rows)
     ens, lvar, mlp = (new(rows), new(rows), new(m, rows)) if lab else (new(0), new(0), new(0, rows))
     lse = new(m, rows)
-    _C.token_uncertainty_forward(
+    kernels.token_uncertainty_forward(
         desc(logits, "logits"), desc(labels, "labels"), desc(total, "total"), desc(expected, "expected"),
         desc(mi, "mutual_info"), desc(ens, "ens_logp") if lab else None,
         desc(lvar, "label_var") if lab else None, desc(mlp, "member_logp") if lab else None,
@@ -64,7 +64,7 @@ def token_uncertainty_backward_op(
     labels: Tensor, lse: Tensor, ens_logp: Tensor, temperature: float, ignore_index: int,
 ) -> Tensor:
     grad = empty_rows_like(logits)
-    _C.token_uncertainty_backward(
+    kernels.token_uncertainty_backward(
         desc(logits, "logits"), desc(labels, "labels"), desc(lse, "lse"), desc(ens_logp, "ens_logp"),
         desc(grad_ens_logp, "grad_ens_logp"), desc(grad_member_logp, "grad_member_logp"),
         desc(grad, "grad_logits"), temperature, ignore_index, stream_of(logits))
@@ -107,7 +107,7 @@ def reward_stats_op(
     mean, var, mn, mx = new(n), new(n), new(n), new(n)
     quant = new(n if q >= 0 else 0)
     ale = new(n if variances is not None else 0)
-    _C.reward_stats(
+    kernels.reward_stats(
         desc(rewards, "rewards"), desc(variances, "variances"), desc(weights, "member_weights"),
         desc(mean, "mean"), desc(var, "var"), desc(mn, "min"), desc(mx, "max"),
         desc(quant, "quantile") if q >= 0 else None, desc(ale, "aleatoric") if variances is not None else None,

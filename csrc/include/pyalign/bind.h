@@ -5,29 +5,30 @@
 #include "pyalign/tensor.h"
 
 namespace pybind11 { namespace detail {
-// A TensorArg arrives from pyalign/_ext.py as (data_ptr, dtype_code, shape, strides, device, name),
-// or None for an absent optional tensor.
+// A TensorArg arrives from pyalign/_ext.py as (tensor, data_ptr, dtype_code, shape, strides,
+// device, name), or None for an absent optional tensor. The tensor itself rides along unread: the
+// tuple keeps it alive until the kernel returns, whatever the caller does with its own reference.
 template <> struct type_caster<pyalign::TensorArg> {
   PYBIND11_TYPE_CASTER(pyalign::TensorArg, const_name("TensorArg"));
   bool load(handle src, bool) {
     if (src.is_none()) { value = pyalign::TensorArg{}; return true; }
     if (!isinstance<tuple>(src)) return false;
     auto t = reinterpret_borrow<tuple>(src);
-    if (t.size() != 6) return false;
-    value.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
-    value.dtype = static_cast<pyalign::DType>(t[1].cast<int>());
-    auto shape = t[2].cast<tuple>();
-    auto strides = t[3].cast<tuple>();
+    if (t.size() != 7) return false;
+    value.data = reinterpret_cast<void*>(t[1].cast<uintptr_t>());
+    value.dtype = static_cast<pyalign::DType>(t[2].cast<int>());
+    auto shape = t[3].cast<tuple>();
+    auto strides = t[4].cast<tuple>();
     if (shape.size() > size_t(pyalign::kMaxDims) || strides.size() != shape.size())
-      throw std::invalid_argument(t[5].cast<std::string>() + ": at most " +
+      throw std::invalid_argument(t[6].cast<std::string>() + ": at most " +
                                   std::to_string(pyalign::kMaxDims) + " dimensions are supported");
     value.ndim = int(shape.size());
     for (int d = 0; d < value.ndim; ++d) {
       value.shape[d] = shape[d].cast<int64_t>();
       value.strides[d] = strides[d].cast<int64_t>();
     }
-    value.device = t[4].cast<int>();
-    std::string name = t[5].cast<std::string>();
+    value.device = t[5].cast<int>();
+    std::string name = t[6].cast<std::string>();
     std::strncpy(value.name, name.c_str(), sizeof(value.name) - 1);
     return true;
   }
@@ -51,6 +52,10 @@ inline int common_device(std::initializer_list<const TensorArg*> ts) {
   }
   return dev == -2 ? -1 : dev;
 }
+
+#ifdef PYALIGN_WITH_CUDA
+int cuda_device_count();  // csrc/cuda/device.cu
+#endif
 
 inline bool built_with_cuda() {
 #ifdef PYALIGN_WITH_CUDA

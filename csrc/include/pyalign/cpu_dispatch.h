@@ -4,6 +4,8 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -15,7 +17,12 @@ namespace pyalign {
 
 enum class Isa { base, avx2, avx512 };
 
-inline Isa cpu_isa() {
+inline const char* isa_name(Isa i) {
+  return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "baseline";
+}
+
+// The best level this CPU supports.
+inline Isa supported_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const Isa isa = [] {
     __builtin_cpu_init();
@@ -31,8 +38,20 @@ inline Isa cpu_isa() {
 #endif
 }
 
-inline const char* isa_name(Isa i) {
-  return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "baseline";
+// The level the kernels dispatch to: the supported one, or a lower one named by the environment
+// variable PYALIGN_CPU_ISA ("baseline", "avx2", "avx512"), read once, so that the tests can run
+// every code path on one machine. An unknown or unsupported value is ignored here and refused by
+// `import pyalign` (pyalign/_ext.py), which compares the request with cpu_isa().
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    const Isa best = supported_isa();
+    const char* env = std::getenv("PYALIGN_CPU_ISA");
+    if (env == nullptr) return best;
+    for (Isa i : {Isa::base, Isa::avx2, Isa::avx512})
+      if (std::strcmp(env, isa_name(i)) == 0 && int(i) <= int(best)) return i;
+    return best;
+  }();
+  return isa;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)

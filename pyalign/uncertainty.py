@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyalign import _checks
+from pyalign._numpy import accepts_numpy
 from pyalign.ops.uncertainty import reward_stats_op, token_uncertainty_op
 
 METHODS = ("mean", "min", "uwo", "lcb", "median", "quantile")
@@ -49,6 +50,7 @@ class RewardAggregate(NamedTuple):
     total_variance: Optional[Tensor] = None
 
 
+@accepts_numpy
 def posterior_weights(log_evidence: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Bayesian-model-average member weights ``softmax(log_evidence / temperature)``.
 
@@ -88,6 +90,7 @@ def _as_members(x, name: str) -> tuple[Tensor, tuple]:
     return x.reshape(x.shape[0], -1), tuple(x.shape[1:])
 
 
+@accepts_numpy
 def aggregate_rewards(
     rewards: Tensor,
     *,
@@ -165,6 +168,7 @@ class VarianceDecomposition(NamedTuple):
     epistemic: Tensor
 
 
+@accepts_numpy
 def heteroscedastic_decomposition(means: Tensor, variances: Tensor, *, member_weights: Optional[Tensor] = None,
                                   ddof: int = 0) -> VarianceDecomposition:
     """Law of total variance for members that each predict a mean and a variance (Kendall & Gal 2017):
@@ -179,6 +183,7 @@ def heteroscedastic_decomposition(means: Tensor, variances: Tensor, *, member_we
     return VarianceDecomposition(agg.mean, agg.total_variance, agg.aleatoric, agg.variance)
 
 
+@accepts_numpy
 def penalized_reward(rewards: Tensor, *, method: str = "uwo", lam: float = 1.0,
                      member_weights: Optional[Tensor] = None) -> Tensor:
     """Uncertainty-penalized reward for RL: ``uwo`` (mean - lam * var) or ``lcb`` (mean - lam * std)."""
@@ -209,6 +214,7 @@ def _binary_entropy(p: Tensor) -> Tensor:
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
 
 
+@accepts_numpy
 def preference_uncertainty(r_chosen: Tensor, r_rejected: Tensor, *, beta: float = 1.0,
                            member_weights: Optional[Tensor] = None) -> PreferenceUncertainty:
     """Bradley-Terry preference probability of an ensemble and its entropy decomposition.
@@ -234,6 +240,7 @@ def preference_uncertainty(r_chosen: Tensor, r_rejected: Tensor, *, beta: float 
     return PreferenceUncertainty(shaped(p_mean), shaped(p_var), shaped(total), shaped(h_mean), shaped(epistemic))
 
 
+@accepts_numpy
 def uncertainty_weights(r_chosen: Tensor, r_rejected: Tensor, *, source: str = "mutual_information",
                         temperature: Optional[float] = None, min_weight: float = 0.0, beta: float = 1.0,
                         member_weights: Optional[Tensor] = None) -> Tensor:
@@ -416,6 +423,7 @@ def _check_probs(probs: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected probabilities in [0, 1] (got values outside, or NaN)")
 
 
+@accepts_numpy
 def calibration(probs: Tensor, targets: Tensor, *, n_bins: int = 15, strategy: str = "uniform") -> Calibration:
     """Expected/maximum calibration error, Brier score and NLL (Guo et al. 2017).
 
@@ -511,6 +519,7 @@ def _alpha(alpha) -> float:
     return float(alpha)
 
 
+@accepts_numpy
 def conformal_quantile(scores: Tensor, alpha: float) -> Tensor:
     """Split-conformal threshold: the ceil((n + 1)(1 - alpha))-th smallest of n calibration scores.
 
@@ -538,6 +547,7 @@ class ConformalInterval(NamedTuple):
     threshold: Tensor
 
 
+@accepts_numpy
 def conformal_reward_interval(cal_pred: Tensor, cal_target: Tensor, test_pred: Tensor, *, alpha: float = 0.1,
                               cal_scale: Optional[Tensor] = None, test_scale: Optional[Tensor] = None) -> ConformalInterval:
     """Reward +- calibrated width with marginal coverage >= 1 - alpha (split conformal).
@@ -579,6 +589,7 @@ class ConformalSets(NamedTuple):
     threshold: Tensor  # the probability a token needs to enter a set: 1 - qhat
 
 
+@accepts_numpy
 def conformal_token_sets(cal_probs: Tensor, cal_labels: Tensor, test_probs: Tensor, *, alpha: float = 0.1) -> ConformalSets:
     """Least-ambiguous (LAC) conformal sets over the vocabulary (Sadinle et al. 2019).
 

@@ -1,16 +1,20 @@
-"""The bench CLI (the main job, ``python -m pyalign.bench``): a quick suite runs end to end and
-records measured numbers; saved results render with ``--report``."""
+"""The bench CLI (the main job, ``python -m pyalign.bench``): a quick suite runs end to end, prints the
+machine first and the per-family summary last, and records measured numbers; saved results render with
+``--report``."""
 from __future__ import annotations
 
 import json
 
-from pyalign.bench.__main__ import main
+from pyalign.bench.__main__ import main, summary
 
 
 def test_quick_suite_writes_measured_rows_and_reports(tmp_path, capsys):
     out = tmp_path / "r.json"
     md = tmp_path / "r.md"
     assert main(["--device", "cpu", "--only", "plasticity", "--json", str(out), "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("pyalign ") and "CPU kernels" in printed[0]
+    assert printed[-3].startswith("summary:") and printed[-1].startswith("plasticity ")
     saved = json.loads(out.read_text())
     assert saved["quick"] is True and saved["machine"]["device"] == "cpu"
     rows = saved["rows"]
@@ -19,6 +23,19 @@ def test_quick_suite_writes_measured_rows_and_reports(tmp_path, capsys):
     assert ours and all(r["median_ms"] is not None and r["median_ms"] > 0 for r in ours)
     assert all(not (r["note"] or "").startswith("failed") for r in rows), [r["note"] for r in rows]
     assert "| plasticity |" in md.read_text()
-    capsys.readouterr()
     assert main(["--report", str(out)]) == 0
-    assert "| plasticity | oja |" in capsys.readouterr().out
+    page = capsys.readouterr().out
+    assert page.startswith("# Benchmarks") and "| plasticity | oja |" in page and "summary:" in page
+
+
+def test_summary_ranges_over_the_grid():
+    rows = [{"suite": "s", "op": "a", "size": "1", "impl": "pyalign", "median_ms": 2.0, "peak_mem_mb": 10.0},
+            {"suite": "s", "op": "a", "size": "1", "impl": "eager", "median_ms": 4.0, "peak_mem_mb": 30.0},
+            {"suite": "s", "op": "a", "size": "1", "impl": "eager_inplace", "median_ms": 3.0, "peak_mem_mb": 20.0},
+            {"suite": "s", "op": "a", "size": "2", "impl": "pyalign", "median_ms": 1.0, "peak_mem_mb": 0.0},
+            {"suite": "s", "op": "a", "size": "2", "impl": "compile", "median_ms": 0.5, "peak_mem_mb": None},
+            {"suite": "s", "op": "a", "size": "2", "impl": "eager", "median_ms": 5.0, "peak_mem_mb": 4.0}]
+    line = summary(rows).splitlines()[-1].split()
+    # vs eager: the best eager-kind baseline at each point (3/2 and 5/1); vs compile only at size 2;
+    # memory: the smallest eager peak over pyalign's (floored at 1 MiB): 20/10 and 4/1
+    assert line == ["s", "2", "1.50x", "..", "5.00x", "0.50x", "2.00x", "..", "4.00x"]

@@ -675,3 +675,65 @@ def test_min_max_follow_amin_amax_with_infinities(device):
     agg = U.aggregate_rewards(r)
     torch.testing.assert_close(agg.min, r.amin(0), equal_nan=True)
     torch.testing.assert_close(agg.max, r.amax(0), equal_nan=True)
+
+
+# ---- numpy in, numpy out ------------------------------------------------------------------------
+
+def _numpy_cases(np):
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(4, 50)).astype(np.float32)
+    v = rng.uniform(0.1, 1, size=(4, 50)).astype(np.float32)
+    w = np.array([1.0, 2.0, 1.0, 0.5], dtype=np.float32)
+    probs = rng.uniform(size=200)
+    targets = (rng.uniform(size=200) < probs).astype(np.float64)
+    pv = rng.dirichlet(np.ones(7), size=60).astype(np.float32)
+    lab = rng.integers(0, 7, size=60)
+    return [
+        ("aggregate_rewards", (r,), dict(method="uwo", member_weights=w)),
+        ("aggregate_rewards", (r,), dict(method="quantile", q=0.25, variances=v)),
+        ("posterior_weights", (np.array([-1.0, -2.0, -0.5]),), {}),
+        ("heteroscedastic_decomposition", (r, v), {}),
+        ("penalized_reward", (r,), dict(method="lcb", lam=0.5)),
+        ("preference_uncertainty", (r, r[::-1]), dict(beta=0.7)),  # a negative-stride view
+        ("uncertainty_weights", (r, r[::-1] + 0.1), {}),
+        ("calibration", (probs, targets), dict(n_bins=10)),
+        ("conformal_quantile", (probs,), dict(alpha=np.float32(0.1))),
+        ("conformal_reward_interval", (r[0], r[1], r[2]), dict(alpha=0.2)),
+        ("conformal_token_sets", (pv[:40], lab[:40], pv[40:]), dict(alpha=0.2)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_numpy_arrays_in_give_numpy_arrays_out(case):
+    np = pytest.importorskip("numpy")
+    name, args, kwargs = _numpy_cases(np)[case]
+    fn = getattr(U, name)
+    got = fn(*args, **kwargs)
+    want = fn(*(torch.from_numpy(a.copy()) for a in args),
+              **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()})
+    if isinstance(want, torch.Tensor):
+        got, want = (got,), (want,)
+    assert type(got) is type(want) or isinstance(want, tuple)
+    for g, e in zip(got, want):
+        if e is None:
+            assert g is None
+            continue
+        assert isinstance(g, np.ndarray), (name, type(g))
+        np.testing.assert_array_equal(g, e.numpy())
+
+
+def test_numpy_inputs_are_not_copied():
+    np = pytest.importorskip("numpy")
+    r = np.random.default_rng(1).normal(size=(3, 1000)).astype(np.float32)
+    seen = {}
+    orig = U.reward_stats_op
+
+    def spy(r2, *rest):
+        seen["ptr"] = r2.data_ptr()
+        return orig(r2, *rest)
+    U.reward_stats_op = spy
+    try:
+        U.aggregate_rewards(r, method="mean")
+    finally:
+        U.reward_stats_op = orig
+    assert seen["ptr"] == r.ctypes.data  # the kernel read the caller's buffer

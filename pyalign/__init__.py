@@ -1,8 +1,8 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
+from pyalign import distributed, logprob, losses, plasticity, uncertainty
 from pyalign._ext import HAS_CUDA, kernels
+from pyalign._overrides import overrides
 from pyalign._version import __version__
-from pyalign import logprob  # first: pyalign.linear and pyalign.distributed build on it
-from pyalign import distributed, losses, plasticity, uncertainty
 from pyalign.logprob import (cross_entropy, linear_cross_entropy, linear_sequence_logprobs, linear_token_logprobs,
                              sequence_logprobs, token_logprobs)
 
@@ -28,6 +28,7 @@ __all__ = [
     "has_cuda",
     "cuda_available",
     "cpu_isa",
+    "overrides",
     "distributed",
     "logprob",
     "losses",

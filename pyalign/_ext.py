@@ -17,7 +17,7 @@ import torch
 from pyalign._version import __version__
 
 # Changes together with kAbiVersion in csrc/include/pyalign/contract.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _REINSTALL = "reinstall it from this source tree with `pip install .`"
 
@@ -51,17 +51,9 @@ def _check_isa_request() -> None:
 
 _check_isa_request()
 
-# Same codes as csrc/include/pyalign/common.h: DType.
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-    torch.uint8: 6,
-    torch.bool: 7,
-}
+# Every code and layout shared with the kernels (csrc/include/pyalign/contract.h), by name.
+CONTRACT = kernels.contract()
+DTYPE_CODES = {getattr(torch, name): code for name, code in CONTRACT["dtypes"].items()}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HAS_CUDA = bool(kernels.has_cuda())  # read once: no call into the core while torch.compile traces
 
@@ -78,15 +70,6 @@ def desc(t: torch.Tensor | None, name: str):
         raise ValueError(f"{name}: tensors on {t.device.type} are not supported (cpu or cuda only)")
     device = t.device.index if t.device.type == "cuda" else -1
     return (t, t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device, name)
-
-
-def empty_rows_like(t: torch.Tensor) -> torch.Tensor:
-    """A fresh buffer shaped like ``t`` whose last dimension has stride 1 (the layout the kernels
-    write): ``t``'s own layout where that has it, else row-major."""
-    out = torch.empty_like(t)
-    if out.ndim and out.shape[-1] > 1 and out.stride(-1) != 1:
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return out
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -14,10 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-import pyalign.ops.linear as ops_linear
+import pyalign
 from pyalign.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
-from pyalign.linear import linear_token_logprobs
-from pyalign.logprob import token_logprobs
+from pyalign.logprob import linear_token_logprobs, token_logprobs
 
 STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
 ALL = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
@@ -93,9 +92,13 @@ def _case_logits(rank, world, dtype, *, shift, uneven, opts, masked_shard=False,
 def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, True), weight_dtype=None,
                  path=None, blocks=None):
     """``weight_dtype``: a head dtype other than ``dtype`` (mixed dtypes); ``path``/``blocks``: force
-    the backward loop order and the vocab-blocked sizes (private switches), here and in the
+    the backward loop order and the vocab-blocked sizes (pyalign.overrides), here and in the
     single-process reference."""
-    ops_linear._FORCE_BACKWARD, ops_linear._FORCE_BLOCKS = path, blocks
+    with pyalign.overrides(backward_order=path, vocab_blocks=blocks):
+        _case_linear_run(rank, world, dtype, bias=bias, shift=shift, opts=opts, needs=needs, weight_dtype=weight_dtype)
+
+
+def _case_linear_run(rank, world, dtype, *, bias, shift, opts, needs, weight_dtype):
     g = torch.Generator().manual_seed(5)
     V, H = 29, 8
     wdt = weight_dtype or dtype
@@ -131,7 +134,6 @@ def _case_linear(rank, world, dtype, *, bias, shift, opts, needs=(True, True, Tr
         _close(w2_.grad, w1_.grad[s0:s0 + n], tol, "linear dweight")
     if bias and needs[2]:
         _close(b2.grad, b1.grad[s0:s0 + n], tol, "linear dbias")
-    ops_linear._FORCE_BACKWARD = ops_linear._FORCE_BLOCKS = None
 
 
 def _expect_error(fn, match):

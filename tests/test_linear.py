@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 import pyalign
 from pyalign.bench.memory import measure
-from pyalign.linear import linear_sequence_logprobs, linear_token_logprobs
+from pyalign.logprob import linear_sequence_logprobs, linear_token_logprobs
 from pyalign.logprob import sequence_logprobs
-from pyalign.ops.linear import (CHUNK_BYTES, MAX_ROWS, auto_chunk_size, linear_token_logprobs_backward_op,
+from pyalign.ops.linear.chunks import CHUNK_BYTES, MAX_ROWS, auto_chunk_size
+from pyalign.ops.linear.ops import (linear_token_logprobs_backward_op,
                                 linear_token_logprobs_op)
 from pyalign.reference.linear import linear_token_stats
 
@@ -199,10 +200,10 @@ def test_reexported_from_logprob():
 def test_opcheck():
     hidden, weight, b, labels = make((7,), 5, 11, torch.float32, "cpu", ignore=0.3)
     h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
-    torch.library.opcheck(linear_token_logprobs_op, (h, w, bb, labels, -100, 1.0, 1.0, 0.0, 15, 3))
-    torch.library.opcheck(linear_token_logprobs_op, (h, w, None, labels, -100, 0.5, 1.0, 2.0, 1, 4))
+    torch.library.opcheck(linear_token_logprobs_op.op, (h, w, bb, labels, -100, 1.0, 1.0, 0.0, 15, 3))
+    torch.library.opcheck(linear_token_logprobs_op.op, (h, w, None, labels, -100, 0.5, 1.0, 2.0, 1, 4))
     lp, lse, ent, *_ = linear_token_logprobs_op(hidden, weight, b, labels, -100, 1.0, 1.0, 0.0, 1, 3)
-    torch.library.opcheck(linear_token_logprobs_backward_op,
+    torch.library.opcheck(linear_token_logprobs_backward_op.op,
                           (torch.ones(7), torch.ones(7), hidden, weight, b, labels, lse, ent, -100, 1.0, 1.0, 0.0,
                            3, 7))
 
@@ -255,8 +256,8 @@ def test_bad_inputs():
 
 import torch.nn.functional as F  # noqa: E402
 
-from pyalign.linear import linear_cross_entropy  # noqa: E402
-from pyalign.ops.linear import accumulate_dw  # noqa: E402
+from pyalign.logprob import linear_cross_entropy  # noqa: E402
+from pyalign.ops.linear.gemm import accumulate_dw  # noqa: E402
 
 CE_OPTIONS = [dict(reduction=r, label_smoothing=e, z_loss_scale=z, weighted=w)
               for r in ("mean", "sum", "none") for e in (0.0, 0.25) for z in (0.0, 1e-2) for w in (False, True)]
@@ -524,7 +525,10 @@ def test_matches_reference_hypothesis_all_dtypes_and_grad_subsets(B, T, H, V, bi
 
 # ---- the vocab-blocked backward (vocabulary blocks outermost, token chunks inside) ----------------
 
-import pyalign.ops.linear as ops_linear  # noqa: E402
+import contextlib  # noqa: E402
+
+import pyalign.ops.linear.chunks as chunks  # noqa: E402
+import pyalign.ops.linear.gemm as gemm  # noqa: E402
 from pyalign._ext import kernels, desc  # noqa: E402
 
 LOW_TOL = {torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # block-by-block rounding (relative to max)
@@ -534,11 +538,15 @@ BLOCKS = [(5, 7), (4, 64), (1000, 3), None]
 
 @pytest.fixture
 def force_path():
-    """Sets the private backward switches of pyalign.ops.linear, restored afterwards."""
+    """``set_(path, blocks)``: the backward loop order and vocab-blocked sizes (pyalign.overrides)
+    for the rest of the test."""
+    stack = contextlib.ExitStack()
+
     def set_(path, blocks=None):
-        ops_linear._FORCE_BACKWARD, ops_linear._FORCE_BLOCKS = path, blocks
+        stack.close()
+        stack.enter_context(pyalign.overrides(backward_order=path, vocab_blocks=blocks))
     yield set_
-    set_(None, None)
+    stack.close()
 
 
 def _ref_all(hidden, weight, bias, labels, *, dtype, ignore_index=-100, temperature=1.0, logit_scale=1.0,
@@ -693,7 +701,7 @@ def test_vocab_blocked_cross_entropy(force_path, dtype, reduction):
 
 def test_backward_path_choice():
     w32, w16 = torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.bfloat16)
-    N = ops_linear
+    N = chunks
     assert N.use_vocab_blocks(w16, N.NEED_WEIGHT) and N.use_vocab_blocks(w16, N.NEED_WEIGHT | N.NEED_HIDDEN)
     assert not N.use_vocab_blocks(w16, N.NEED_HIDDEN)  # no dW: no accumulator to avoid
     assert not N.use_vocab_blocks(w32, N.NEED_WEIGHT)  # fp32 dW accumulates in the result itself
@@ -749,17 +757,22 @@ def test_slice_kernel_grad_mean_with_global_vocab():
 
 # ---- reduced cross-entropy: the gradient formed in the forward (3 GEMMs), scaled in the backward --
 
-from pyalign.ops.linear import (linear_cross_entropy_fwd_grad_backward_op,  # noqa: E402
+from pyalign.ops.linear.ops import (linear_cross_entropy_fwd_grad_backward_op,  # noqa: E402
                                 linear_cross_entropy_fwd_grad_op)
 
 
 @pytest.fixture
 def recompute_path():
-    """``set_(True)`` forces the recompute path (the forward-gradient switch off); restored after."""
+    """``set_(True)`` forces the recompute path (pyalign.overrides(forward_gradients=False)) for the
+    rest of the test."""
+    stack = contextlib.ExitStack()
+
     def set_(on):
-        ops_linear._FORWARD_GRAD = False if on else None
+        stack.close()
+        if on:
+            stack.enter_context(pyalign.overrides(forward_gradients=False))
     yield set_
-    set_(False)
+    stack.close()
 
 
 class GemmCounter:
@@ -867,16 +880,13 @@ def test_forward_grad_path_is_taken(monkeypatch):
     assert counter.n == 9
     loss.backward()
     assert counter.n == 9
-    ops_linear._FORWARD_GRAD = False
-    try:
+    with pyalign.overrides(forward_gradients=False):
         counter.n = 0
         fresh = [t.clone().requires_grad_() for t in (hidden, weight, b)]
         loss2 = linear_cross_entropy(*fresh[:2], labels, bias=fresh[2], chunk_size=6, z_loss_scale=0.1)
         assert counter.n == 3
         loss2.backward()
         assert counter.n == 12
-    finally:
-        ops_linear._FORWARD_GRAD = None
     # no gradient wanted (grad mode off, or no input requires grad): the plain forward, 1 GEMM per
     # chunk, no graph and so nothing saved
     for grad_mode, args in ((False, leaves[:2]), (True, (hidden, weight))):
@@ -965,7 +975,7 @@ def test_forward_grad_low_precision_dw(recompute_path, chunk):
 def test_forward_grad_opcheck():
     hidden, weight, b, labels = make((9,), 5, 11, torch.float32, "cpu", ignore=0.3, seed=7)
     cw = torch.rand(11) + 0.5
-    N = ops_linear
+    N = chunks
     for bb, needs, rest in ((b, N.NEED_HIDDEN | N.NEED_WEIGHT | N.NEED_BIAS, (0.1, 0.02, cw, False)),
                             (None, N.NEED_WEIGHT, (0.0, 0.0, None, True)),
                             (b, N.NEED_HIDDEN | N.NEED_BIAS, (0.2, 0.0, None, False))):
@@ -973,12 +983,12 @@ def test_forward_grad_opcheck():
             h = hidden.clone().requires_grad_(bool(needs & N.NEED_HIDDEN))
             w = weight.clone().requires_grad_(bool(needs & N.NEED_WEIGHT))
             bias = None if bb is None else bb.clone().requires_grad_(bool(needs & N.NEED_BIAS))
-            torch.library.opcheck(linear_cross_entropy_fwd_grad_op,
+            torch.library.opcheck(linear_cross_entropy_fwd_grad_op.op,
                                   (h, w, bias, labels, -100, 0.9, 1.0, 3.0, 4, *rest, needs, z_output))
     needs = N.NEED_HIDDEN | N.NEED_WEIGHT | N.NEED_BIAS
     loss, zl, lse, dh, dw, db = linear_cross_entropy_fwd_grad_op(hidden, weight, b, labels, -100, 1.0, 1.0, 0.0, 4,
                                                                  0.1, 0.05, None, False, needs, True)
-    torch.library.opcheck(linear_cross_entropy_fwd_grad_backward_op,
+    torch.library.opcheck(linear_cross_entropy_fwd_grad_backward_op.op,
                           (torch.tensor(0.5), torch.tensor(1.5), dh, dw, db, hidden, weight, b, labels, lse, -100,
                            1.0, 1.0, 0.0, 4, 0.05, False, needs))
     # a forward told not to form a gradient that autograd then wants: a clear error naming it
@@ -1057,13 +1067,11 @@ def test_onednn_gemms_match_blas(monkeypatch, ce, bias):
     """The oneDNN path (CPU fp32 default) is taken and agrees with the BLAS path (torch.mm) to
     fp32 rounding, forward and backward; with oneDNN disabled through torch.backends.mkldnn no
     oneDNN call is made and the result is the BLAS path's, bitwise."""
-    import pyalign.ops.linear as ops_linear
     hidden, weight, b, labels = make((3, 41), 24, 700, torch.float32, "cpu", bias=bias, seed=3)
     if b is None:
         b = torch.zeros(700)
-    monkeypatch.setattr(ops_linear, "_ONEDNN", False)
-    blas = _head_run(hidden, weight, b, labels, 32, ce)
-    monkeypatch.setattr(ops_linear, "_ONEDNN", None)
+    with pyalign.overrides(gemm="blas"):
+        blas = _head_run(hidden, weight, b, labels, 32, ce)
     counter = GemmCounter(monkeypatch)
     calls = []
     orig = torch.ops.mkldnn._linear_pointwise
@@ -1087,20 +1095,18 @@ def test_onednn_gemms_match_blas(monkeypatch, ce, bias):
 def test_onednn_failure_falls_back_to_blas(monkeypatch):
     """Where oneDNN's linear op refuses (an old or unusual torch build), the BLAS path gives the
     result and the op is not tried again."""
-    import pyalign.ops.linear as ops_linear
     hidden, weight, b, labels = make((50,), 16, 300, torch.float32, "cpu", seed=4)
-    monkeypatch.setattr(ops_linear, "_ONEDNN", False)
-    blas = _head_run(hidden, weight, b, labels, 16)
+    with pyalign.overrides(gemm="blas"):
+        blas = _head_run(hidden, weight, b, labels, 16)
     calls = []
 
     def refuse(*a):
         calls.append(1)
         raise RuntimeError("no oneDNN kernel for this input")
-    monkeypatch.setattr(ops_linear, "_ONEDNN", None)
-    monkeypatch.setattr(ops_linear, "_ONEDNN_WORKS", None)
+    monkeypatch.setattr(gemm, "_ONEDNN_WORKS", None)
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
     got = _head_run(hidden, weight, b, labels, 16)
-    assert len(calls) == 1 and ops_linear._ONEDNN_WORKS is False
+    assert len(calls) == 1 and gemm._ONEDNN_WORKS is False
     for x, y in zip(got, blas):
         assert torch.equal(x, y)
 
@@ -1128,11 +1134,8 @@ def test_frozen_head_basis_matches_recompute(dtype, opts, bias, device):
     if dtype == torch.float64:
         g = g.double()
     got = _frozen_run(hidden, weight, b, labels, g, chunk_size=8, **opts)
-    ops_linear._FORWARD_GRAD = False
-    try:
+    with pyalign.overrides(forward_gradients=False):
         want = _frozen_run(hidden, weight, b, labels, g, chunk_size=8, **opts)
-    finally:
-        ops_linear._FORWARD_GRAD = None
     assert torch.equal(got[0], want[0])
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
     assert max_err(got[1], want[1]) <= tol * (1 + want[1].abs().max().item())
@@ -1168,7 +1171,7 @@ def test_frozen_head_basis_op_other_gradients_are_exact():
     directly): those parts go through the recompute loop, and the hidden gradient equals the
     ordinary op's; a weight that requires grad is refused in the backward."""
     from pyalign.ops.linear import linear_token_logprobs_basis_op
-    from pyalign.ops.logprob import ENTROPY
+    from pyalign._outputs import ENTROPY
     hidden, weight, b, labels = make((40,), 12, 90, torch.float64, "cpu", ignore=0.2, seed=6)
     args = (labels, -100, 0.9, 1.0, 3.0, ENTROPY, 16)
     coef = [torch.randn(40, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(3)]

@@ -231,10 +231,10 @@ def test_opcheck():
     from pyalign.ops.logprob import token_logprobs_op, token_logprobs_backward_op
     x = _logits((3, 4, 9), torch.float32, "cpu").requires_grad_()
     y = _labels((3, 4), 9, "cpu")
-    torch.library.opcheck(token_logprobs_op, (x, y, -100, 1.0, 1.0, 0.0, False, 15, False))
-    torch.library.opcheck(token_logprobs_op, (x, y, -100, 0.5, 2.0, 4.0, True, 1, False))
+    torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 1.0, 1.0, 0.0, False, 15, False))
+    torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 0.5, 2.0, 4.0, True, 1, False))
     lse = torch.zeros(12)
-    torch.library.opcheck(token_logprobs_backward_op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0, 0.0, False))
+    torch.library.opcheck(token_logprobs_backward_op.op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0, 0.0, False))
 
 
 @pytest.mark.parametrize(
@@ -396,9 +396,9 @@ def test_opcheck_lse_mean_gradients():
     x = _logits((3, 4, 9), torch.float32, "cpu").requires_grad_()
     y = _labels((3, 4), 9, "cpu")
     w = torch.rand(9) + 0.5
-    torch.library.opcheck(token_logprobs_op, (x, y, -100, 1.0, 1.0, 0.0, False, 4, False, w))
+    torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 1.0, 1.0, 0.0, False, 4, False, w))
     lse = torch.zeros(12)
-    torch.library.opcheck(token_logprobs_backward_op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0,
+    torch.library.opcheck(token_logprobs_backward_op.op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0,
                                                        0.0, False, torch.ones(12), torch.ones(12), w))
 
 

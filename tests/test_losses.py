@@ -17,8 +17,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import pyalign
 from pyalign import losses as L
-from pyalign.ops.losses import DPO_TYPES, F_DIVERGENCES, preference_loss_op, _compute, _Direct
+from pyalign.ops.losses import DPO_TYPES, F_DIVERGENCES, PARAM_NAMES, params_list, preference_loss_op
 from pyalign.reference import losses as R
 
 SMOOTH = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
@@ -428,9 +429,9 @@ def test_dpo_finite_at_extreme_margins(device, loss_type, dtype):
         if dtype == torch.float16 and fd != "reverse_kl":
             # Exponential scores (capped at exp(40)) have true gradients beyond fp16's range, and
             # autograd returns the gradient in the input dtype: check the kernel's fp32 gradient.
-            params = [0.1, SMOOTH.get(loss_type, 0.0), 0.5, 0.05, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0]
-            _, g32, _ = _compute(pc, pr, zero, zero, lengths, lengths, None, None, None, None, None, 0,
-                                 [DPO_TYPES.index(loss_type)], [1.0], params, F_DIVERGENCES.index(fd), 1)
+            params = _params(label_smoothing=SMOOTH.get(loss_type, 0.0))
+            _, g32, _, _ = preference_loss_op.impl(pc, pr, zero, zero, lengths, lengths, None, None, None, None, None,
+                                                   "dpo", [DPO_TYPES.index(loss_type)], [1.0], params, fd, "mean")
             assert g32.dtype == torch.float32 and bool(torch.isfinite(g32).all()), (fd, g32)
             continue
         assert all(bool(torch.isfinite(gg.float()).all()) for gg in gs), (fd, gs)
@@ -488,14 +489,17 @@ def test_cpu_result_independent_of_thread_count(tmp_path):
 
 
 def test_direct_path_equals_custom_op(device):
+    """The eager fast path (pyalign.ops._op: no dispatcher) and the registered custom op give bitwise the
+    same outputs and gradients."""
     b = make_batch(12, seed=11, device=device)
-    args = (b["pc"], b["pr"], b["rc"], b["rr"], b["lc"], b["lr"], b["w"], None, None, None, None, 0,
-            [DPO_TYPES.index("ipo"), DPO_TYPES.index("aot")], [1.0, 0.5], [0.1, 0.1, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0],
-            0, 1)
+    args = (b["pc"], b["pr"], b["rc"], b["rr"], b["lc"], b["lr"], b["w"], None, None, None, None, "dpo",
+            [DPO_TYPES.index("ipo"), DPO_TYPES.index("aot")], [1.0, 0.5], _params(label_smoothing=0.1),
+            "reverse_kl", "mean")
     x1 = leaves(*args[:4])
-    o1 = preference_loss_op(*x1, *args[4:])
+    o1 = preference_loss_op.op(*x1, *args[4:])
     x2 = leaves(*args[:4])
-    o2 = _Direct.apply(*x2, *args[4:])
+    o2 = preference_loss_op(*x2, *args[4:])
+    assert o2[0].grad_fn is not None and "preference_loss" in type(o2[0].grad_fn).__name__
     for a, e in zip(o1, o2):
         assert torch.equal(a, e)
     for a, e in zip(grads_of(o1[0], x1), grads_of(o2[0], x2)):
@@ -731,11 +735,18 @@ def test_gradcheck_all_families():
     assert torch.autograd.gradcheck(bco, (xs[0], xs[2], xs[4]), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def _params(**over):
+    base = dict(beta=0.1, label_smoothing=0.0, f_alpha=0.5, tau=0.05, gamma=0.5, alpha=0.0, cpo_alpha=0.0,
+                desirable_weight=1.0, undesirable_weight=1.0, center=0.0)
+    base.update(over)
+    return params_list(**base)
+
+
 def _op_args(family, device, **over):
     b = make_batch(5, seed=24, device=device)
     base = dict(a=b["pc"], b=b["pr"], c=b["rc"], d=b["rr"], la=b["lc"], lb=b["lr"], w=b["w"], label=None,
                 kla=None, klb=None, state=None, family=family, types=[0], type_weights=[1.0],
-                params=[0.1, 0.0, 0.5, 0.05, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0], fdiv=0, reduction=1)
+                params=_params(), fdiv="reverse_kl", reduction="mean")
     base.update(over)
     for k in ("a", "b", "c", "d", "w"):
         if base[k] is not None:
@@ -747,18 +758,18 @@ def _op_args(family, device, **over):
 def test_opcheck(device, case):
     lab = torch.tensor([True, False, True, False, True], device=device)
     cfg = {
-        "dpo_mean": dict(family=0, types=[0, 3, 14], type_weights=[1.0, 0.5, 0.2]),
-        "dpo_none": dict(family=0, types=[13], reduction=0),
-        "dpo_aot": dict(family=0, types=[9, 10], type_weights=[1.0, 1.0], reduction=2),
-        "kto": dict(family=1, b=None, d=None, la=None, lb=None, label=lab),
-        "bco": dict(family=2, b=None, d=None, la=None, lb=None, label=lab,
+        "dpo_mean": dict(family="dpo", types=[0, 3, 14], type_weights=[1.0, 0.5, 0.2]),
+        "dpo_none": dict(family="dpo", types=[13], reduction="none"),
+        "dpo_aot": dict(family="dpo", types=[9, 10], type_weights=[1.0, 1.0], reduction="sum"),
+        "kto": dict(family="kto", b=None, d=None, la=None, lb=None, label=lab),
+        "bco": dict(family="bco", b=None, d=None, la=None, lb=None, label=lab,
                     state=torch.tensor([0.1, 3.0], dtype=torch.float64, device=device)),
-        "orpo": dict(family=3, c=None, d=None),
-        "cpo": dict(family=4, c=None, d=None, types=[3]),
-        "rm": dict(family=5, d=None, la=None, lb=None),
+        "orpo": dict(family="orpo", c=None, d=None),
+        "cpo": dict(family="cpo", c=None, d=None, types=[3]),
+        "rm": dict(family="rm", d=None, la=None, lb=None),
     }[case]
-    args = _op_args(cfg.pop("family"), device, **cfg) if "family" in cfg else None
-    torch.library.opcheck(preference_loss_op, args)
+    args = _op_args(cfg.pop("family"), device, **cfg)
+    torch.library.opcheck(preference_loss_op.op, args)
 
 
 def test_torch_compile_fullgraph():
@@ -837,29 +848,57 @@ def test_bad_inputs():
 
 
 def test_bad_inputs_reaching_the_binding():
-    """The compiled core validates by itself: a wrong call raises, never crashes."""
-    from pyalign._ext import kernels, desc
+    """The compiled core validates by itself: a wrong call raises an error naming the argument, never
+    crashes."""
+    from pyalign._ext import desc, kernels
     a = torch.zeros(4)
     loss = torch.empty(())
     grads = torch.empty(5, 4)
-    metrics = torch.empty(16)
-    p = [0.1, 0, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0]
-    with pytest.raises(ValueError, match="expected a 1-d tensor of 4 elements"):
-        kernels.loss_forward(desc(a, "a"), desc(torch.zeros(3), "b"), None, None, None, None, None, None, None, None,
-                        None, desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [0], [1.0],
-                        p, 0, 1, 0)
-    with pytest.raises(ValueError, match="grads.*wrong shape"):
-        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
-                        desc(loss, "loss"), desc(torch.empty(5, 3), "grads"), desc(metrics, "metrics"), None, 0, [0],
-                        [1.0], p, 0, 1, 0)
+    metrics = torch.empty(pyalign._ext.CONTRACT["metric_slots"])
+    p = _params()
+
+    def call(b=a, grads=grads, types=(0,), family="dpo", fdiv="reverse_kl", reduction="mean", params=p):
+        kernels.loss_forward(desc(a, "policy_chosen_logps"), desc(b, "policy_rejected_logps"), None, None, None, None,
+                             None, None, None, None, None, desc(loss, "loss"), desc(grads, "grads"),
+                             desc(metrics, "metrics"), None, None, family, list(types), [1.0] * len(types), params,
+                             fdiv, reduction, 0)
+    with pytest.raises(ValueError, match="'policy_rejected_logps'.*expected a 1-d tensor of 4 elements"):
+        call(b=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"'grads' \(float32, shape \[5, 3\]\): expected a contiguous float32 tensor "
+                                         r"of shape \[5, 4\]"):
+        call(grads=torch.empty(5, 3))
     with pytest.raises(ValueError, match="aot losses need reference"):
-        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
-                        desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [9], [1.0], p, 0,
-                        1, 0)
-    with pytest.raises(ValueError, match="unknown loss type code"):
-        kernels.loss_forward(desc(a, "a"), desc(a, "b"), None, None, None, None, None, None, None, None, None,
-                        desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"), None, 0, [99], [1.0], p, 0,
-                        1, 0)
+        call(types=[9])
+    with pytest.raises(ValueError, match="types: code 99 is not a loss type of family dpo"):
+        call(types=[99])
+    with pytest.raises(ValueError, match="family: unknown name 'dp'; expected one of dpo, kto"):
+        call(family="dp")
+    with pytest.raises(ValueError, match="reduction: unknown name 'avg'"):
+        call(reduction="avg")
+    with pytest.raises(ValueError, match="params: expected 10 values"):
+        call(params=p[:3])
+    bco_state = torch.zeros(2)
+    with pytest.raises(ValueError, match="'state_out': the output \\[2\\] is required"):
+        kernels.loss_forward(desc(a, "policy_logps"), None, desc(a, "ref_logps"), None, None, None, None,
+                             desc(a > 0, "desirable"), None, None, desc(bco_state, "state"), desc(loss, "loss"),
+                             desc(grads, "grads"), desc(metrics, "metrics"), None, None, "bco", [0], [1.0], p,
+                             "reverse_kl", "mean", 0)
+
+
+def test_loss_parameters_are_bound_by_name():
+    assert PARAM_NAMES == tuple(pyalign._ext.CONTRACT["loss_params"]) and "beta" in PARAM_NAMES
+    with pytest.raises(TypeError, match="unknown \\['betta'\\]"):
+        _params(betta=1.0)
+    # each name reaches its own field: only beta changes the sigmoid loss, only center the reward-model one
+    b = make_batch(6, seed=3)
+    args = lambda family, params: (b["pc"], b["pr"], b["rc"], b["rr"], None, None, None, None, None, None, None,
+                                   family, [0], [1.0], params, "reverse_kl", "mean")
+    base = preference_loss_op(*args("dpo", _params()))[0]
+    assert preference_loss_op(*args("dpo", _params(center=5.0)))[0] == base
+    assert preference_loss_op(*args("dpo", _params(beta=0.3)))[0] != base
+    rm = lambda **kw: preference_loss_op(b["pc"], b["pr"], None, None, None, None, None, None, None, None, None, "rm",
+                                         [0], [1.0], _params(**kw), "reverse_kl", "mean")[0]
+    assert rm(beta=0.7) == rm() != rm(center=0.5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -539,12 +539,12 @@ def test_opcheck():
     g = torch.randn(4, 6)
     tr = torch.randn(4, 6)
     r = torch.rand(4)
-    torch.library.opcheck(plastic_update_, (w, g, None, None, r, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.99, -1.0, 1.0, 1.0, 1))
-    torch.library.opcheck(plastic_update_, (w, g, g.clone(), tr, None, 0.0, 0.5, 1.0, 0.9, 0.25, 0.1, 1.0,
-                                            -math.inf, math.inf, 0.0, 0))
+    torch.library.opcheck(plastic_update_.op, (w, g, None, None, r, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.99, -1.0, 1.0, 1.0, 1))
+    torch.library.opcheck(plastic_update_.op, (w, g, g.clone(), tr, None, 0.0, 0.5, 1.0, 0.9, 0.25, 0.1, 1.0,
+                                               -math.inf, math.inf, 0.0, 0))
     p = torch.randn(100)
-    torch.library.opcheck(quad_penalty_, (p, torch.randn(100), torch.rand(100), torch.zeros(100), 0.5))
-    torch.library.opcheck(quad_penalty_, (p, torch.randn(100), torch.rand(100), None, 0.5))
+    torch.library.opcheck(quad_penalty_.op, (p, torch.randn(100), torch.rand(100), torch.zeros(100), 0.5))
+    torch.library.opcheck(quad_penalty_.op, (p, torch.randn(100), torch.rand(100), None, 0.5))
 
 
 def test_bad_input():
@@ -623,18 +623,19 @@ def test_bad_input():
 
 
 def test_custom_op_and_direct_call_agree(device):
-    from pyalign.ops.plasticity import plastic_update, plastic_update_, quad_penalty, quad_penalty_
+    """The eager fast path (a direct call) and the registered custom op give bitwise the same updates."""
+    from pyalign.ops.plasticity import plastic_update_, quad_penalty_
     w, x, y = _inputs("three_factor", 5, 33, 4, torch.float32, device)
     g = y.float().t() @ x.float()
     args = (g, g.clone() * 0.5, None, torch.rand(5, device=device), 0.3, 0.2, 0.1, 0.9, 0.25, 0.1, 0.99,
             -0.4, 0.4, 1.5, 1)
     t1, t2 = torch.ones_like(g), torch.ones_like(g)
     a, b = w.clone(), w.clone()
-    plastic_update(a, args[0], args[1], t1, *args[3:])
-    plastic_update_(b, args[0], args[1], t2, *args[3:])
+    plastic_update_(a, args[0], args[1], t1, *args[3:])
+    plastic_update_.op(b, args[0], args[1], t2, *args[3:])
     assert torch.equal(a, b) and torch.equal(t1, t2)
     p, an, imp = w.flatten(), torch.zeros(165, device=device), torch.rand(165, device=device)
-    assert torch.equal(quad_penalty(p, an, imp, None, 0.5), quad_penalty_(p, an, imp, None, 0.5))
+    assert torch.equal(quad_penalty_(p, an, imp, None, 0.5), quad_penalty_.op(p, an, imp, None, 0.5))
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -175,10 +175,10 @@ def test_token_entropies_are_not_differentiable():
 def test_token_opcheck(device):
     x = _logits(2, (3,), 40, torch.float32, device).requires_grad_()
     lab = torch.tensor([1, -100, 7], device=device)
-    torch.library.opcheck(token_uncertainty_op, (x, lab, 1.0, -100))
-    torch.library.opcheck(token_uncertainty_op, (x, None, 0.5, -100))
+    torch.library.opcheck(token_uncertainty_op.op, (x, lab, 1.0, -100))
+    torch.library.opcheck(token_uncertainty_op.op, (x, None, 0.5, -100))
     out = token_uncertainty_op(x.detach(), lab, 1.0, -100)
-    torch.library.opcheck(token_uncertainty_backward_op,
+    torch.library.opcheck(token_uncertainty_backward_op.op,
                           (torch.ones(3, device=device), None, x.detach(), lab, out[6], out[3], 1.0, -100))
 
 
@@ -305,8 +305,8 @@ def test_reward_opcheck(device):
     r = torch.randn(4, 9, device=device, requires_grad=True)
     v = torch.rand(4, 9, device=device, requires_grad=True)
     w = torch.softmax(torch.randn(4, device=device), 0)
-    torch.library.opcheck(reward_stats_op, (r, v, w, 1.0, 0.3))
-    torch.library.opcheck(reward_stats_op, (r, None, None, 0.75, -1.0))
+    torch.library.opcheck(reward_stats_op.op, (r, v, w, 1.0, 0.3))
+    torch.library.opcheck(reward_stats_op.op, (r, None, None, 0.75, -1.0))
 
 
 def test_preference_uncertainty(device):
@@ -726,14 +726,15 @@ def test_numpy_inputs_are_not_copied():
     np = pytest.importorskip("numpy")
     r = np.random.default_rng(1).normal(size=(3, 1000)).astype(np.float32)
     seen = {}
-    orig = U.reward_stats_op
+    import pyalign.uncertainty.ensembles as ensembles
+    orig = ensembles.reward_stats_op
 
     def spy(r2, *rest):
         seen["ptr"] = r2.data_ptr()
         return orig(r2, *rest)
-    U.reward_stats_op = spy
+    ensembles.reward_stats_op = spy
     try:
         U.aggregate_rewards(r, method="mean")
     finally:
-        U.reward_stats_op = orig
+        ensembles.reward_stats_op = orig
     assert seen["ptr"] == r.ctypes.data  # the kernel read the caller's buffer

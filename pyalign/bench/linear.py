@@ -33,15 +33,11 @@ def _ours(h, w, y):
 
 
 def _ours_blas(h, w, y):
-    """The same with every GEMM through ``torch.mm`` (BLAS), not oneDNN (see pyalign.ops.linear):
-    what the CPU fp32 path ran before its vocabulary-sized GEMMs moved to oneDNN."""
-    from pyalign.ops import linear as ops_linear
-
-    prev, ops_linear._ONEDNN = ops_linear._ONEDNN, False
-    try:
+    """The same with every GEMM through ``torch.mm`` (BLAS), not oneDNN (see pyalign.ops.linear.gemm):
+    what the CPU fp32 path ran before its vocabulary-sized GEMMs moved to oneDNN (the backward
+    follows the forward's overrides)."""
+    with pyalign.overrides(gemm="blas"):
         return pyalign.logprob.linear_token_logprobs(h, w, y)
-    finally:
-        ops_linear._ONEDNN = prev
 
 
 def _trl():
@@ -62,13 +58,8 @@ def _ours_ce(h, w, y):
 def _ours_ce_recompute(h, w, y):
     """The recompute path (the backward recomputes each chunk's logits: 4 GEMMs), what
     ``linear_cross_entropy`` ran for reduced losses before the gradient moved into the forward."""
-    from pyalign.ops import linear as ops_linear
-
-    prev, ops_linear._FORWARD_GRAD = ops_linear._FORWARD_GRAD, False
-    try:
+    with pyalign.overrides(forward_gradients=False):
         return pyalign.logprob.linear_cross_entropy(h, w, y)
-    finally:
-        ops_linear._FORWARD_GRAD = prev
 
 
 def _liger_ce():

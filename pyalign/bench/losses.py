@@ -2,9 +2,9 @@
 
 Each row times forward + backward of one loss on a batch of per-sequence log-probs (fp32). A call on
 64 pairs takes microseconds, so each timed function runs the loss ``REPEAT`` times and the row
-reports the time per call. ``pyalign`` is the public function (direct call outside torch.compile);
-``pyalign-op`` calls the registered custom op, to show the dispatcher's overhead the direct path
-avoids. The eager baseline is :mod:`pyalign.reference.losses` evaluated in fp32 (TRL's formulas).
+reports the time per call. ``pyalign`` is the public function (its eager path skips the dispatcher,
+see :mod:`pyalign.ops._op`); ``pyalign-op`` calls the registered custom op itself, to show the
+dispatcher's overhead that path avoids. The eager baseline is :mod:`pyalign.reference.losses` evaluated in fp32 (TRL's formulas).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from pyalign import losses as L
 from pyalign.bench.common import compiled, installed, record
-from pyalign.ops.losses import DPO_TYPES, FAMILIES, preference_loss_op
+from pyalign.ops.losses import DPO_TYPES, params_list, preference_loss_op
 from pyalign.reference import losses as R
 
 REPEAT = 50
@@ -37,9 +37,11 @@ def _cases():
                                                             label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr,
                                                             dtype=torch.float32).mean()
         tl = [types] if isinstance(types, str) else types
-        op = lambda pc, pr, rc, rr, lc, lr: preference_loss_op(
-            pc, pr, rc, rr, lc, lr, None, None, None, None, None, FAMILIES["dpo"], [DPO_TYPES.index(t) for t in tl],
-            [1.0] * len(tl) if weights is None else list(weights), [0.1, eps, 0.5, 0.05, 0.5, 0, 0, 1, 1, 0], 0, 1)[0]
+        params = params_list(beta=0.1, label_smoothing=eps, f_alpha=0.5, tau=0.05, gamma=0.5, alpha=0, cpo_alpha=0,
+                             desirable_weight=1, undesirable_weight=1, center=0)
+        op = lambda pc, pr, rc, rr, lc, lr: preference_loss_op.op(
+            pc, pr, rc, rr, lc, lr, None, None, None, None, None, "dpo", [DPO_TYPES.index(t) for t in tl],
+            [1.0] * len(tl) if weights is None else list(weights), params, "reverse_kl", "mean")[0]
         return ours, eager, op
 
     cases = [("dpo sigmoid", *dpo("sigmoid")),

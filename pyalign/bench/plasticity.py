@@ -161,7 +161,7 @@ def run(device: str, quick: bool) -> list[dict]:
     gm = torch.randn(out_f, in_f, generator=g).to(device)
     r = torch.rand(out_f, generator=g).to(device)
     keep = 1 - LR * WD
-    from pyalign.ops.plasticity import plastic_update
+    from pyalign.ops.plasticity import plastic_update_
 
     def ew_eager():
         h = gm / B
@@ -170,8 +170,8 @@ def run(device: str, quick: bool) -> list[dict]:
         w.mul_((NORM / w.norm(dim=1, keepdim=True)).clamp_(max=1.0))
         w.clamp_(W_MIN, W_MAX)
     record("elementwise only (oja term+decay+norm+bounds)", {
-        "pyalign": lambda: plastic_update(w, gm, None, None, r, 1.0 / B, 0.0, 0.0, 0.0, 1.0, LR, keep, W_MIN, W_MAX,
-                                          NORM, 1),
+        "pyalign": lambda: plastic_update_(w, gm, None, None, r, 1.0 / B, 0.0, 0.0, 0.0, 1.0, LR, keep, W_MIN, W_MAX,
+                                           NORM, 1),
         "eager_inplace": ew_eager}, torch.float32)
 
     # Consolidation: penalty value and its gradient over one weight-sized parameter.

@@ -23,6 +23,8 @@ import torch
 
 import pyalign.logprob as _logprob
 
+__all__ = ["PyalignChunkedLogProb", "patch_fused_lm_head", "patch_trainer"]
+
 # Loss types whose formula in TRL's DPOTrainer uses `label_smoothing` (TRL 1.16); the others, `sigmoid`
 # included, ignore it, while pyalign.losses.dpo_loss applies it to `sigmoid` (cDPO) and refuses it
 # for types that have none.
@@ -76,14 +78,15 @@ def _dpo_compute_loss(self, model, inputs, return_outputs):
     PEFT reference adapters, a ``label_smoothing`` that pyalign refuses for a smoothed type, such
     as ``robust`` with 0.5 or ``aot`` with 0.7) fall back to TRL's own method.
     """
-    from pyalign.losses import _smoothing_ok, dpo_loss
+    from pyalign.losses import dpo_loss
+    from pyalign.losses.dpo import label_smoothing_valid
 
     eps = float(self.label_smoothing)
     types, loss_weights = list(self.loss_types), list(self.loss_weights)
     kept = [(t, w) for t, w in zip(types, loss_weights) if t != "sft"]
     smoothed = [(t, w) for t, w in kept if t in _TRL_SMOOTHED]
     if (self.ld_alpha is not None or self.aux_loss_enabled or self.ref_model is None and not self.precompute_ref_logps
-            or any(not _smoothing_ok(t, eps) for t, _ in smoothed)):
+            or any(not label_smoothing_valid(t, eps) for t, _ in smoothed)):
         return self._pyalign_original_compute_loss(model, inputs, return_outputs)
     mode = "train" if self.model.training else "eval"
     model_kwargs = {k: v for k, v in inputs.items() if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}

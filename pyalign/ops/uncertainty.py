@@ -14,11 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyalign._ext import kernels, desc, empty_rows_like, stream_of
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from pyalign._ext import desc, kernels, stream_of
+from pyalign._tensors import acc_dtype, dense_grad, empty_rows_like
+from pyalign.ops._op import kernel_op
 
 
 def _token_rows(logits: Tensor) -> tuple[int, int]:
@@ -29,12 +27,12 @@ def _token_rows(logits: Tensor) -> tuple[int, int]:
     return m, rows
 
 
-@torch.library.custom_op("pyalign::token_uncertainty", mutates_args=())
+@kernel_op("token_uncertainty")
 def token_uncertainty_op(
     logits: Tensor, labels: Optional[Tensor], temperature: float, ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     m, rows = _token_rows(logits)
-    acc, dev = _acc_dtype(logits), logits.device
+    acc, dev = acc_dtype(logits), logits.device
     new = lambda *shape: torch.empty(shape, dtype=acc, device=dev)
     lab = labels is not None
     total, expected, mi = new(rows), new(rows), new(rows)
@@ -51,14 +49,14 @@ def token_uncertainty_op(
 @token_uncertainty_op.register_fake
 def _(logits, labels, temperature, ignore_index):
     m, rows = _token_rows(logits)
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits)
     new = lambda *shape: logits.new_empty(shape, dtype=acc)
     lab = labels is not None
     return (new(rows), new(rows), new(rows), new(rows if lab else 0), new(rows if lab else 0),
             new(m if lab else 0, rows), new(m, rows))
 
 
-@torch.library.custom_op("pyalign::token_uncertainty_backward", mutates_args=())
+@kernel_op("token_uncertainty_backward")
 def token_uncertainty_backward_op(
     grad_ens_logp: Optional[Tensor], grad_member_logp: Optional[Tensor], logits: Tensor,
     labels: Tensor, lse: Tensor, ens_logp: Tensor, temperature: float, ignore_index: int,
@@ -88,21 +86,20 @@ def _token_backward(ctx, g_total, g_expected, g_mi, g_ens, g_lvar, g_mlp, g_lse)
     logits, labels, lse, ens = ctx.saved_tensors
     if labels is None or (g_ens is None and g_mlp is None):
         return None, None, None, None
-    # Upstream gradients may be expanded (stride 0, from .sum()); the kernel wants them dense.
-    dense = lambda g: None if g is None else g.to(lse.dtype).contiguous()
-    grad = token_uncertainty_backward_op(dense(g_ens), dense(g_mlp), logits, labels, lse, ens, *ctx.params)
+    grad = token_uncertainty_backward_op(dense_grad(g_ens, lse.dtype), dense_grad(g_mlp, lse.dtype), logits, labels,
+                                         lse, ens, *ctx.params)
     return grad, None, None, None
 
 
 token_uncertainty_op.register_autograd(_token_backward, setup_context=_token_setup)
 
 
-@torch.library.custom_op("pyalign::reward_stats", mutates_args=())
+@kernel_op("reward_stats")
 def reward_stats_op(
     rewards: Tensor, variances: Optional[Tensor], weights: Optional[Tensor], var_denom: float, q: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     n = rewards.shape[1]
-    acc, dev = _acc_dtype(rewards), rewards.device
+    acc, dev = acc_dtype(rewards), rewards.device
     new = lambda k: torch.empty(k, dtype=acc, device=dev)
     mean, var, mn, mx = new(n), new(n), new(n), new(n)
     quant = new(n if q >= 0 else 0)
@@ -118,7 +115,7 @@ def reward_stats_op(
 @reward_stats_op.register_fake
 def _(rewards, variances, weights, var_denom, q):
     n = rewards.shape[1]
-    acc = _acc_dtype(rewards)
+    acc = acc_dtype(rewards)
     new = lambda k: rewards.new_empty(k, dtype=acc)
     return new(n), new(n), new(n), new(n), new(n if q >= 0 else 0), new(n if variances is not None else 0)
 

@@ -11,25 +11,11 @@
 //   2. finalize: reduced loss and metrics from the sums.
 // The math of each loss lives only in this file (PYALIGN_HD functions).
 #pragma once
+#include "pyalign/contract.h"
 #include "pyalign/tensor.h"
 
 namespace pyalign {
 
-enum class LossFamily : int { dpo = 0, kto = 1, bco = 2, orpo = 3, cpo = 4, rm = 5 };
-
-// Same order as pyalign/ops/losses.py: DPO_TYPES.
-enum class DpoType : int {
-  sigmoid = 0, sigmoid_norm, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
-  aot_unpaired, apo_zero, apo_down, discopop, sft
-};
-enum class FDiv : int { reverse_kl = 0, forward_kl = 1, js_divergence = 2, alpha_divergence = 3 };
-enum class CpoType : int { sigmoid = 0, hinge = 1, ipo = 2, simpo = 3 };
-enum class KtoType : int { kto = 0, apo_zero_unpaired = 1 };
-enum class Reduction : int { none = 0, mean = 1, sum = 2 };
-
-constexpr int kMaxLossTypes = 16;
-constexpr int kMetrics = 16;      // length of the metrics output
-constexpr int kSums = 16;         // per-element partial sums reduced in phase 2
 constexpr double kExpCap = 40.0;  // exp(40)^2 ~ 5.5e34: even squared (ipo) stays finite in fp32
 
 struct LossParams {
@@ -51,10 +37,12 @@ struct LossParams {
 //   orpo/cpo: a = policy chosen, b = policy rejected, la/lb lengths
 //   rm:   a = reward chosen, b = reward rejected, c = margin
 // Outputs: loss [N] (reduction none) or [1]; grads [5, N] (d loss / d a, b, c, d, weight);
-//   metrics [kMetrics]; work: int32 [4 * (number of aot losses), N] rank workspace (else absent).
+//   metrics [kMetricSlots] (named per family in contract.h); state_out [kBcoStateSize] (bco: the
+//   updated running mean and count, else absent); work: int32 [4 * (number of aot losses), N]
+//   rank workspace (else absent).
 struct LossArgs {
   TensorArg a, b, c, d, la, lb, w, label, kla, klb, state;
-  TensorArg loss, grads, metrics, work;
+  TensorArg loss, grads, metrics, state_out, work;
   LossParams p;
 };
 
@@ -525,6 +513,7 @@ enum SumSlot : int {
   S_LC, S_LR,   // policy log-probs of chosen / rejected
   S_NC, S_NR,   // element counts of chosen / rejected (unpaired)
   S_X0, S_X1, S_X2,  // family extras (ORPO nll/log-odds ratio/log odds; CPO nll)
+  kSums              // number of slots
 };
 
 // Pre-pass sums (phase 0): pre[0] = sum of KTO's KL-batch log-ratios or BCO's rewards.
@@ -612,33 +601,37 @@ template <typename A> PYALIGN_HD void process_element(const LossArgs& s, int64_t
   }
 }
 
-// Phase 2: reduced loss and metrics. Metric layout (pyalign/losses.py names them):
-//   0 rewards/chosen, 1 rewards/rejected, 2 rewards/margins, 3 rewards/accuracies,
-//   4 logps/chosen, 5 logps/rejected, 6..: family extras (see losses.py).
+// Phase 2: reduced loss and metrics (slots named per family in contract.h), BCO's new state.
 template <typename A> PYALIGN_HD void finalize(const LossArgs& s, const A* sums, A shift) {
   const LossParams& p = s.p;
   const A n = A(s.a.shape[0]);
   if (Reduction(p.reduction) != Reduction::none)
     s.loss.ptr<A>()[0] = sums[S_LOSS] * reduction_scale<A>(s);
   A* m = s.metrics.ptr<A>();
-  for (int k = 0; k < kMetrics; ++k) m[k] = A(0);
+  for (int k = 0; k < kMetricSlots; ++k) m[k] = A(0);
   const LossFamily f = LossFamily(p.family);
   if (f == LossFamily::kto || f == LossFamily::bco) {
     const A nan = A(NAN);
     const A nc = sums[S_NC], nr = sums[S_NR];
-    m[0] = nc > A(0) ? sums[S_RC] / nc : nan;
-    m[1] = nr > A(0) ? sums[S_RR] / nr : nan;
-    m[2] = m[0] - m[1];  // m[3] (accuracy) is undefined for unpaired data and stays 0
-    m[4] = nc > A(0) ? sums[S_LC] / nc : nan;
-    m[5] = nr > A(0) ? sums[S_LR] / nr : nan;
-    m[6] = shift;  // KTO: KL estimate; BCO: running reward mean after this batch
-    if (f == LossFamily::bco) m[7] = load<A>(s.state, 1) + A(1);  // running count
-    m[8] = nc; m[9] = nr;
+    m[kRewardChosen] = nc > A(0) ? sums[S_RC] / nc : nan;
+    m[kRewardRejected] = nr > A(0) ? sums[S_RR] / nr : nan;
+    m[kRewardMargin] = m[kRewardChosen] - m[kRewardRejected];  // no accuracy for unpaired data
+    m[kLogpChosen] = nc > A(0) ? sums[S_LC] / nc : nan;
+    m[kLogpRejected] = nr > A(0) ? sums[S_LR] / nr : nan;
+    m[kFamilyMetric0] = shift;  // KTO: the KL estimate z0; BCO: the running reward mean after this batch
+    m[kFamilyMetric1] = nc;
+    m[kFamilyMetric2] = nr;
+    if (f == LossFamily::bco) {
+      A* st = s.state_out.ptr<A>();
+      st[0] = shift;
+      st[1] = load<A>(s.state, 1) + A(1);  // each batch counts once
+    }
     return;
   }
-  m[0] = sums[S_RC] / n; m[1] = sums[S_RR] / n; m[2] = (sums[S_RC] - sums[S_RR]) / n;
-  m[3] = sums[S_ACC] / n; m[4] = sums[S_LC] / n; m[5] = sums[S_LR] / n;
-  m[6] = sums[S_X0] / n; m[7] = sums[S_X1] / n; m[8] = sums[S_X2] / n;
+  m[kRewardChosen] = sums[S_RC] / n; m[kRewardRejected] = sums[S_RR] / n;
+  m[kRewardMargin] = (sums[S_RC] - sums[S_RR]) / n; m[kRewardAccuracy] = sums[S_ACC] / n;
+  m[kLogpChosen] = sums[S_LC] / n; m[kLogpRejected] = sums[S_LR] / n;
+  m[kFamilyMetric0] = sums[S_X0] / n; m[kFamilyMetric1] = sums[S_X1] / n; m[kFamilyMetric2] = sums[S_X2] / n;
 }
 
 // Number of aot / aot_unpaired losses in the list (each has a workspace slot, in list order).

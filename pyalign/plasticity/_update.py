@@ -1,0 +1,106 @@
+"""Argument handling of the local rules and the call into the fused update kernel."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyalign import _checks
+from pyalign._tensors import acc_dtype
+from pyalign.ops import plasticity as _ops
+from pyalign.ops.plasticity import NORM_MODES
+
+
+def check_weight(weight) -> Tensor:
+    _checks.float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-d tensor [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype == torch.float64 and weight.device.type == "cuda":
+        raise TypeError("weight: float64 is supported on CPU only")
+    return _checks.writable(weight, "weight")
+
+
+def nonneg(v, name: str) -> float:
+    v = _checks.finite(v, name)
+    if v < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    return v
+
+
+def activity(t, name: str, size: int, size_name: str, weight: Tensor, validate: Optional[bool]) -> Tensor:
+    _checks.float_tensor(t, name)
+    _checks.same_device(("weight", weight), (name, t))
+    if t.dim() < 1 or t.shape[-1] != size:
+        raise ValueError(f"{name}: expected shape [..., {size}] (last dim = weight's {size_name}), "
+                         f"got {tuple(t.shape)}")
+    t2 = t.detach().reshape(math.prod(t.shape[:-1]), size).to(acc_dtype(weight))  # size may be 0
+    if t2.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one sample, got shape {tuple(t.shape)}")
+    if validate is None:
+        validate = t.device.type == "cpu"
+    if validate and t2.numel():
+        lo, hi = torch.aminmax(t2)  # one pass; NaN and +-inf propagate to the extremes
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    return t2
+
+
+def activity_pair(weight, x, y, validate) -> tuple[Tensor, Tensor]:
+    out_f, in_f = weight.shape
+    x2 = activity(x, "x", in_f, "in_features", weight, validate)
+    y2 = activity(y, "y", out_f, "out_features", weight, validate)
+    if x2.shape[0] != y2.shape[0]:
+        raise ValueError(f"y: expected the leading shape of x ({tuple(x.shape[:-1])}), got {tuple(y.shape[:-1])}")
+    return x2, y2
+
+
+class Common:
+    """Validated learning rate, decay, bounds and norm of one update."""
+
+    def __init__(self, lr, weight_decay, w_min, w_max, norm, norm_mode):
+        self.lr = nonneg(lr, "lr")
+        self.weight_decay = nonneg(weight_decay, "weight_decay")
+        self.w_min = -math.inf if w_min is None else _checks.finite(w_min, "w_min")
+        self.w_max = math.inf if w_max is None else _checks.finite(w_max, "w_max")
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min: expected w_min <= w_max, got {w_min!r} > {w_max!r}")
+        _checks.choice(norm_mode, "norm_mode", ("max", "exact"))
+        self.norm = 0.0 if norm is None else _checks.positive(norm, "norm")
+        self.norm_mode = 0 if norm is None else NORM_MODES[norm_mode]
+
+
+def apply_update(weight: Tensor, cm: Common, g: Tensor, *, g2=None, trace=None, row_coef=None,
+           a=1.0, b=0.0, c=0.0, lam=0.0, s=1.0) -> Tensor:
+    """Runs the fused kernel (coefficients as in plasticity.h: PlasticCoeffs); handles weights whose
+    rows are not contiguous through a copy."""
+    keep = 1.0 - cm.lr * cm.weight_decay
+    args = (g, g2, trace, row_coef, float(a), float(b), float(c), float(lam), float(s), cm.lr, keep,
+            cm.w_min, cm.w_max, cm.norm, cm.norm_mode)
+    with torch.no_grad():
+        if weight.stride(1) == 1 or weight.shape[1] <= 1:
+            _ops.plastic_update_(weight, *args)
+        else:
+            w = weight.contiguous()
+            _ops.plastic_update_(w, *args)
+            weight.copy_(w)
+    return weight
+
+
+def outer(y: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """y^T x (one GEMM); the 1/N of the sample mean is a coefficient of the fused kernel."""
+    return torch.matmul(y.t(), x, out=out)
+
+
+def workspace_buffer(ws, weight: Tensor) -> Optional[Tensor]:
+    """Checks a caller-provided buffer for the matmul result (reusing one avoids allocating, and
+    on CPU page-faulting in, a weight-sized tensor on every update)."""
+    if ws is None:
+        return None
+    _checks.tensor(ws, "workspace")
+    if ws.dtype != acc_dtype(weight) or tuple(ws.shape) != tuple(weight.shape) or not ws.is_contiguous():
+        raise ValueError(f"workspace: expected a contiguous {acc_dtype(weight)} tensor of shape {tuple(weight.shape)}, "
+                         f"got {ws.dtype} {tuple(ws.shape)}")
+    _checks.same_device(("weight", weight), ("workspace", ws))
+    return ws

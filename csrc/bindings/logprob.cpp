@@ -5,25 +5,19 @@
 namespace pyalign {
 namespace {
 
-bool is_float(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16 || d == DType::f64; }
-DType acc_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
-void check_rows(const TensorArg& t, int64_t rows, DType dt) {
-  if (!t.present()) return;
-  require(t.ndim == 1 && t.shape[0] == rows && (rows <= 1 || t.strides[0] == 1),
-          t.describe() + ": expected a contiguous 1-d tensor of " + std::to_string(rows) + " elements");
-  require(t.dtype == dt, t.describe() + ": expected dtype " + dtype_name(dt));
-}
-
+// logits [..., V] (vocabulary stride 1) and labels of its leading shape.
 void check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
-  require(is_float(logits.dtype), logits.describe() + ": expected float32, float16, bfloat16 or float64");
+  require_tensor(logits, "logits", "a float tensor [..., V]");
+  require_tensor(labels, "labels", "an int32 or int64 tensor of the leading shape of " + logits.describe());
+  check_float(logits);
   require(logits.ndim >= 1, logits.describe() + ": expected at least 1 dimension [..., V]");
-  require(logits.size(-1) >= 1, logits.describe() + ": the vocabulary dimension is empty");
-  require(logits.stride(-1) == 1 || logits.size(-1) == 1, logits.describe() + ": the vocabulary dimension must have stride 1");
-  require(labels.dtype == DType::i32 || labels.dtype == DType::i64, labels.describe() + ": expected int32 or int64");
-  require(labels.ndim == logits.ndim - 1, labels.describe() + ": expected the leading shape of " + logits.describe());
-  for (int d = 0; d < labels.ndim; ++d)
-    require(labels.shape[d] == logits.shape[d], labels.describe() + ": expected the leading shape of " + logits.describe());
+  require(logits.size(-1) >= 1, logits.describe() + ": expected a non-empty last (vocabulary) dimension");
+  check_last_stride(logits, "vocabulary");
+  require(labels.dtype == DType::i32 || labels.dtype == DType::i64, labels.describe() + ": expected dtype int32 or int64");
+  bool same = labels.ndim == logits.ndim - 1;
+  for (int d = 0; same && d < labels.ndim; ++d) same = labels.shape[d] == logits.shape[d];
+  require(same, labels.describe() + ": expected shape " + dims_str(logits.shape, logits.ndim - 1) +
+                    " (the leading shape of " + logits.describe() + ")");
 }
 
 // Optional class weights of mean_logit: [V] in the accumulation dtype, contiguous (on a vocabulary
@@ -31,16 +25,18 @@ void check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
 void check_mean_weights(const TensorArg& w, const TensorArg& logits) {
   if (!w.present()) return;
   const int64_t V = logits.size(-1);
-  require(w.ndim == 1 && w.shape[0] == V && (V <= 1 || w.strides[0] == 1),
-          w.describe() + ": expected a contiguous 1-d tensor of " + std::to_string(V) + " elements (V of " +
-              logits.describe() + ")");
-  require(w.dtype == acc_dtype(logits.dtype), w.describe() + ": expected dtype " + dtype_name(acc_dtype(logits.dtype)));
+  const DType adt = accumulation_dtype(logits.dtype);
+  bool ok = w.ndim == 1 && w.shape[0] == V && is_contiguous(w);
+  require(ok, w.describe() + ": expected " + contiguous_desc({V}, adt) + " (V of " + logits.describe() + ")");
+  require(w.dtype == adt, w.describe() + ": expected dtype " + dtype_name(adt) + " (the accumulation dtype of " +
+                              logits.describe() + ")");
 }
 
 LogitTransform make_transform(double temperature, double logit_scale, double softcap) {
-  require(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite value > 0, got " + std::to_string(temperature));
-  require(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale: expected a finite value > 0, got " + std::to_string(logit_scale));
-  require(softcap >= 0 && std::isfinite(softcap), "softcap: expected a finite value > 0 (or None), got " + std::to_string(softcap));
+  require(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite value > 0, got " + num_str(temperature));
+  require(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale: expected a finite value > 0, got " + num_str(logit_scale));
+  require(softcap >= 0 && std::isfinite(softcap),
+          "softcap: expected a finite value > 0, or 0 for no softcapping, got " + num_str(softcap));
   LogitTransform tf;
   tf.inv_temp = 1.0 / temperature;
   tf.scale = logit_scale;
@@ -56,11 +52,12 @@ void forward(TensorArg logits, TensorArg labels, TensorArg logp, TensorArg lse, 
              TensorArg mean_weights) {
   check_logits_labels(logits, labels);
   const int64_t rows = labels.numel();
-  const DType adt = acc_dtype(logits.dtype);
-  require(logp.present() && lse.present(), "logp and lse outputs are required");
+  const DType adt = accumulation_dtype(logits.dtype);
+  require_contiguous(logp, "logp", {rows}, adt);
+  require_contiguous(lse, "lse", {rows}, adt);
   check_mean_weights(mean_weights, logits);
-  for (const TensorArg* t : {&logp, &lse, &entropy, &log_sum_sq, &mean_logit}) check_rows(*t, rows, adt);
-  check_rows(top1, rows, DType::b8);
+  for (const TensorArg* t : {&entropy, &log_sum_sq, &mean_logit}) check_contiguous(*t, {rows}, adt);
+  check_contiguous(top1, {rows}, DType::b8);
   LogprobForwardArgs a{logits, labels, logp, lse, entropy, log_sum_sq, mean_logit, top1,
                        make_transform(temperature, logit_scale, softcap), ignore_index, SLICE, mean_weights};
   int dev = common_device({&logits, &labels, &logp, &lse, &entropy, &log_sum_sq, &mean_logit, &top1, &mean_weights});
@@ -78,8 +75,12 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
               TensorArg grad_mean, TensorArg mean_weights, int64_t mean_vocab) {
   check_logits_labels(logits, labels);
   const int64_t rows = labels.numel();
-  const DType adt = acc_dtype(logits.dtype);
-  for (const TensorArg* t : {&lse, &entropy, &grad_logp, &grad_entropy, &grad_lse, &grad_mean}) check_rows(*t, rows, adt);
+  const DType adt = accumulation_dtype(logits.dtype);
+  require_contiguous(lse, "lse", {rows}, adt);
+  for (const TensorArg* t : {&entropy, &grad_logp, &grad_entropy, &grad_lse, &grad_mean}) check_contiguous(*t, {rows}, adt);
+  require(!grad_entropy.present() || entropy.present(),
+          "entropy: expected the forward's entropy (" + contiguous_desc({rows}, adt) + ") with " + grad_entropy.describe() +
+              ", got None");
   check_mean_weights(mean_weights, logits);
   const int64_t V = logits.size(-1);
   require(mean_vocab >= 0, "mean_vocab: expected 0 (the V of logits) or the vocabulary size, got " + std::to_string(mean_vocab));
@@ -92,12 +93,9 @@ void backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg entro
                                                     logits.describe() + ") off a vocabulary slice, got " +
                                                     std::to_string(mean_vocab));
   }
-  require(lse.present(), "lse is required");
-  require(!grad_entropy.present() || entropy.present(), "entropy is required with grad_entropy");
-  require(grad_logits.dtype == logits.dtype && grad_logits.ndim == logits.ndim, grad_logits.describe() + ": expected the dtype and shape of " + logits.describe());
-  for (int d = 0; d < logits.ndim; ++d)
-    require(grad_logits.shape[d] == logits.shape[d], grad_logits.describe() + ": expected the shape of " + logits.describe());
-  require(grad_logits.stride(-1) == 1 || logits.size(-1) == 1, grad_logits.describe() + ": the vocabulary dimension must have stride 1");
+  require_tensor(grad_logits, "grad_logits", "an output tensor of the dtype and shape of " + logits.describe());
+  check_like(grad_logits, logits);
+  check_last_stride(grad_logits, "vocabulary");
   LogprobBackwardArgs a{logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
                         make_transform(temperature, logit_scale, softcap), ignore_index, SLICE,
                         grad_lse, grad_mean, mean_weights, mean_vocab};

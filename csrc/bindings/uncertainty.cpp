@@ -7,49 +7,27 @@
 namespace pyalign {
 namespace {
 
-bool is_float(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16 || d == DType::f64; }
-DType acc_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
-void check_contig(const TensorArg& t, std::initializer_list<int64_t> shape, DType dt) {
-  if (!t.present()) return;
-  bool ok = t.ndim == int(shape.size());
-  int64_t numel = 1;
-  for (auto s : shape) numel *= s;
-  int64_t expect_stride = 1;
-  std::string want = "[";
-  int d = int(shape.size()) - 1;
-  for (auto it = shape.end(); it != shape.begin();) {
-    --it;
-    // Strides of an empty tensor are irrelevant.
-    if (ok && (t.shape[d] != *it || (numel > 0 && *it > 1 && t.strides[d] != expect_stride))) ok = false;
-    expect_stride *= *it;
-    --d;
-  }
-  for (auto s : shape) want += (want.size() > 1 ? ", " : "") + std::to_string(s);
-  require(ok, t.describe() + ": expected a contiguous tensor of shape " + want + "]");
-  require(t.dtype == dt, t.describe() + ": expected dtype " + dtype_name(dt));
-}
-
 double inv_temperature(double temperature) {
-  require(temperature > 0 && std::isfinite(temperature),
-          "temperature: expected a finite value > 0, got " + std::to_string(temperature));
+  require(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite value > 0, got " + num_str(temperature));
   return 1.0 / temperature;
 }
 
 // logits [M, ..., V]; labels (optional) of shape logits.shape[1:-1]. Returns (M, rows).
 std::pair<int64_t, int64_t> check_logits_labels(const TensorArg& logits, const TensorArg& labels) {
-  require(is_float(logits.dtype), logits.describe() + ": expected float32, float16, bfloat16 or float64");
+  require_tensor(logits, "logits", "a float tensor [M, ..., V]");
+  check_float(logits);
   require(logits.ndim >= 2, logits.describe() + ": expected at least 2 dimensions [M, ..., V]");
-  require(logits.size(-1) >= 1, logits.describe() + ": the vocabulary dimension is empty");
-  require(logits.shape[0] >= 1, logits.describe() + ": the member dimension M is empty");
-  require(logits.stride(-1) == 1 || logits.size(-1) == 1, logits.describe() + ": the vocabulary dimension must have stride 1");
+  require(logits.size(-1) >= 1, logits.describe() + ": expected a non-empty last (vocabulary) dimension");
+  require(logits.shape[0] >= 1, logits.describe() + ": expected a non-empty first (member) dimension M");
+  check_last_stride(logits, "vocabulary");
   int64_t rows = 1;
   for (int d = 1; d < logits.ndim - 1; ++d) rows *= logits.shape[d];
   if (labels.present()) {
-    require(labels.dtype == DType::i32 || labels.dtype == DType::i64, labels.describe() + ": expected int32 or int64");
+    require(labels.dtype == DType::i32 || labels.dtype == DType::i64, labels.describe() + ": expected dtype int32 or int64");
     bool ok = labels.ndim == logits.ndim - 2;
     for (int d = 0; ok && d < labels.ndim; ++d) ok = labels.shape[d] == logits.shape[d + 1];
-    require(ok, labels.describe() + ": expected the shape of " + logits.describe() + " without its first (member) and last (vocabulary) dimensions");
+    require(ok, labels.describe() + ": expected shape " + dims_str(logits.shape + 1, logits.ndim - 2) + " (the shape of " +
+                    logits.describe() + " without its first (member) and last (vocabulary) dimensions)");
   }
   return {logits.shape[0], rows};
 }
@@ -58,17 +36,15 @@ void token_forward(TensorArg logits, TensorArg labels, TensorArg total, TensorAr
                    TensorArg mutual_info, TensorArg ens_logp, TensorArg label_var, TensorArg member_logp,
                    TensorArg lse, double temperature, int64_t ignore_index, uintptr_t stream) {
   auto [M, rows] = check_logits_labels(logits, labels);
-  const DType adt = acc_dtype(logits.dtype);
-  require(total.present() && expected.present() && mutual_info.present() && lse.present(),
-          "token_uncertainty: total, expected, mutual_info and lse outputs are required");
-  for (const TensorArg* t : {&total, &expected, &mutual_info}) check_contig(*t, {rows}, adt);
-  check_contig(lse, {M, rows}, adt);
-  if (labels.present()) {
-    require(ens_logp.present() && label_var.present() && member_logp.present(),
-            "token_uncertainty: with labels, ens_logp, label_var and member_logp outputs are required");
-    check_contig(ens_logp, {rows}, adt);
-    check_contig(label_var, {rows}, adt);
-    check_contig(member_logp, {M, rows}, adt);
+  const DType adt = accumulation_dtype(logits.dtype);
+  require_contiguous(total, "total", {rows}, adt);
+  require_contiguous(expected, "expected", {rows}, adt);
+  require_contiguous(mutual_info, "mutual_info", {rows}, adt);
+  require_contiguous(lse, "lse", {M, rows}, adt);
+  if (labels.present()) {  // the label outputs are written only with labels
+    require_contiguous(ens_logp, "ens_logp", {rows}, adt);
+    require_contiguous(label_var, "label_var", {rows}, adt);
+    require_contiguous(member_logp, "member_logp", {M, rows}, adt);
   }
   TokenUncertaintyArgs a{logits, labels, total, expected, mutual_info, ens_logp, label_var, member_logp,
                          lse, inv_temperature(temperature), ignore_index};
@@ -83,20 +59,16 @@ void token_forward(TensorArg logits, TensorArg labels, TensorArg total, TensorAr
 void token_backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg ens_logp,
                     TensorArg grad_ens_logp, TensorArg grad_member_logp, TensorArg grad_logits, double temperature,
                     int64_t ignore_index, uintptr_t stream) {
-  require(labels.present(), "token_uncertainty backward: labels are required");
+  require_tensor(labels, "labels", "an int32 or int64 tensor (the backward is that of the label log-probs)");
   auto [M, rows] = check_logits_labels(logits, labels);
-  const DType adt = acc_dtype(logits.dtype);
-  require(lse.present() && ens_logp.present() && grad_logits.present(),
-          "token_uncertainty backward: lse, ens_logp and grad_logits are required");
-  check_contig(lse, {M, rows}, adt);
-  check_contig(ens_logp, {rows}, adt);
-  check_contig(grad_ens_logp, {rows}, adt);
-  check_contig(grad_member_logp, {M, rows}, adt);
-  require(grad_logits.dtype == logits.dtype && grad_logits.ndim == logits.ndim,
-          grad_logits.describe() + ": expected the dtype and shape of " + logits.describe());
-  for (int d = 0; d < logits.ndim; ++d)
-    require(grad_logits.shape[d] == logits.shape[d], grad_logits.describe() + ": expected the shape of " + logits.describe());
-  require(grad_logits.stride(-1) == 1 || logits.size(-1) == 1, grad_logits.describe() + ": the vocabulary dimension must have stride 1");
+  const DType adt = accumulation_dtype(logits.dtype);
+  require_contiguous(lse, "lse", {M, rows}, adt);
+  require_contiguous(ens_logp, "ens_logp", {rows}, adt);
+  check_contiguous(grad_ens_logp, {rows}, adt);
+  check_contiguous(grad_member_logp, {M, rows}, adt);
+  require_tensor(grad_logits, "grad_logits", "an output tensor of the dtype and shape of " + logits.describe());
+  check_like(grad_logits, logits);
+  check_last_stride(grad_logits, "vocabulary");
   TokenUncertaintyBackwardArgs a{logits, labels, lse, ens_logp, grad_ens_logp, grad_member_logp, grad_logits,
                                  inv_temperature(temperature), ignore_index};
   int dev = common_device({&logits, &labels, &lse, &ens_logp, &grad_ens_logp, &grad_member_logp, &grad_logits});
@@ -110,22 +82,26 @@ void token_backward(TensorArg logits, TensorArg labels, TensorArg lse, TensorArg
 void reward_stats(TensorArg rewards, TensorArg variances, TensorArg weights, TensorArg mean, TensorArg var,
                   TensorArg mn, TensorArg mx, TensorArg quantile, TensorArg aleatoric, double var_denom,
                   double q, uintptr_t stream) {
-  require(is_float(rewards.dtype), rewards.describe() + ": expected float32, float16, bfloat16 or float64");
-  require(rewards.ndim == 2, rewards.describe() + ": expected shape [M, N]");
+  require_tensor(rewards, "rewards", "a float tensor [M, N]");
+  check_float(rewards);
+  require(rewards.ndim == 2, rewards.describe() + ": expected 2 dimensions [M, N]");
   const int64_t M = rewards.shape[0], N = rewards.shape[1];
-  require(M >= 1, rewards.describe() + ": the member dimension M is empty");
-  const DType adt = acc_dtype(rewards.dtype);
-  if (variances.present()) {
-    require(variances.dtype == rewards.dtype && variances.ndim == 2 && variances.shape[0] == M && variances.shape[1] == N,
-            variances.describe() + ": expected the shape and dtype of " + rewards.describe());
-    require(aleatoric.present(), "aleatoric output is required with variances");
+  require(M >= 1, rewards.describe() + ": expected a non-empty first (member) dimension M");
+  const DType adt = accumulation_dtype(rewards.dtype);
+  if (variances.present()) {  // any strides, like rewards
+    check_like(variances, rewards);
+    require_contiguous(aleatoric, "aleatoric", {N}, adt);
+  } else {
+    require(!aleatoric.present(), aleatoric.describe() + ": expected None without variances (it is their weighted mean)");
   }
-  require(aleatoric.present() == variances.present(), aleatoric.describe() + ": the aleatoric output comes with variances, and only then");
-  check_contig(weights, {M}, adt);
-  require(mean.present() && var.present() && mn.present() && mx.present(), "reward_stats: mean, var, min and max outputs are required");
-  for (const TensorArg* t : {&mean, &var, &mn, &mx, &quantile, &aleatoric}) check_contig(*t, {N}, adt);
-  require(var_denom > 0 && std::isfinite(var_denom), "var_denom: expected a finite value > 0");
-  require(q >= 0 && q <= 1, "q: expected a value in [0, 1], got " + std::to_string(q));
+  check_contiguous(weights, {M}, adt);
+  require_contiguous(mean, "mean", {N}, adt);
+  require_contiguous(var, "var", {N}, adt);
+  require_contiguous(mn, "min", {N}, adt);
+  require_contiguous(mx, "max", {N}, adt);
+  check_contiguous(quantile, {N}, adt);
+  require(var_denom > 0 && std::isfinite(var_denom), "var_denom: expected a finite value > 0, got " + num_str(var_denom));
+  require(q >= 0 && q <= 1, "q: expected a value in [0, 1], got " + num_str(q));
   RewardStatsArgs a{rewards, variances, weights, mean, var, mn, mx, quantile, aleatoric, var_denom, q};
   int dev = common_device({&rewards, &variances, &weights, &mean, &var, &mn, &mx, &quantile, &aleatoric});
   dispatch("reward_stats", dev, [&] { reward_stats_cpu(a); }, [&] {

@@ -16,22 +16,12 @@ struct FwdCtx {
   int64_t V;
 };
 
-template <typename T> PYALIGN_HD int64_t read_label(const TensorArg& labels, int64_t off) {
-  return labels.dtype == DType::i32 ? int64_t(labels.ptr<int32_t>()[off]) : labels.ptr<int64_t>()[off];
-}
-
-[[noreturn]] void bad_label(int64_t row, int64_t label, int64_t V, int64_t ignore_index) {
-  fail("labels: value " + std::to_string(label) + " at flat position " + std::to_string(row) +
-       " is outside [0, " + std::to_string(V) + ") and is not ignore_index (" +
-       std::to_string(ignore_index) + ")");
-}
-
 template <typename T, bool ENT, bool SQ, bool SC>
 PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   using A = typename acc_type<T>::type;
   const LogprobForwardArgs& a = c.a;
   const int64_t V = c.V;
-  const int64_t label = read_label<T>(a.labels, c.label_rows.offset(r));
+  const int64_t label = read_label(a.labels, c.label_rows.offset(r));
   A* logp = a.logp.ptr<A>();
   A* lse_out = a.lse.ptr<A>();
   auto write_optional = [&](A ent, A lss, A mean, bool top1) {
@@ -45,7 +35,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
     write_optional(0, 0, 0, false);
     return;
   }
-  const bool in_slice = label >= 0 && label < V;
+  const bool in_slice = label_in_vocab(label, V);
   if (!in_slice && !a.vocab_slice) bad_label(r, label, V, a.ignore_index);
 
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
@@ -53,7 +43,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const bool want_mean = a.mean_logit.data != nullptr;
   const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
   A buf[kChunk];
-  SoftmaxStats<A> st;
+  SoftmaxStats<A, SQ> st;
   A zsum = 0, xmax = -INFINITY;
   int64_t argmax = 0;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
@@ -83,13 +73,10 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       for (int64_t j = 0; j < n; ++j)
         if (A(to_float(row[j0 + j])) == bxm) { argmax = j0 + j; break; }
     }
-    if (bm == A(-INFINITY)) {  // all masked in this chunk, unless a NaN hides there (max skips it)
-      for (int64_t j = 0; j < n; ++j)
-        if (buf[j] != buf[j]) { st.m = st.s = st.d = st.q = buf[j]; break; }
+    if (bm == A(-INFINITY)) {  // all masked in this chunk, unless a NaN hides there
+      st.poison_if_nan(buf, n);
       continue;
     }
-    SoftmaxStats<A> cs;
-    cs.m = bm;
     A s = 0, d = 0, q = 0;
 #pragma omp simd reduction(+ : s, d, q)
     for (int64_t j = 0; j < n; ++j) {
@@ -99,8 +86,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
       if (ENT) d += e > A(0) ? e * t : A(0);
       if (SQ) q += e * e;
     }
-    cs.s = s; cs.d = d; cs.q = q;
-    st.merge(cs);
+    st.merge({bm, s, d, q});
   }
   // The label's transformed logit is recomputed from its (single) element rather than kept.
   const A x_label = in_slice ? A(to_float(row[label])) : A(-INFINITY);
@@ -125,7 +111,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
   using A = typename acc_type<T>::type;
   const LogprobBackwardArgs& a = c.a;
   const int64_t V = c.V;
-  const int64_t label = read_label<T>(a.labels, c.label_rows.offset(r));
+  const int64_t label = read_label(a.labels, c.label_rows.offset(r));
   T* out = a.grad_logits.ptr<T>() + c.grad_rows.offset(r);
   const A g_lp = a.grad_logp.data ? a.grad_logp.ptr<A>()[r] : A(0);
   const A g_ent = ENT ? a.grad_entropy.ptr<A>()[r] : A(0);
@@ -137,7 +123,7 @@ template <typename T, bool ENT, bool SC> PYALIGN_HD void backward_row(const BwdC
     for (int64_t j = 0; j < V; ++j) out[j] = zero;
     return;
   }
-  if ((label < 0 || label >= V) && !a.vocab_slice) bad_label(r, label, V, a.ignore_index);
+  if (!label_in_vocab(label, V) && !a.vocab_slice) bad_label(r, label, V, a.ignore_index);
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(r);
   const A lse = a.lse.ptr<A>()[r];
   const A ent = ENT ? a.entropy.ptr<A>()[r] : A(0);

@@ -17,16 +17,6 @@ namespace {
 
 constexpr int64_t kChunk = 512;  // a chunk of transformed logits stays in L1
 
-int64_t read_label(const TensorArg& labels, int64_t off) {
-  return labels.dtype == DType::i32 ? int64_t(labels.ptr<int32_t>()[off]) : labels.ptr<int64_t>()[off];
-}
-
-[[noreturn]] void bad_label(int64_t row, int64_t label, int64_t V, int64_t ignore_index) {
-  fail("labels: value " + std::to_string(label) + " at flat position " + std::to_string(row) +
-       " is outside [0, " + std::to_string(V) + ") and is not ignore_index (" +
-       std::to_string(ignore_index) + ")");
-}
-
 struct TokCtx {
   TokenUncertaintyArgs a;
   RowIndexer logits_rows, label_rows;
@@ -58,7 +48,7 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
       for (int64_t m = 0; m < M; ++m) { lse[m * rows + r] = 0; a.member_logp.ptr<A>()[m * rows + r] = 0; }
       return;
     }
-    if (label < 0 || label >= V) bad_label(r, label, V, a.ignore_index);
+    if (!label_in_vocab(label, V)) bad_label(r, label, V, a.ignore_index);
   }
   const A it = A(a.inv_temp);
   const T* base = a.logits.ptr<T>();
@@ -71,7 +61,7 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
     const T* row = base + c.logits_rows.offset(m * rows + r);
     A* ws = th.ws + m * V;
     A* sc = th.scale + m * nch;
-    SoftmaxStats<A> st;
+    SoftmaxStats<A, false> st;
     for (int64_t ci = 0; ci < nch; ++ci) {
       const int64_t j0 = ci * kChunk, n = std::min(kChunk, V - j0);
       A* w = ws + j0;
@@ -84,8 +74,7 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
       }
       sc[ci] = bm;
       if (bm == A(-INFINITY)) {  // an all-masked chunk contributes nothing, unless a NaN hides there
-        for (int64_t j = 0; j < n; ++j)
-          if (w[j] != w[j]) { st.m = st.s = st.d = w[j]; break; }
+        st.poison_if_nan(w, n);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) w[j] = 0;
         continue;
@@ -99,9 +88,7 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
         s += e;
         d += e > A(0) ? e * t : A(0);
       }
-      SoftmaxStats<A> cs;
-      cs.m = bm; cs.s = s; cs.d = d;
-      st.merge(cs);
+      st.merge({bm, s, d});
     }
     const A l = st.lse();
     lse[m * rows + r] = l;
@@ -113,25 +100,11 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
 
   // The label's probability under each member, their log-mean and variance.
   if (LAB) {
-    A* mlp = a.member_logp.ptr<A>();
-    A mx = -INFINITY;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* row = base + c.logits_rows.offset(m * rows + r);
-      A lp = A(to_float(row[label])) * it - lse[m * rows + r];
-      mlp[m * rows + r] = lp;
-      mx = lp > mx ? lp : mx;
-    }
-    A s = 0, pm = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      A lp = mlp[m * rows + r];
-      s += mx == A(-INFINITY) ? A(0) : std::exp(lp - mx);
-      pm += std::exp(lp);
-    }
-    pm /= A(M);
-    A pv = 0;
-    for (int64_t m = 0; m < M; ++m) { A dlt = std::exp(mlp[m * rows + r]) - pm; pv += dlt * dlt; }
-    a.ens_logp.ptr<A>()[r] = mx == A(-INFINITY) ? mx : mx + std::log(s / A(M));
-    a.label_var.ptr<A>()[r] = pv / A(M);
+    const EnsembleLabelStats<A> ls = ensemble_label_stats<A>(
+        M, it, [&](int64_t m) { return A(to_float(base[c.logits_rows.offset(m * rows + r) + label])); },
+        [&](int64_t m) { return lse[m * rows + r]; }, a.member_logp.ptr<A>() + r, rows);
+    a.ens_logp.ptr<A>()[r] = ls.logp;
+    a.label_var.ptr<A>()[r] = ls.var;
   }
 
   // Entropy of the mean distribution, from the scratch (no second exp).
@@ -157,10 +130,9 @@ template <typename T, bool LAB> PYALIGN_HD void token_row(const TokThread<typena
     tot += acc;
   }
   const A expected = ent_sum * inv_m;
-  const A mi = tot - expected;
   a.total.ptr<A>()[r] = tot;
   a.expected.ptr<A>()[r] = expected;
-  a.mutual_info.ptr<A>()[r] = mi < A(0) ? A(0) : mi;  // >= 0 exactly; rounding can dip below (NaN stays NaN)
+  a.mutual_info.ptr<A>()[r] = mutual_information(tot, expected);
 }
 
 PYALIGN_CPU_CLONES(token_rows, token_row, TokThread<typename acc_type<T>::type>, typename T COMMA bool LAB,
@@ -173,7 +145,7 @@ struct TokBwdCtx {
 };
 
 // d/dx_mv log mean_k p_k(y) = w_m (1[v = y] - p_mv) / temperature, w_m = p_m(y) / sum_k p_k(y);
-// d/dx_mv log p_m(y) = (1[v = y] - p_mv) / temperature.
+// d/dx_mv log p_m(y) = (1[v = y] - p_mv) / temperature (token_member_grad).
 template <typename T> PYALIGN_HD void token_bwd_row(const TokBwdCtx& c, int64_t fr) {
   using A = typename acc_type<T>::type;
   const TokenUncertaintyBackwardArgs& a = c.a;
@@ -184,7 +156,7 @@ template <typename T> PYALIGN_HD void token_bwd_row(const TokBwdCtx& c, int64_t 
   const T* row = a.logits.ptr<T>() + c.logits_rows.offset(fr);
   const A it = A(a.inv_temp);
   const bool ok = label != a.ignore_index;
-  if (ok && (label < 0 || label >= V)) bad_label(r, label, V, a.ignore_index);
+  if (ok && !label_in_vocab(label, V)) bad_label(r, label, V, a.ignore_index);
   const A l = ok ? a.lse.ptr<A>()[fr] : A(0);
   const A g = ok && a.grad_ens_logp.data ? a.grad_ens_logp.ptr<A>()[r] : A(0);
   const A gm = ok && a.grad_member_logp.data ? a.grad_member_logp.ptr<A>()[fr] : A(0);
@@ -197,11 +169,8 @@ template <typename T> PYALIGN_HD void token_bwd_row(const TokBwdCtx& c, int64_t 
     return;
   }
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    A p = fast_exp(A(to_float(row[j])) * it - l);
-    A gz = (j == label ? A(1) : A(0)) - p;
-    out[j] = to_storage<T, A>(scale * gz);
-  }
+  for (int64_t j = 0; j < V; ++j)
+    out[j] = to_storage<T, A>(token_member_grad<A>(scale, A(to_float(row[j])) * it, l, j == label));
 }
 
 PYALIGN_CPU_CLONES(token_bwd_rows, token_bwd_row, TokBwdCtx, typename T, T)

@@ -1,7 +1,9 @@
-// CUDA helpers shared by the kernel families: storage types, error checks, block reductions.
+// CUDA helpers shared by the kernel families: error checks, the device guard, warp shuffles and
+// deterministic block reductions (of plain values and of online softmax statistics).
 #pragma once
 #include <cuda_runtime.h>
 #include <string>
+#include "pyalign/softmax.h"
 #include "pyalign/tensor.h"
 
 namespace pyalign {
@@ -22,6 +24,13 @@ struct DeviceGuard {
 
 __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 __device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+template <typename A, bool SQ>
+__device__ __forceinline__ SoftmaxStats<A, SQ> shfl_xor(SoftmaxStats<A, SQ> v, int o) {
+  SoftmaxStats<A, SQ> r;
+  r.m = shfl_xor(v.m, o); r.s = shfl_xor(v.s, o); r.d = shfl_xor(v.d, o);
+  if (SQ) r.q = shfl_xor(v.q, o);  // without SQ, q is 0 in every thread
+  return r;
+}
 
 // Deterministic block-wide reduction of a mergeable value: warp butterfly then one warp over
 // the per-warp partials; the combination order is fixed, so results are bitwise reproducible.
@@ -42,5 +51,10 @@ __device__ V block_reduce(V v, Merge merge, V* smem /* [32] */) {
   return smem[0];
 }
 
+// Block-wide merge of each thread's softmax statistics, in block_reduce's fixed order.
+template <typename A, bool SQ>
+__device__ __forceinline__ SoftmaxStats<A, SQ> block_merge(SoftmaxStats<A, SQ> st, SoftmaxStats<A, SQ>* smem /* [32] */) {
+  return block_reduce(st, [](SoftmaxStats<A, SQ> x, const SoftmaxStats<A, SQ>& y) { x.merge(y); return x; }, smem);
+}
 
 }  // namespace pyalign

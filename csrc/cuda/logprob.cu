@@ -6,23 +6,8 @@
 
 namespace pyalign {
 
-template <typename A> __device__ __forceinline__ SoftmaxStats<A> shfl_xor(SoftmaxStats<A> v, int o) {
-  SoftmaxStats<A> r;
-  r.m = shfl_xor(v.m, o); r.s = shfl_xor(v.s, o); r.d = shfl_xor(v.d, o); r.q = shfl_xor(v.q, o);
-  return r;
-}
-
 namespace {
 
-template <typename T> struct Storage { using type = T; };
-template <> struct Storage<bf16_t> { using type = uint16_t; };
-template <> struct Storage<f16_t> { using type = uint16_t; };
-
-__device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
-  return l.dtype == DType::i32 ? int64_t(l.ptr<int32_t>()[off]) : l.ptr<int64_t>()[off];
-}
-
-// Streaming update of per-thread statistics with one transformed logit.
 // Row maximum of the raw logits with the first index attaining it (argmax semantics).
 template <typename A> struct ArgMax {
   A v = -INFINITY;
@@ -38,25 +23,12 @@ template <typename A> __device__ __forceinline__ ArgMax<A> shfl_xor(ArgMax<A> v,
   return r;
 }
 
+// Streaming update of a thread's row statistics with one logit x (transformed: z) at index i;
 // wz: the contribution of z to the (possibly class-weighted) sum behind mean_logit.
 template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z, A wz, A& zsum, ArgMax<A>& am, A x, int64_t i) {
   zsum += wz;
   if (x > am.v) { am.v = x; am.i = i; }  // each thread visits increasing indices
-  if (z == A(-INFINITY)) return;
-  if (z != z) { st.m = st.s = st.d = st.q = z; return; }  // NaN survives merge (m is no longer -inf)
-  if (z > st.m) {
-    if (st.m == A(-INFINITY)) {  // first finite logit: nothing to rescale (and no -inf * 0)
-      st.s = st.d = st.q = A(0);
-    } else {
-      A c = exp(st.m - z);
-      st.d = c * (st.d + (st.m - z) * st.s);
-      st.s = c * st.s;
-      st.q = c * c * st.q;
-    }
-    st.m = z;
-  }
-  A t = z - st.m, e = exp(t);
-  st.s += e; st.d += e * t; st.q += e * e;
+  st.push(z);
 }
 
 struct KernelArgs {
@@ -74,8 +46,8 @@ __global__ void forward_kernel(KernelArgs k) {
   const LogprobForwardArgs& a = k.a;
   const int64_t r = blockIdx.x;
   const int64_t V = k.V;
-  const int64_t label = load_label(a.labels, k.label_rows.offset(r));
-  const bool in_slice = label >= 0 && label < V;
+  const int64_t label = read_label(a.labels, k.label_rows.offset(r));
+  const bool in_slice = label_in_vocab(label, V);
   if (label == a.ignore_index || (!in_slice && !a.vocab_slice)) {
     if (threadIdx.x == 0) {
       // Out-of-range labels never index memory: they give NaN (see token_logprobs' docs).
@@ -115,8 +87,7 @@ __global__ void forward_kernel(KernelArgs k) {
     A z = tf.apply(x);
     push(st, z, mw ? z * mw[i] : z, zsum, am, x, i);
   }
-  auto merge = [](SoftmaxStats<A> x, const SoftmaxStats<A>& y) { x.merge(y); return x; };
-  st = block_reduce(st, merge, smem);
+  st = block_merge(st, smem);
   zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
   am = block_reduce(am, [](ArgMax<A> x, const ArgMax<A>& y) { x.merge(y); return x; }, smem_am);
   if (threadIdx.x == 0) {
@@ -143,10 +114,10 @@ __global__ void backward_kernel(BwdKernelArgs k) {
   const LogprobBackwardArgs& a = k.a;
   const int64_t r = blockIdx.x;
   const int64_t V = k.V;
-  const int64_t label = load_label(a.labels, k.label_rows.offset(r));
+  const int64_t label = read_label(a.labels, k.label_rows.offset(r));
   T* out = a.grad_logits.ptr<T>() + k.grad_rows.offset(r);
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(r);
-  const bool skip = label == a.ignore_index || ((label < 0 || label >= V) && !a.vocab_slice);
+  const bool skip = label == a.ignore_index || (!label_in_vocab(label, V) && !a.vocab_slice);
   const A g_lp = (!skip && a.grad_logp.data) ? a.grad_logp.ptr<A>()[r] : A(0);
   const A g_ent = (!skip && a.grad_entropy.data) ? a.grad_entropy.ptr<A>()[r] : A(0);
   const A lse = skip ? A(0) : a.lse.ptr<A>()[r];

@@ -10,34 +10,6 @@
 namespace pyalign {
 namespace {
 
-// Wrapper so that block_reduce finds this shuffle by argument-dependent lookup.
-template <typename A> struct Stats { SoftmaxStats<A> v; };
-template <typename A> __device__ __forceinline__ Stats<A> shfl_xor(Stats<A> x, int o) {
-  Stats<A> r;
-  r.v.m = pyalign::shfl_xor(x.v.m, o); r.v.s = pyalign::shfl_xor(x.v.s, o);
-  r.v.d = pyalign::shfl_xor(x.v.d, o); r.v.q = 0;
-  return r;
-}
-
-__device__ __forceinline__ int64_t load_label(const TensorArg& l, int64_t off) {
-  return l.dtype == DType::i32 ? int64_t(l.ptr<int32_t>()[off]) : l.ptr<int64_t>()[off];
-}
-
-template <typename A> __device__ __forceinline__ void push(SoftmaxStats<A>& st, A z) {
-  if (z == A(-INFINITY)) return;
-  if (z != z) { st.m = st.s = st.d = z; return; }  // NaN survives merge (m is no longer -inf)
-  if (z > st.m) {
-    if (st.m != A(-INFINITY)) {  // rescale to the new max (nothing to rescale before the first)
-      const A c = exp(st.m - z);
-      st.d = c * (st.d + (st.m - z) * st.s);
-      st.s = c * st.s;
-    }
-    st.m = z;
-  }
-  A t = z - st.m, e = exp(t);
-  st.s += e; st.d += e * t;
-}
-
 struct TokKernelArgs {
   TokenUncertaintyArgs a;
   RowIndexer logits_rows, label_rows;
@@ -47,7 +19,7 @@ struct TokKernelArgs {
 template <typename T>
 __global__ void token_forward_kernel(TokKernelArgs k) {
   using A = typename acc_type<T>::type;
-  __shared__ Stats<A> red[32];
+  __shared__ SoftmaxStats<A, false> red[32];  // no sum of squares: only lse and entropy are needed
   __shared__ A red_sum[32];
   extern __shared__ int64_t smem_raw[];
   int64_t* off_s = smem_raw;                          // [M] row offsets of the members
@@ -56,8 +28,8 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
   const int64_t r = blockIdx.x, M = k.M, rows = k.rows, V = k.V;
   int64_t label = 0;
   if (a.labels.data) {
-    label = load_label(a.labels, k.label_rows.offset(r));
-    if (label == a.ignore_index || label < 0 || label >= V) {
+    label = read_label(a.labels, k.label_rows.offset(r));
+    if (label == a.ignore_index || !label_in_vocab(label, V)) {
       // Out-of-range labels are never read: they give NaN (validate=True checks on the host).
       if (threadIdx.x == 0) {
         const A v = label == a.ignore_index ? A(0) : A(NAN);
@@ -70,7 +42,6 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
   }
   const A it = A(a.inv_temp);
   const T* base = a.logits.ptr<T>();
-  auto merge = [](Stats<A> x, const Stats<A>& y) { x.v.merge(y.v); return x; };
   auto add = [](A x, A y) { return x + y; };
 
   // Pass 1: per-member log-normalizer and entropy.
@@ -78,33 +49,20 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
   for (int64_t m = 0; m < M; ++m) {
     const int64_t off = k.logits_rows.offset(m * rows + r);
     const T* row = base + off;
-    Stats<A> st;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) push(st.v, A(to_float(row[i])) * it);
-    st = block_reduce(st, merge, red);
-    if (threadIdx.x == 0) { off_s[m] = off; lse_s[m] = st.v.lse(); a.lse.ptr<A>()[m * rows + r] = st.v.lse(); }
-    ent_sum += st.v.entropy();
+    SoftmaxStats<A, false> st;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) st.push(A(to_float(row[i])) * it);
+    st = block_merge(st, red);
+    if (threadIdx.x == 0) { off_s[m] = off; lse_s[m] = st.lse(); a.lse.ptr<A>()[m * rows + r] = st.lse(); }
+    ent_sum += st.entropy();
   }
   __syncthreads();
 
   if (a.labels.data && threadIdx.x == 0) {
-    A* mlp = a.member_logp.ptr<A>();
-    A mx = -INFINITY;
-    for (int64_t m = 0; m < M; ++m) {
-      const A lp = A(to_float(base[off_s[m] + label])) * it - lse_s[m];
-      mlp[m * rows + r] = lp;
-      mx = lp > mx ? lp : mx;
-    }
-    A s = 0, pm = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const A lp = mlp[m * rows + r];
-      s += mx == A(-INFINITY) ? A(0) : exp(lp - mx);
-      pm += exp(lp);
-    }
-    pm /= A(M);
-    A pv = 0;
-    for (int64_t m = 0; m < M; ++m) { const A dl = exp(mlp[m * rows + r]) - pm; pv += dl * dl; }
-    a.ens_logp.ptr<A>()[r] = mx == A(-INFINITY) ? mx : mx + log(s / A(M));
-    a.label_var.ptr<A>()[r] = pv / A(M);
+    const EnsembleLabelStats<A> ls = ensemble_label_stats<A>(
+        M, it, [&](int64_t m) { return A(to_float(base[off_s[m] + label])); }, [&](int64_t m) { return lse_s[m]; },
+        a.member_logp.ptr<A>() + r, rows);
+    a.ens_logp.ptr<A>()[r] = ls.logp;
+    a.label_var.ptr<A>()[r] = ls.var;
   }
 
   // Pass 2: entropy of the mean distribution.
@@ -119,10 +77,9 @@ __global__ void token_forward_kernel(TokKernelArgs k) {
   tot = block_reduce(tot, add, red_sum);
   if (threadIdx.x == 0) {
     const A expected = ent_sum * inv_m;
-    const A mi = tot - expected;
     a.total.ptr<A>()[r] = tot;
     a.expected.ptr<A>()[r] = expected;
-    a.mutual_info.ptr<A>()[r] = mi < A(0) ? A(0) : mi;  // NaN stays NaN
+    a.mutual_info.ptr<A>()[r] = mutual_information(tot, expected);
   }
 }
 
@@ -138,10 +95,10 @@ __global__ void token_backward_kernel(TokBwdKernelArgs k) {
   const TokenUncertaintyBackwardArgs& a = k.a;
   const int64_t fr = blockIdx.x, rows = k.rows, V = k.V;
   const int64_t r = fr % rows;
-  const int64_t label = load_label(a.labels, k.label_rows.offset(r));
+  const int64_t label = read_label(a.labels, k.label_rows.offset(r));
   T* out = a.grad_logits.ptr<T>() + k.grad_rows.offset(fr);
   const T* row = a.logits.ptr<T>() + k.logits_rows.offset(fr);
-  const bool ok = label != a.ignore_index && label >= 0 && label < V;
+  const bool ok = label != a.ignore_index && label_in_vocab(label, V);
   const A it = A(a.inv_temp);
   const A l = ok ? a.lse.ptr<A>()[fr] : A(0);
   const A g = ok && a.grad_ens_logp.data ? a.grad_ens_logp.ptr<A>()[r] : A(0);
@@ -150,7 +107,7 @@ __global__ void token_backward_kernel(TokBwdKernelArgs k) {
   const A scale = (g * w + gm) * it;
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
     A v = 0;
-    if (scale != A(0)) v = scale * ((i == label ? A(1) : A(0)) - exp(A(to_float(row[i])) * it - l));
+    if (scale != A(0)) v = token_member_grad<A>(scale, A(to_float(row[i])) * it, l, i == label);
     out[i] = to_storage<T, A>(v);
   }
 }

@@ -103,7 +103,9 @@ template <> PYALIGN_HD double to_storage<double, double>(double v) { return v; }
 template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 
-constexpr float kNegInf = -INFINITY;
+// acc_type and the floating-point types again, for dtype codes (the bindings' checks).
+constexpr bool is_float_dtype(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16 || d == DType::f64; }
+constexpr DType accumulation_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 
 // exp that the host compiler can inline and vectorize (#pragma omp simd): Cody-Waite range
 // reduction to |r| <= ln2/2 and a degree-6 polynomial (max rel. error ~2 ulp). Exact 0 below
@@ -156,7 +158,6 @@ PYALIGN_HD double fast_tanh(double x) { return std::tanh(x); }
 template <typename A> PYALIGN_HD A softplus(A x) {
   return x > A(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
 }
-template <typename A> PYALIGN_HD A log_sigmoid(A x) { return -softplus(-x); }
 template <typename A> PYALIGN_HD A sigmoid(A x) {
   return x >= A(0) ? A(1) / (A(1) + std::exp(-x)) : std::exp(x) / (A(1) + std::exp(x));
 }

@@ -1,6 +1,9 @@
-// Per-token log-probs and softmax statistics of a transformed logits row: shared math and the
-// interface of the CPU (csrc/cpu/logprob.cpp) and CUDA (csrc/cuda/logprob.cu) kernels.
+// Per-token log-probs and softmax statistics of a transformed logits row: shared math (the
+// statistics themselves: softmax.h) and the interface of the CPU (csrc/cpu/logprob.cpp) and CUDA
+// (csrc/cuda/logprob.cu) kernels.
 #pragma once
+#include "pyalign/labels.h"
+#include "pyalign/softmax.h"
 #include "pyalign/tensor.h"
 
 namespace pyalign {
@@ -30,30 +33,6 @@ struct LogitTransform {
   template <typename A> PYALIGN_HD A grad(A x) const { return softcap > 0 ? grad_t<true>(x) : grad_t<false>(x); }
 };
 
-// Online softmax statistics of one row, relative to the running max m:
-//   s = sum exp(z - m),  d = sum exp(z - m) (z - m),  q = sum exp(2 (z - m)).
-// The entropy is log s - d / s and log sum p^2 = log q - 2 log s. Keeping z - m (not z) in d
-// avoids cancellation when |z| is large and the entropy small.
-template <typename A> struct SoftmaxStats {
-  A m = -INFINITY, s = 0, d = 0, q = 0;
-
-  // Merges another partial result (used by block reductions and after each chunk).
-  PYALIGN_HD void merge(const SoftmaxStats& o) {
-    if (o.m == A(-INFINITY)) return;
-    if (m == A(-INFINITY)) { *this = o; return; }
-    A nm = m > o.m ? m : o.m;
-    A ca = fast_exp(m - nm), cb = fast_exp(o.m - nm);
-    // sum e^{z-nm}(z-nm) = c * (sum e^{z-m}(z-m) + (m - nm) * sum e^{z-m})
-    d = ca * (d + (m - nm) * s) + cb * (o.d + (o.m - nm) * o.s);
-    s = ca * s + cb * o.s;
-    q = ca * ca * q + cb * cb * o.q;
-    m = nm;
-  }
-  PYALIGN_HD A lse() const { return m + std::log(s); }
-  PYALIGN_HD A entropy() const { return std::log(s) - d / s; }
-  PYALIGN_HD A log_sum_sq() const { return std::log(q) - A(2) * std::log(s); }
-};
-
 // d/dz_v of  g_lp * log p_label + g_ent * H + g_lse * lse + g_mean * mean_logit  for one
 // vocabulary entry, with g_mw = g_mean * w_v / V (w_v: the entry's weight in the mean, 1 when
 // unweighted). d lse/dz_v = p_v and d mean/dz_v = w_v / V.
@@ -66,9 +45,6 @@ PYALIGN_HD A logprob_grad_z(A z, A lse, A ent, A g_lp, A g_ent, A g_lse, A g_mw,
   g -= p > A(0) ? g_ent * p * (logp + ent) : A(0);
   return is_label ? g + g_lp : g;
 }
-
-// Which optional outputs to compute.
-enum LogprobOutputs : int { kEntropy = 1, kLogSumSq = 2, kMeanLogit = 4, kTop1 = 8 };
 
 struct LogprobForwardArgs {
   TensorArg logits;    // [..., V] fp32/fp16/bf16/fp64, vocab stride 1, any leading strides

@@ -26,7 +26,6 @@ struct TensorArg {
   }
   int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   int64_t stride(int d) const { return strides[d < 0 ? d + ndim : d]; }
-  bool is_cuda() const { return device >= 0; }
   bool present() const { return name[0] != 0; }  // optional arguments arrive as None
   std::string describe() const {
     std::string s = "'" + std::string(name) + "' (" + dtype_name(dtype) + ", shape [";

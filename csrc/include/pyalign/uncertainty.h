@@ -15,7 +15,9 @@
 // Reward ensembles, rewards [M, N]: per column the (weighted) mean, variance, min, max, a
 // linearly interpolated quantile and the mean of per-member variances (aleatoric part).
 #pragma once
-#include "pyalign/logprob.h"
+#include "pyalign/labels.h"
+#include "pyalign/softmax.h"
+#include "pyalign/tensor.h"
 
 namespace pyalign {
 
@@ -53,10 +55,56 @@ PYALIGN_HD float neg_plogp(float p) {
 }
 PYALIGN_HD double neg_plogp(double p) { return p > 0 ? -p * std::log(p) : p * 0.0; }
 
+// The label's statistics over the ensemble for one token.
+template <typename A> struct EnsembleLabelStats {
+  A logp;  // log mean_m p_m(y): -inf when every member gives the label probability 0
+  A var;   // var_m p_m(y), population variance
+};
+
+// The label's log-prob under each member m < M, log p_m(y) = x_label(m) * inv_temp - lse(m)
+// (x_label(m): the member's raw logit of the label, lse(m): its log-normalizer), written to
+// member_logp[m * stride], and the statistics over the members.
+template <typename A, typename LabelLogit, typename Lse>
+PYALIGN_HD EnsembleLabelStats<A> ensemble_label_stats(int64_t M, A inv_temp, LabelLogit x_label, Lse lse,
+                                                      A* member_logp, int64_t stride) {
+  A mx = -INFINITY;
+  for (int64_t m = 0; m < M; ++m) {
+    const A lp = x_label(m) * inv_temp - lse(m);
+    member_logp[m * stride] = lp;
+    mx = lp > mx ? lp : mx;
+  }
+  A s = 0, pm = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const A lp = member_logp[m * stride];
+    s += mx == A(-INFINITY) ? A(0) : std::exp(lp - mx);
+    pm += std::exp(lp);
+  }
+  pm /= A(M);
+  A pv = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const A dl = std::exp(member_logp[m * stride]) - pm;
+    pv += dl * dl;
+  }
+  return {mx == A(-INFINITY) ? mx : mx + std::log(s / A(M)), pv / A(M)};
+}
+
+// H(pbar) - mean_m H(p_m), >= 0 exactly: rounding can dip below (NaN stays NaN).
+template <typename A> PYALIGN_HD A mutual_information(A total, A expected) {
+  const A mi = total - expected;
+  return mi < A(0) ? A(0) : mi;
+}
+
 // Weight of member m in the gradient of the ensemble log-prob: p_m(y) / sum_k p_k(y), from the
 // label's transformed logit z_y, the member's log-normalizer and the ensemble log-prob.
 template <typename A> PYALIGN_HD A token_member_weight(A z_label, A lse_m, A ens_logp, int64_t M) {
   return std::exp(z_label - lse_m - ens_logp) / A(M);
+}
+
+// d/dz_mv of  g log mean_k p_k(y) + gm log p_m(y)  =  scale (1[v = y] - p_mv)  with
+// scale = g w_m + gm (w_m: token_member_weight), for the transformed logit z = z_mv; the kernels
+// fold 1 / temperature into scale, which makes it the gradient w.r.t. the raw logit.
+template <typename A> PYALIGN_HD A token_member_grad(A scale, A z, A lse_m, bool is_label) {
+  return scale * ((is_label ? A(1) : A(0)) - fast_exp(z - lse_m));
 }
 
 struct TokenUncertaintyArgs {

@@ -1,6 +1,8 @@
-"""Shared test fixtures: the device parametrization and reproducible hypothesis settings."""
+"""Shared test fixtures: the device parametrization, reproducible hypothesis settings and the fused
+linear head's path switches."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,3 +31,32 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 def device(request):
     """Run a test once per device: 'cpu' always, 'cuda' where a GPU and a CUDA build exist."""
     return request.param
+
+
+@pytest.fixture
+def force_path():
+    """``set_(path, blocks)``: the fused linear head's backward loop order (``"token"``, ``"vocab"``,
+    or None for the automatic choice) and forced ``(token chunk, vocab block)`` sizes
+    (``pyalign.overrides``) for the rest of the test."""
+    stack = contextlib.ExitStack()
+
+    def set_(path, blocks=None):
+        stack.close()
+        stack.enter_context(pyalign.overrides(backward_order=path, vocab_blocks=blocks))
+    yield set_
+    stack.close()
+
+
+@pytest.fixture
+def recompute_path():
+    """``set_(True)`` forces the fused cross-entropy's recompute path
+    (``pyalign.overrides(forward_gradients=False)``) for the rest of the test; ``set_(False)``
+    returns to the automatic choice."""
+    stack = contextlib.ExitStack()
+
+    def set_(on):
+        stack.close()
+        if on:
+            stack.enter_context(pyalign.overrides(forward_gradients=False))
+    yield set_
+    stack.close()

@@ -1,4 +1,6 @@
-"""Log-prob kernels against the float64 PyTorch reference (pyalign.reference.logprob)."""
+"""Log-prob kernels against the float64 PyTorch reference (pyalign.reference.logprob), on every
+device: inputs are drawn on the CPU from seeded generators and moved, so a CPU case and its CUDA
+twin see the same numbers."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -6,9 +8,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pyalign
+from pyalign._ext import kernels
+from pyalign.ops.logprob import token_logprobs_backward_op, token_logprobs_op
 from pyalign.reference.logprob import token_stats
 
 ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
@@ -17,11 +22,19 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # representable in the given dtype (the reference sees the same rounded logits). The kernels
 # accumulate in fp32: errors are a few fp32 ulps of log Z, as for PyTorch's own fp32 kernel.
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-10}
+# hypothesis tests that take the device fixture: the fixture is a constant string, so that
+# hypothesis does not reset it between examples is harmless.
+WITH_DEVICE = settings(suppress_health_check=[*settings.default.suppress_health_check,
+                                              HealthCheck.function_scoped_fixture])
 
 
 def _logits(shape, dtype, device, scale=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def _randn(shape, device, seed=2, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
 
 def _labels(shape, V, device, ignore_frac=0.2, seed=1):
@@ -43,14 +56,13 @@ def _check(stats, ref, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("V", [1, 2, 3, 127, 513, 32001])
 def test_matches_reference(device, dtype, V):
-    if dtype == torch.float64 and device == "cuda":
-        pytest.skip("fp64 is a CPU gradcheck dtype")
     x = _logits((3, 5, V), dtype, device)
     y = _labels((3, 5), V, device)
     got = pyalign.token_logprobs(x, y, outputs=ALL_OUTPUTS)
     _check(got, token_stats(x, y), dtype)
 
 
+@settings(WITH_DEVICE)
 @given(
     lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
     V=st.integers(1, 700),
@@ -62,9 +74,10 @@ def test_matches_reference(device, dtype, V):
     ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
     seed=st.integers(0, 2**16),
 )
-def test_hypothesis_shapes_and_options(lead, V, dtype, temperature, softcap, logit_scale, scale, ignore_frac, seed):
-    x = _logits((*lead, V), dtype, "cpu", scale=scale, seed=seed)
-    y = _labels(tuple(lead), V, "cpu", ignore_frac=ignore_frac, seed=seed + 1)
+def test_hypothesis_shapes_and_options(device, lead, V, dtype, temperature, softcap, logit_scale, scale, ignore_frac,
+                                       seed):
+    x = _logits((*lead, V), dtype, device, scale=scale, seed=seed)
+    y = _labels(tuple(lead), V, device, ignore_frac=ignore_frac, seed=seed + 1)
     kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     got = pyalign.token_logprobs(x, y, outputs=ALL_OUTPUTS, **kw)
     ref = token_stats(x, y, **kw)
@@ -96,8 +109,8 @@ def test_gradients_match_reference(device, dtype):
     x = _logits((4, 6, V), dtype, device)
     y = _labels((4, 6), V, device)
     kw = dict(temperature=0.8, softcap=20.0, logit_scale=1.3)
-    gl = torch.randn(4, 6, device=device)
-    ge = torch.randn(4, 6, device=device)
+    gl = _randn((4, 6), device, seed=2)
+    ge = _randn((4, 6), device, seed=3)
 
     xa = x.clone().requires_grad_()
     lp, ent = pyalign.token_logprobs(xa, y, return_entropy=True, **kw)
@@ -112,10 +125,10 @@ def test_gradients_match_reference(device, dtype):
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_gradcheck_fp64(softcap):
+def test_gradcheck_fp64(device, softcap):
     V = 7
-    x = _logits((2, 3, V), torch.float64, "cpu").requires_grad_()
-    y = torch.tensor([[0, 6, -100], [3, 3, 1]])
+    x = _logits((2, 3, V), torch.float64, device).requires_grad_()
+    y = torch.tensor([[0, 6, -100], [3, 3, 1]], device=device)
 
     def f(x):
         lp, ent = pyalign.token_logprobs(x, y, return_entropy=True, temperature=0.7, softcap=softcap)
@@ -158,7 +171,7 @@ def test_inplace_backward_same_gradient(device, dtype):
     V = 257
     x = _logits((3, 9, V), dtype, device)
     y = _labels((3, 9), V, device)
-    g = torch.randn(3, 8, device=device)
+    g = _randn((3, 8), device)
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
     # A non-leaf logits tensor (as from an LM head) is what in-place backward targets.
@@ -195,6 +208,7 @@ def test_label_int32_and_ignore_everywhere(device):
 
 
 def test_deterministic_and_thread_independent():
+    # CPU only: varies the OpenMP thread count of the CPU kernels.
     x = _logits((64, 5003), torch.float32, "cpu")
     y = _labels((64,), 5003, "cpu")
     a = pyalign.token_logprobs(x, y, outputs=ALL_OUTPUTS)
@@ -208,10 +222,10 @@ def test_deterministic_and_thread_independent():
         assert torch.equal(u, v)
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+def test_torch_compile_fullgraph_no_graph_break(device):
     V = 33
-    x = _logits((2, 5, V), torch.float32, "cpu").requires_grad_()
-    y = _labels((2, 5), V, "cpu")
+    x = _logits((2, 5, V), torch.float32, device).requires_grad_()
+    y = _labels((2, 5), V, device)
 
     def f(x, y):
         lp, ent = pyalign.token_logprobs(x, y, shift=True, return_entropy=True, temperature=0.9)
@@ -227,14 +241,14 @@ def test_torch_compile_fullgraph_no_graph_break():
     torch.testing.assert_close(g, x.grad)
 
 
-def test_opcheck():
-    from pyalign.ops.logprob import token_logprobs_op, token_logprobs_backward_op
-    x = _logits((3, 4, 9), torch.float32, "cpu").requires_grad_()
-    y = _labels((3, 4), 9, "cpu")
+def test_opcheck(device):
+    x = _logits((3, 4, 9), torch.float32, device).requires_grad_()
+    y = _labels((3, 4), 9, device)
     torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 1.0, 1.0, 0.0, False, 15, False))
     torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 0.5, 2.0, 4.0, True, 1, False))
-    lse = torch.zeros(12)
-    torch.library.opcheck(token_logprobs_backward_op.op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0, 0.0, False))
+    lse = torch.zeros(12, device=device)
+    torch.library.opcheck(token_logprobs_backward_op.op, (torch.ones(12, device=device), None, x.detach(), y, lse, None,
+                                                       -100, 1.0, 1.0, 0.0, False))
 
 
 @pytest.mark.parametrize(
@@ -254,55 +268,57 @@ def test_opcheck():
         (dict(logits="nope"), TypeError, "logits"),
     ],
 )
-def test_bad_input(kwargs, exc, match):
+def test_bad_input(device, kwargs, exc, match):
     args = dict(logits=torch.zeros(3, 4, 5), labels=torch.zeros(3, 4, dtype=torch.long))
     args.update(kwargs)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     logits, labels = args.pop("logits"), args.pop("labels")
     with pytest.raises(exc, match=match):
         pyalign.token_logprobs(logits, labels, **args)
 
 
-def test_inplace_backward_rejects_expanded_logits():
-    x = torch.zeros(1, 5).expand(4, 5)
+def test_inplace_backward_rejects_expanded_logits(device):
+    x = torch.zeros(1, 5, device=device).expand(4, 5)
     with pytest.raises(ValueError, match="logits"):
-        pyalign.token_logprobs(x, torch.zeros(4, dtype=torch.long), inplace_backward=True)
+        pyalign.token_logprobs(x, torch.zeros(4, dtype=torch.long, device=device), inplace_backward=True)
 
 
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1), (0, 1)])
-def test_overlapping_logits(stride):
+def test_overlapping_logits(device, stride):
     # Rows that share elements: read correctly, refused for in-place writes, gradients accumulate.
-    base = torch.randn(40, dtype=torch.float64)
-    labels = torch.tensor([0, 4, 2, 1])
+    base = _randn(40, device, dtype=torch.float64)
+    labels = torch.tensor([0, 4, 2, 1], device=device)
     with pytest.raises(ValueError, match="logits.*overlap"):
         pyalign.token_logprobs(base.as_strided((4, 5), stride), labels, inplace_backward=True)
     leaf = base.clone().requires_grad_()
     lp, ent = pyalign.token_logprobs(leaf.as_strided((4, 5), stride), labels, return_entropy=True)
     (lp.sum() + ent.sum()).backward()
-    ref_leaf = base.clone().requires_grad_()
-    ref = token_stats(ref_leaf.as_strided((4, 5), stride), labels)
+    ref_leaf = base.cpu().clone().requires_grad_()
+    ref = token_stats(ref_leaf.as_strided((4, 5), stride), labels.cpu())
     (ref["logprobs"].sum() + ref["entropy"].sum()).backward()
-    torch.testing.assert_close(lp, ref["logprobs"].to(lp.dtype), atol=1e-10, rtol=0)
-    torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lp.cpu(), ref["logprobs"].to(lp.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(leaf.grad.cpu(), ref_leaf.grad, atol=1e-10, rtol=0)
 
 
-def test_device_mismatch_names_the_argument():
+def test_device_mismatch_names_the_argument(device):
+    r = lambda *shape: torch.randn(*shape, device=device)
     with pytest.raises(ValueError, match="labels.*device|labels: expected a tensor on"):
-        pyalign.token_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+        pyalign.token_logprobs(r(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="policy_rejected_logps|rejected"):
-        pyalign.losses.dpo_loss(torch.randn(4), torch.randn(4, device="meta"), torch.randn(4), torch.randn(4))
+        pyalign.losses.dpo_loss(r(4), torch.randn(4, device="meta"), r(4), r(4))
     with pytest.raises(ValueError, match="labels"):
-        pyalign.uncertainty.token_uncertainty(torch.randn(2, 3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+        pyalign.uncertainty.token_uncertainty(r(2, 3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="x"):
-        pyalign.plasticity.hebb(torch.randn(4, 6), torch.randn(3, 6, device="meta"), torch.randn(3, 4), lr=0.1)
+        pyalign.plasticity.hebb(r(4, 6), torch.randn(3, 6, device="meta"), r(3, 4), lr=0.1)
     with pytest.raises(ValueError, match="weight"):
-        pyalign.linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4, device="meta"), torch.zeros(3, dtype=torch.long))
+        pyalign.linear_token_logprobs(r(3, 4), torch.randn(5, 4, device="meta"),
+                                      torch.zeros(3, dtype=torch.long, device=device))
 
 
 def test_cpu_only_build_message():
     if pyalign.has_cuda():
         pytest.skip("this build has CUDA kernels")
     # A fake CUDA descriptor must be refused by the compiled core, not dereferenced.
-    from pyalign._ext import kernels
     cuda_desc = lambda shape, code, name: (None, 0, code, shape, tuple([1] * len(shape)), 0, name)
     with pytest.raises(ValueError, match="CUDA"):
         kernels.logprob_forward(cuda_desc((2, 3), 0, "logits"), cuda_desc((2,), 5, "labels"),
@@ -317,7 +333,6 @@ def test_empty_batch(device):
 
 
 def test_version_and_flags():
-    from pyalign._ext import kernels
     assert pyalign.__version__ == kernels.__version__ == importlib.metadata.version("pyalign")
     assert isinstance(pyalign.has_cuda(), bool)
     # cuda_available() is exactly "CUDA kernels built and a device present", as torch sees it.
@@ -326,8 +341,6 @@ def test_version_and_flags():
 
 
 # ---- cross_entropy over logits; differentiable lse and mean_logit ----
-
-import torch.nn.functional as F  # noqa: E402
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -361,10 +374,10 @@ def test_cross_entropy_matches_torch(device, reduction, weighted, dtype):
             assert (g.double() - wg).abs().max().item() <= tol * (1 + wg.abs().max().item())
 
 
-def test_cross_entropy_gradcheck_fp64():
-    x = _logits((2, 4, 7), torch.float64, "cpu").requires_grad_()
-    y = _labels((2, 4), 7, "cpu")
-    w = torch.rand(7, dtype=torch.float64) + 0.5
+def test_cross_entropy_gradcheck_fp64(device):
+    x = _logits((2, 4, 7), torch.float64, device).requires_grad_()
+    y = _labels((2, 4), 7, device)
+    w = (torch.rand(7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5).to(device)
     assert torch.autograd.gradcheck(lambda t: pyalign.cross_entropy(t, y, label_smoothing=0.3, z_loss_scale=0.1,
                                                                     class_weights=w, softcap=2.0, shift=True), (x,))
 
@@ -384,39 +397,38 @@ def test_lse_and_mean_logit_gradients(device, softcap):
     (wg,) = torch.autograd.grad((lse ** 2).sum() + 0.3 * mean.sum() - (z.log_softmax(-1).gather(
         -1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid).sum(), r)
     assert (g - wg).abs().max().item() < 1e-10
-    if device == "cpu":
-        def lse_and_mean(t):
-            o = pyalign.token_logprobs(t, y, outputs=("lse", "mean_logit"), softcap=softcap)
-            return o.lse, o.mean_logit
-        assert torch.autograd.gradcheck(lse_and_mean, (x,))
+
+    def lse_and_mean(t):
+        o = pyalign.token_logprobs(t, y, outputs=("lse", "mean_logit"), softcap=softcap)
+        return o.lse, o.mean_logit
+    assert torch.autograd.gradcheck(lse_and_mean, (x,))
 
 
-def test_opcheck_lse_mean_gradients():
-    from pyalign.ops.logprob import token_logprobs_backward_op, token_logprobs_op
-    x = _logits((3, 4, 9), torch.float32, "cpu").requires_grad_()
-    y = _labels((3, 4), 9, "cpu")
-    w = torch.rand(9) + 0.5
+def test_opcheck_lse_mean_gradients(device):
+    x = _logits((3, 4, 9), torch.float32, device).requires_grad_()
+    y = _labels((3, 4), 9, device)
+    w = (torch.rand(9, generator=torch.Generator().manual_seed(3)) + 0.5).to(device)
     torch.library.opcheck(token_logprobs_op.op, (x, y, -100, 1.0, 1.0, 0.0, False, 4, False, w))
-    lse = torch.zeros(12)
-    torch.library.opcheck(token_logprobs_backward_op.op, (torch.ones(12), None, x.detach(), y, lse, None, -100, 1.0, 1.0,
-                                                       0.0, False, torch.ones(12), torch.ones(12), w))
+    ones = lambda: torch.ones(12, device=device)
+    lse = torch.zeros(12, device=device)
+    torch.library.opcheck(token_logprobs_backward_op.op, (ones(), None, x.detach(), y, lse, None, -100, 1.0, 1.0,
+                                                       0.0, False, ones(), ones(), w))
 
 
-def test_mean_weights_bad_shape_is_a_clear_error():
-    from pyalign.ops.logprob import token_logprobs_op
-    x = _logits((2, 9), torch.float32, "cpu")
-    y = _labels((2,), 9, "cpu")
+def test_mean_weights_bad_shape_is_a_clear_error(device):
+    x = _logits((2, 9), torch.float32, device)
+    y = _labels((2,), 9, device)
     with pytest.raises(Exception, match="mean_weights"):
-        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(8))
+        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(8, device=device))
     with pytest.raises(Exception, match="mean_weights"):
-        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(9, dtype=torch.float64))
+        token_logprobs_op(x, y, -100, 1.0, 1.0, 0.0, False, 4, False, torch.ones(9, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("V", [3, 700, 1500])
 def test_nan_logit_is_never_dropped(device, V):
     # A NaN whose neighbours (the CPU's chunk, a CUDA thread's slice) are all -inf or NaN must
     # still reach the row's statistics: the result is NaN, never a finite number.
-    x = torch.randn(3, V, device=device)
+    x = _logits((3, V), torch.float32, device, scale=1.0)
     x[0, 1] = float("nan")
     x[1, : min(V, 600)] = -float("inf")
     x[1, 1] = float("nan")

@@ -5,6 +5,9 @@ kernel computes in float32; its error against the float64 reference evaluated on
 inputs must be at most twice the error of the same formula evaluated eagerly by PyTorch in float32
 on those inputs (gradients rounded to the input dtype on all sides), plus a floor of 1e-6 relative
 to the value's scale and, for gradients, one unit of rounding to the input dtype.
+
+Every test that can run on CUDA takes the ``device`` fixture; inputs are drawn on the CPU from seeded
+generators and moved, so a CPU case and its CUDA twin see the same numbers.
 """
 from __future__ import annotations
 
@@ -15,16 +18,21 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pyalign
 from pyalign import losses as L
+from pyalign._ext import desc, kernels, stream_of
 from pyalign.ops.losses import DPO_TYPES, F_DIVERGENCES, PARAM_NAMES, params_list, preference_loss_op
 from pyalign.reference import losses as R
 
 SMOOTH = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
 F_DIV_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
 REF_FREE_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+# hypothesis tests that take the device fixture: the fixture is a constant string, so that
+# hypothesis does not reset it between examples is harmless.
+WITH_DEVICE = settings(suppress_health_check=[*settings.default.suppress_health_check,
+                                              HealthCheck.function_scoped_fixture])
 
 
 def make_batch(n, *, seed=0, dtype=torch.float64, device="cpu", spread=3.0):
@@ -39,6 +47,11 @@ def make_batch(n, *, seed=0, dtype=torch.float64, device="cpu", spread=3.0):
     w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
     cast = lambda t: t.to(dtype=dtype, device=device)
     return dict(pc=cast(pc), pr=cast(pr), rc=cast(rc), rr=cast(rr), lc=lc.to(device), lr=lr.to(device), w=cast(w))
+
+
+def randn(n, device, seed):
+    """A seeded float64 normal vector on ``device`` (an upstream gradient, say)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
 
 
 def leaves(*ts):
@@ -101,7 +114,7 @@ def test_dpo_each_type_matches_reference(device, loss_type):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_down", "discopop", "sft"])
 def test_dpo_reductions_and_weights(device, reduction, loss_type):
     b = make_batch(9, seed=2, device=device)
-    up = torch.randn(9, dtype=torch.float64, device=device) if reduction == "none" else None
+    up = randn(9, device, seed=102) if reduction == "none" else None
     (loss, g, _), (rl, rg) = run_dpo_both(b, loss_type, reduction=reduction, upstream=up, beta=0.2)
     assert loss.shape == ((9,) if reduction == "none" else ())
     close(loss, rl)
@@ -195,12 +208,13 @@ def test_dpo_loss_lists_mpo_rpo_and_aot_mixture(device):
     close(l1, l2, rtol=0, atol=0)
 
 
+@settings(WITH_DEVICE)
 @given(n=st.integers(1, 64), type_idx=st.integers(0, len(DPO_TYPES) - 1), seed=st.integers(0, 10_000),
        beta=st.floats(0.01, 5.0), spread=st.floats(0.01, 30.0), reduction=st.sampled_from(["mean", "sum"]),
        weighted=st.booleans())
-def test_dpo_hypothesis(n, type_idx, seed, beta, spread, reduction, weighted):
+def test_dpo_hypothesis(device, n, type_idx, seed, beta, spread, reduction, weighted):
     t = DPO_TYPES[type_idx]
-    b = make_batch(n, seed=seed, spread=spread)
+    b = make_batch(n, seed=seed, spread=spread, device=device)
     (loss, g, _), (rl, rg) = run_dpo_both(b, t, beta=beta, reduction=reduction, weights=weighted,
                                           label_smoothing=SMOOTH.get(t, 0.0))
     scale = max(1.0, rl.abs().item())
@@ -530,7 +544,7 @@ def test_kto_matches_reference(device, loss_type, reduction):
     loss, m = L.kto_loss(xs[0], xs[1], desirable, weights=xs[2], beta=0.2, desirable_weight=1.3,
                          undesirable_weight=0.7, loss_type=loss_type, reduction=reduction,
                          policy_kl_logps=kl.get("policy_kl"), ref_kl_logps=kl.get("ref_kl"))
-    up = torch.randn(15, dtype=torch.float64, device=device) if reduction == "none" else None
+    up = randn(15, device, seed=115) if reduction == "none" else None
     g = grads_of(loss, xs, up)
     ys = leaves(b["pc"], b["rc"], b["w"])
     per = R.kto_losses(ys[0], ys[1], desirable, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7,
@@ -593,7 +607,7 @@ def test_orpo_matches_reference(device, reduction):
     xs = leaves(b["pc"], b["pr"], b["w"])
     loss, m = L.orpo_loss(xs[0], xs[1], chosen_lengths=b["lc"], rejected_lengths=b["lr"], beta=0.25,
                           weights=xs[2], reduction=reduction)
-    up = torch.randn(14, dtype=torch.float64, device=device) if reduction == "none" else None
+    up = randn(14, device, seed=114) if reduction == "none" else None
     g = grads_of(loss, xs, up)
     ys = leaves(b["pc"], b["pr"], b["w"])
     per, lo = R.orpo_losses(ys[0], ys[1], b["lc"], b["lr"], beta=0.25)
@@ -662,17 +676,18 @@ def test_reward_model_matches_reference(device, margin_kind):
                       "rewards/accuracies": (rc > rr).double().mean()})
 
 
+@settings(WITH_DEVICE)
 @given(n=st.integers(1, 64), family=st.sampled_from(["kto", "apo_zero_unpaired", "orpo", "cpo", "simpo", "rm"]),
        seed=st.integers(0, 10_000), beta=st.floats(0.01, 5.0), spread=st.floats(0.01, 30.0),
        reduction=st.sampled_from(["none", "mean", "sum"]))
-def test_other_families_hypothesis(n, family, seed, beta, spread, reduction):
-    b = make_batch(n, seed=seed, spread=spread)
+def test_other_families_hypothesis(device, n, family, seed, beta, spread, reduction):
+    b = make_batch(n, seed=seed, spread=spread, device=device)
     if family == "orpo":  # log-probs of whole completions are <= 0 (ORPO takes log(1 - p))
         b["pc"], b["pr"] = -b["pc"].abs() - 1e-3, -b["pr"].abs() - 1e-3
-    desirable = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    desirable = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)
     names = ["pc", "pr", "rc", "rr", "w"]
     xs, ys = leaves(*[b[k] for k in names]), leaves(*[b[k] for k in names])
-    up = torch.randn(n, dtype=torch.float64) if reduction == "none" else None
+    up = randn(n, device, seed=seed + 1) if reduction == "none" else None
     lc, lr = b["lc"], b["lr"]
     if family in ("kto", "apo_zero_unpaired"):
         kl = dict(policy_kl_logps=b["pr"], ref_kl_logps=b["rr"]) if family == "kto" else {}
@@ -700,11 +715,11 @@ def test_other_families_hypothesis(n, family, seed, beta, spread, reduction):
 
 
 # ------------------------------------------------------------------------------------------
-# gradcheck (float64, CPU) and opcheck
+# gradcheck (float64) and opcheck
 
-def test_gradcheck_all_families():
-    b = make_batch(6, seed=23)
-    desirable = torch.tensor([True, False, True, True, False, False])
+def test_gradcheck_all_families(device):
+    b = make_batch(6, seed=23, device=device)
+    desirable = torch.tensor([True, False, True, True, False, False], device=device)
     cases = [
         lambda pc, pr, rc, rr, w: L.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "ipo", "exo_pair"],
                                              label_smoothing=0.01, chosen_lengths=b["lc"], rejected_lengths=b["lr"],
@@ -730,7 +745,7 @@ def test_gradcheck_all_families():
     # gradcheck perturbs the inputs, so finite differences see only the differentiable path.
     def bco(pc, rc, w):
         r = L.BCORunningMean()
-        r.state = torch.tensor([0.3, 1e12], dtype=torch.float64)
+        r.state = torch.tensor([0.3, 1e12], dtype=torch.float64, device=device)
         return L.bco_loss(pc, rc, desirable, r, weights=w)[0]
     assert torch.autograd.gradcheck(bco, (xs[0], xs[2], xs[4]), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -772,8 +787,8 @@ def test_opcheck(device, case):
     torch.library.opcheck(preference_loss_op.op, args)
 
 
-def test_torch_compile_fullgraph():
-    b = make_batch(8, seed=25, dtype=torch.float32)
+def test_torch_compile_fullgraph(device):
+    b = make_batch(8, seed=25, dtype=torch.float32, device=device)
 
     def f(pc, pr, rc, rr, w):
         loss, m = L.dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"], chosen_lengths=b["lc"], weights=w)
@@ -794,8 +809,10 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------------------------------
 # Bad input
 
-def test_bad_inputs():
-    b = make_batch(4, seed=26)
+def test_bad_inputs(device):
+    b = make_batch(4, seed=26, device=device)
+    ones = lambda *shape, **kw: torch.ones(*shape, **kw, device=device)
+    zeros = lambda *shape, **kw: torch.zeros(*shape, **kw, device=device)
     pc, pr, rc, rr = b["pc"], b["pr"], b["rc"], b["rr"]
     lc, lr = b["lc"], b["lr"]
     cases = [
@@ -827,19 +844,19 @@ def test_bad_inputs():
         (ValueError, "beta: expected a finite number > 0", lambda: L.dpo_loss(pc, pr, beta=float("nan"))),
         (ValueError, "discopop_tau", lambda: L.dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=-1.0)),
         (ValueError, "rpo_alpha", lambda: L.dpo_loss(pc, pr, rpo_alpha=float("inf"))),
-        (TypeError, "desirable: expected a bool", lambda: L.kto_loss(pc, rc, torch.ones(4))),
-        (ValueError, "desirable: expected 4", lambda: L.kto_loss(pc, rc, torch.ones(3, dtype=torch.bool))),
-        (ValueError, "ref_logps: this loss needs reference", lambda: L.kto_loss(pc, None, torch.ones(4, dtype=torch.bool))),
-        (ValueError, "no KL term", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), loss_type="apo_zero_unpaired",
+        (TypeError, "desirable: expected a bool", lambda: L.kto_loss(pc, rc, ones(4))),
+        (ValueError, "desirable: expected 4", lambda: L.kto_loss(pc, rc, ones(3, dtype=torch.bool))),
+        (ValueError, "ref_logps: this loss needs reference", lambda: L.kto_loss(pc, None, ones(4, dtype=torch.bool))),
+        (ValueError, "no KL term", lambda: L.kto_loss(pc, rc, ones(4, dtype=torch.bool), loss_type="apo_zero_unpaired",
                                                       policy_kl_logps=pr, ref_kl_logps=rr)),
-        (ValueError, "both KL-batch", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), policy_kl_logps=pr)),
-        (ValueError, "loss_type: expected one of 'kto'", lambda: L.kto_loss(pc, rc, torch.ones(4, dtype=torch.bool), loss_type="sigmoid")),
-        (TypeError, "running: expected a pyalign.losses.BCORunningMean", lambda: L.bco_loss(pc, rc, torch.ones(4, dtype=torch.bool), None)),
+        (ValueError, "both KL-batch", lambda: L.kto_loss(pc, rc, ones(4, dtype=torch.bool), policy_kl_logps=pr)),
+        (ValueError, "loss_type: expected one of 'kto'", lambda: L.kto_loss(pc, rc, ones(4, dtype=torch.bool), loss_type="sigmoid")),
+        (TypeError, "running: expected a pyalign.losses.BCORunningMean", lambda: L.bco_loss(pc, rc, ones(4, dtype=torch.bool), None)),
         (ValueError, "orpo_loss is length-normalized", lambda: L.orpo_loss(pc, pr, chosen_lengths=None, rejected_lengths=lr)),
         (ValueError, "'simpo' is length-normalized", lambda: L.cpo_loss(pc, pr, loss_type="simpo")),
         (ValueError, "hinge' does not use it", lambda: L.cpo_loss(pc, pr, loss_type="hinge", label_smoothing=0.1)),
         (ValueError, "loss_type: expected one of 'sigmoid', 'hinge', 'ipo', 'simpo'", lambda: L.cpo_loss(pc, pr, loss_type="orpo")),
-        (ValueError, "margin: expected 4", lambda: L.reward_model_loss(pc, pr, margin=torch.zeros(3))),
+        (ValueError, "margin: expected 4", lambda: L.reward_model_loss(pc, pr, margin=zeros(3))),
         (ValueError, "center_rewards_coefficient", lambda: L.reward_model_loss(pc, pr, center_rewards_coefficient=float("nan"))),
     ]
     for exc, pattern, fn in cases:
@@ -847,26 +864,28 @@ def test_bad_inputs():
             fn()
 
 
-def test_bad_inputs_reaching_the_binding():
+def test_bad_inputs_reaching_the_binding(device):
     """The compiled core validates by itself: a wrong call raises an error naming the argument, never
     crashes."""
-    from pyalign._ext import desc, kernels
-    a = torch.zeros(4)
-    loss = torch.empty(())
-    grads = torch.empty(5, 4)
-    metrics = torch.empty(pyalign._ext.CONTRACT["metric_slots"])
+    zeros = lambda *shape: torch.zeros(*shape, device=device)
+    empty = lambda *shape: torch.empty(*shape, device=device)
+    a = zeros(4)
+    loss = empty(())
+    grads = empty(5, 4)
+    metrics = empty(pyalign._ext.CONTRACT["metric_slots"])
     p = _params()
+    stream = stream_of(a)
 
     def call(b=a, grads=grads, types=(0,), family="dpo", fdiv="reverse_kl", reduction="mean", params=p):
         kernels.loss_forward(desc(a, "policy_chosen_logps"), desc(b, "policy_rejected_logps"), None, None, None, None,
                              None, None, None, None, None, desc(loss, "loss"), desc(grads, "grads"),
                              desc(metrics, "metrics"), None, None, family, list(types), [1.0] * len(types), params,
-                             fdiv, reduction, 0)
+                             fdiv, reduction, stream)
     with pytest.raises(ValueError, match="'policy_rejected_logps'.*expected a 1-d tensor of 4 elements"):
-        call(b=torch.zeros(3))
+        call(b=zeros(3))
     with pytest.raises(ValueError, match=r"'grads' \(float32, shape \[5, 3\]\): expected a contiguous float32 tensor "
                                          r"of shape \[5, 4\]"):
-        call(grads=torch.empty(5, 3))
+        call(grads=empty(5, 3))
     with pytest.raises(ValueError, match="aot losses need reference"):
         call(types=[9])
     with pytest.raises(ValueError, match="types: code 99 is not a loss type of family dpo"):
@@ -877,20 +896,20 @@ def test_bad_inputs_reaching_the_binding():
         call(reduction="avg")
     with pytest.raises(ValueError, match="params: expected 10 values"):
         call(params=p[:3])
-    bco_state = torch.zeros(2)
+    bco_state = zeros(2)
     with pytest.raises(ValueError, match="'state_out': the output \\[2\\] is required"):
         kernels.loss_forward(desc(a, "policy_logps"), None, desc(a, "ref_logps"), None, None, None, None,
                              desc(a > 0, "desirable"), None, None, desc(bco_state, "state"), desc(loss, "loss"),
                              desc(grads, "grads"), desc(metrics, "metrics"), None, None, "bco", [0], [1.0], p,
-                             "reverse_kl", "mean", 0)
+                             "reverse_kl", "mean", stream)
 
 
-def test_loss_parameters_are_bound_by_name():
+def test_loss_parameters_are_bound_by_name(device):
     assert PARAM_NAMES == tuple(pyalign._ext.CONTRACT["loss_params"]) and "beta" in PARAM_NAMES
     with pytest.raises(TypeError, match="unknown \\['betta'\\]"):
         _params(betta=1.0)
     # each name reaches its own field: only beta changes the sigmoid loss, only center the reward-model one
-    b = make_batch(6, seed=3)
+    b = make_batch(6, seed=3, device=device)
     args = lambda family, params: (b["pc"], b["pr"], b["rc"], b["rr"], None, None, None, None, None, None, None,
                                    family, [0], [1.0], params, "reverse_kl", "mean")
     base = preference_loss_op(*args("dpo", _params()))[0]
@@ -998,15 +1017,16 @@ def test_fused_linear_dpo_float32_matches_eager_fp64(device):
     close(gw, ww, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_linear_dpo_bad_inputs():
-    d = _linear_batch("cpu")
+def test_fused_linear_dpo_bad_inputs(device):
+    d = _linear_batch(device)
+    zeros = lambda *shape, **kw: torch.zeros(*shape, **kw, device=device)
     h, w, y = d["hidden"], d["weight"], d["labels"]
     cases = [
         ("hidden: expected \\[2B, T, H\\]", dict(), lambda: L.fused_linear_dpo_loss(h[:5], w, y[:5])),
-        ("ref_logps / ref_hidden: give", dict(ref_logps=torch.zeros(6), ref_hidden=d["ref_hidden"]), None),
-        ("ref_logps: expected a tensor of shape \\(6,\\)", dict(ref_logps=torch.zeros(5, dtype=torch.float64)), None),
-        ("ref_logps: expected a \\[2B\\] tensor or a pair", dict(ref_logps=(torch.zeros(3),)), None),
-        ("ref_logps\\[1\\]: expected a tensor of shape \\(3,\\)", dict(ref_logps=(torch.zeros(3), torch.zeros(4))), None),
+        ("ref_logps / ref_hidden: give", dict(ref_logps=zeros(6), ref_hidden=d["ref_hidden"]), None),
+        ("ref_logps: expected a tensor of shape \\(6,\\)", dict(ref_logps=zeros(5, dtype=torch.float64)), None),
+        ("ref_logps: expected a \\[2B\\] tensor or a pair", dict(ref_logps=(zeros(3),)), None),
+        ("ref_logps\\[1\\]: expected a tensor of shape \\(3,\\)", dict(ref_logps=(zeros(3), zeros(4))), None),
         ("ref_weight / ref_bias: only used with ref_hidden", dict(ref_weight=d["ref_weight"]), None),
         ("ref_hidden: expected \\[2B, T, H_ref\\]", dict(ref_hidden=d["ref_hidden"][:, :4]), None),
     ]

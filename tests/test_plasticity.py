@@ -1,6 +1,7 @@
 """Plasticity rules, PlasticLinear and consolidation against pyalign.reference.plasticity, plus the
 learning properties the rules are known for (Oja/Sanger find principal components, BCM becomes
-selective, STDP's sign follows spike order)."""
+selective, STDP's sign follows spike order), on every device: inputs are drawn on the CPU from seeded
+generators and moved, so a CPU case and its CUDA twin see the same numbers."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 from pyalign import plasticity as P
+from pyalign._ext import desc, kernels, stream_of
+from pyalign.ops.plasticity import plastic_update_, quad_penalty_
 from pyalign.reference import plasticity as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -27,10 +30,40 @@ OPTIONS = {
     "decay_bounds_max": dict(weight_decay=0.1, w_min=-0.3, w_max=0.35, norm=1.0, norm_mode="max"),
     "exact_norm": dict(norm=0.7, norm_mode="exact"),
 }
+# hypothesis tests that take the device fixture: the fixture is a constant string, so that
+# hypothesis does not reset it between examples is harmless.
+WITH_DEVICE = settings(suppress_health_check=[*settings.default.suppress_health_check,
+                                              HealthCheck.function_scoped_fixture])
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+class _On:
+    """Tensors on one device: ``randn`` and ``rand`` drawn on the CPU from one seeded generator and
+    moved, ``zeros``, ``full``, ``ones`` and ``tensor`` made there."""
+
+    def __init__(self, device, seed=0):
+        self.device, self.g = device, _gen(seed)
+
+    def randn(self, *shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=self.g, dtype=dtype).to(self.device)
+
+    def rand(self, *shape, dtype=torch.float32):
+        return torch.rand(*shape, generator=self.g, dtype=dtype).to(self.device)
+
+    def zeros(self, *shape, **kw):
+        return torch.zeros(*shape, **kw, device=self.device)
+
+    def ones(self, *shape, **kw):
+        return torch.ones(*shape, **kw, device=self.device)
+
+    def full(self, shape, value, **kw):
+        return torch.full(shape, value, **kw, device=self.device)
+
+    def tensor(self, data, **kw):
+        return torch.tensor(data, **kw).to(self.device)
 
 
 def _inputs(rule, out_f, in_f, n, dtype, device, seed=0):
@@ -97,8 +130,6 @@ def _close(got, ref, dtype, msg=""):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("rule", RULES)
 def test_fused_matches_eager_formula(device, rule, dtype, opt):
-    if dtype == torch.float64 and device == "cuda":
-        pytest.skip("fp64 weights are CPU-only")
     w, x, y = _inputs(rule, 7, 37, 5, dtype, device)
     got, ref, states = _run_both(rule, w, x, y, OPTIONS[opt])
     assert got.dtype == dtype
@@ -107,6 +138,7 @@ def test_fused_matches_eager_formula(device, rule, dtype, opt):
         torch.testing.assert_close(s.double().cpu(), s_ref, rtol=1e-5, atol=1e-6)
 
 
+@settings(WITH_DEVICE)
 @given(
     out_f=st.integers(1, 9), in_f=st.integers(1, 70), n=st.integers(1, 6),
     rule=st.sampled_from(RULES), dtype=st.sampled_from(DTYPES),
@@ -115,32 +147,34 @@ def test_fused_matches_eager_formula(device, rule, dtype, opt):
     norm=st.sampled_from([None, 0.5, 2.0]), norm_mode=st.sampled_from(["max", "exact"]),
     seed=st.integers(0, 2 ** 16),
 )
-def test_fused_matches_eager_formula_hypothesis(out_f, in_f, n, rule, dtype, lr, wd, bounds, norm, norm_mode, seed):
+def test_fused_matches_eager_formula_hypothesis(device, out_f, in_f, n, rule, dtype, lr, wd, bounds, norm, norm_mode,
+                                                seed):
     opts = dict(weight_decay=wd, norm=norm, norm_mode=norm_mode)
     if bounds:
         opts.update(w_min=bounds[0], w_max=bounds[1])
-    w, x, y = _inputs(rule, out_f, in_f, n, dtype, "cpu", seed)
+    w, x, y = _inputs(rule, out_f, in_f, n, dtype, device, seed)
     got, ref, _ = _run_both(rule, w, x, y, opts, lr=lr)
     # Clipping and the norm scaling are Lipschitz, so rounding differences before them stay within the tolerance.
     _close(got, ref, dtype, msg=f"{rule} {opts}")
 
 
+@settings(WITH_DEVICE)
 @given(rule=st.sampled_from(RULES), lr=st.floats(0.0, 50.0), seed=st.integers(0, 2 ** 16),
        bounds=st.sampled_from([(-0.1, 0.1), (0.0, 0.5), (0.2, 0.3)]), norm=st.sampled_from([None, 0.3]),
        dtype=st.sampled_from(DTYPES))
-def test_bounds_always_hold(rule, lr, seed, bounds, norm, dtype):
-    w, x, y = _inputs(rule, 5, 11, 4, dtype, "cpu", seed)
+def test_bounds_always_hold(device, rule, lr, seed, bounds, norm, dtype):
+    w, x, y = _inputs(rule, 5, 11, 4, dtype, device, seed)
     x, y = x * 10, y * 10
     got, _, _ = _run_both(rule, w, x, y, dict(w_min=bounds[0], w_max=bounds[1], norm=norm), lr=lr)
     # The bounds hold in the weight's dtype (a bound such as 0.1 is itself rounded to bf16/fp16).
-    lo, hi = (torch.tensor(b, dtype=dtype) for b in bounds)
+    lo, hi = (torch.tensor(b, dtype=dtype, device=device) for b in bounds)
     assert bool((got >= lo).all()) and bool((got <= hi).all())
     if norm is not None and bounds[0] <= 0 <= bounds[1]:
         assert float(got.double().norm(dim=1).max()) <= norm * (1 + 4 * RTOL[dtype])
 
 
-def test_noncontiguous_weight_and_determinism():
-    w, x, y = _inputs("oja", 16, 300, 8, torch.float32, "cpu")
+def test_noncontiguous_weight_and_determinism(device):
+    w, x, y = _inputs("oja", 16, 300, 8, torch.float32, device)
     wt = w.t().contiguous().t()  # same values, column-major
     a, b = w.clone(), w.clone()
     P.oja(a, x, y, lr=0.1, norm=1.0)
@@ -148,7 +182,7 @@ def test_noncontiguous_weight_and_determinism():
     P.oja(wt, x, y, lr=0.1, norm=1.0)
     assert torch.equal(a, b)
     assert torch.equal(a, wt)
-    big = torch.zeros(16, 310)
+    big = torch.zeros(16, 310, device=device)
     view = big[:, 5:305]  # rows with a stride other than their length, updated in place
     view.copy_(w)
     P.oja(view, x, y, lr=0.1, norm=1.0)
@@ -158,8 +192,9 @@ def test_noncontiguous_weight_and_determinism():
 
 def test_leading_dims_flattened(device):
     w, _, _ = _inputs("hebb", 4, 6, 1, torch.float32, device)
-    x = torch.randn(2, 3, 6, device=device)
-    y = torch.randn(2, 3, 4, device=device)
+    on = _On(device, seed=7)
+    x = on.randn(2, 3, 6)
+    y = on.randn(2, 3, 4)
     got = P.hebb(w.clone(), x, y, lr=0.1)
     ref = R.hebb(w.double().cpu(), x.double().cpu(), y.double().cpu(), lr=0.1)
     _close(got, ref, torch.float32)
@@ -205,16 +240,16 @@ def test_sanger_recovers_top_components_in_order(device):
         assert cos >= 0.99, (i, cos)
 
 
-def test_bcm_becomes_selective():
+def test_bcm_becomes_selective(device):
     # Two input patterns shown equally often; an initially unselective unit ends up responding to
     # one of them and not the other (Bienenstock et al. 1982, Fig. 2).
     g = _gen(4)
-    patterns = torch.tensor([[1.0, 0.2, 0.0, 0.5], [0.1, 1.0, 0.6, 0.0]])
-    w = torch.full((1, 4), 0.3)
-    theta = torch.zeros(1)
+    patterns = torch.tensor([[1.0, 0.2, 0.0, 0.5], [0.1, 1.0, 0.6, 0.0]], device=device)
+    w = torch.full((1, 4), 0.3, device=device)
+    theta = torch.zeros(1, device=device)
     before = (patterns @ w.t()).squeeze()
     for _ in range(4000):
-        x = patterns[torch.randint(0, 2, (8,), generator=g)]
+        x = patterns[torch.randint(0, 2, (8,), generator=g).to(device)]
         y = torch.relu(x @ w.t())
         P.bcm(w, x, y, theta, lr=0.02, tau=20.0, w_min=0.0)
     after = (patterns @ w.t()).squeeze()
@@ -224,13 +259,13 @@ def test_bcm_becomes_selective():
     assert float(after.max()) > 0.1
 
 
-def test_stdp_sign_follows_spike_order():
+def test_stdp_sign_follows_spike_order(device):
     def run(pre_t, post_t):
-        pre = torch.zeros(6, 1, 1)
-        post = torch.zeros(6, 1, 1)
+        pre = torch.zeros(6, 1, 1, device=device)
+        post = torch.zeros(6, 1, 1, device=device)
         pre[pre_t] = 1
         post[post_t] = 1
-        w = torch.zeros(1, 1)
+        w = torch.zeros(1, 1, device=device)
         P.stdp(w, pre, post, lr=1.0, tau_plus=5.0, tau_minus=5.0)
         return float(w)
     assert run(0, 3) > 0                                # pre before post: potentiation
@@ -240,24 +275,24 @@ def test_stdp_sign_follows_spike_order():
     assert run(1, 0) < run(4, 0) < 0
 
 
-def test_triplet_stdp_post_pre_post_potentiates_more():
+def test_triplet_stdp_post_pre_post_potentiates_more(device):
     # A post spike shortly before a pre-post pair raises the slow post trace, so the triplet rule
     # potentiates the pair more than the pair rule does (Pfister and Gerstner 2006).
-    pre = torch.zeros(8, 1, 1)
-    post = torch.zeros(8, 1, 1)
+    pre = torch.zeros(8, 1, 1, device=device)
+    post = torch.zeros(8, 1, 1, device=device)
     post[1] = 1
     pre[3] = 1
     post[5] = 1
     def dw(a3):
-        w = torch.zeros(1, 1)
+        w = torch.zeros(1, 1, device=device)
         P.stdp(w, pre, post, lr=1.0, a_minus=0.0, a3_plus=a3, tau_plus=5.0, tau_y=20.0)
         return float(w)
     assert dw(1.0) > dw(1e-12) > 0
 
 
 @pytest.mark.parametrize("a3", [0.0, 0.4])
-def test_stdp_one_step_with_carried_traces_equals_train(a3):
-    w, pre, post = _inputs("stdp", 5, 7, 3, torch.float32, "cpu")
+def test_stdp_one_step_with_carried_traces_equals_train(device, a3):
+    w, pre, post = _inputs("stdp", 5, 7, 3, torch.float32, device)
     a = w.clone()
     P.stdp(a, pre, post, lr=0.1, a3_plus=a3, a3_minus=a3 / 2)
     rule = P.STDP(0.1, a3_plus=a3, a3_minus=a3 / 2)
@@ -271,7 +306,7 @@ def test_stdp_one_step_with_carried_traces_equals_train(a3):
 
 def test_three_factor_zero_modulator_leaves_weight(device):
     w, x, y = _inputs("three_factor", 6, 9, 4, torch.float32, device)
-    trace = torch.randn(6, 9, device=device)
+    trace = _On(device, seed=8).randn(6, 9)
     for m in (0.0, torch.zeros(4, device=device), torch.tensor(0.0, device=device)):
         got = w.clone()
         tr = trace.clone()
@@ -280,8 +315,8 @@ def test_three_factor_zero_modulator_leaves_weight(device):
         torch.testing.assert_close(tr, 0.5 * trace + y.t() @ x / 4, rtol=1e-5, atol=1e-6)
 
 
-def test_three_factor_reward_sign():
-    w, x, y = _inputs("three_factor", 3, 4, 16, torch.float32, "cpu")
+def test_three_factor_reward_sign(device):
+    w, x, y = _inputs("three_factor", 3, 4, 16, torch.float32, device)
     corr = y.t() @ x
     up, down = w.clone(), w.clone()
     P.three_factor(up, x, y, torch.zeros_like(w), 1.0, lr=0.1)
@@ -298,7 +333,8 @@ def test_attach_records_and_applies(device):
     w0 = lin.weight.detach().clone()
     rule = P.Oja(0.05, norm=2.0, keep_workspace=device == "cpu")
     handle = P.attach(lin, rule)
-    x1, x2 = torch.randn(3, 6, device=device), torch.randn(2, 5, 6, device=device)
+    on = _On(device, seed=9)
+    x1, x2 = on.randn(3, 6), on.randn(2, 5, 6)
     with torch.no_grad():
         y1, y2 = lin(x1), lin(x2)
     rule.apply()
@@ -315,22 +351,23 @@ def test_attach_records_and_applies(device):
         rule.apply()
 
 
-def test_attached_three_factor_and_bcm_objects():
+def test_attached_three_factor_and_bcm_objects(device):
     torch.manual_seed(1)
-    lin = nn.Linear(5, 3)
+    lin = nn.Linear(5, 3).to(device)
     tf = P.ThreeFactor(0.1, decay=0.5)
     P.attach(lin, tf)
-    x = torch.randn(4, 5)
+    on = _On(device, seed=10)
+    x = on.randn(4, 5)
     w0 = lin.weight.detach().clone()
     with torch.no_grad():
         y = lin(x)
     tf.apply(modulator=2.0)
-    ref, tr = R.three_factor(w0.double(), x.double(), y.double(), torch.zeros(3, 5, dtype=torch.float64), 2.0,
-                             lr=0.1, decay=0.5)
+    ref, tr = R.three_factor(w0.double().cpu(), x.double().cpu(), y.double().cpu(),
+                             torch.zeros(3, 5, dtype=torch.float64), 2.0, lr=0.1, decay=0.5)
     _close(lin.weight.detach(), ref, torch.float32)
-    torch.testing.assert_close(tf.trace.double(), tr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tf.trace.double().cpu(), tr, rtol=1e-5, atol=1e-6)
     bcm = P.BCM(0.1, tau=5.0)
-    w = torch.randn(3, 5)
+    w = on.randn(3, 5)
     bcm.step(w, x, x @ w.t())
     assert bcm.theta is not None and bcm.theta.shape == (3,)
     bcm.reset()
@@ -341,13 +378,13 @@ def test_attached_three_factor_and_bcm_objects():
 
 
 @pytest.mark.parametrize("mode", ["decay", "neuromodulated"])
-def test_plastic_linear_gradcheck(mode):
+def test_plastic_linear_gradcheck(device, mode):
     torch.manual_seed(0)
-    layer = P.PlasticLinear(4, 3, mode=mode, eta=0.3, alpha=0.5, clip=0.4, dtype=torch.float64)
+    layer = P.PlasticLinear(4, 3, mode=mode, eta=0.3, alpha=0.5, clip=0.4, dtype=torch.float64).to(device)
     names = ["weight", "alpha", "bias"] + (["eta"] if mode == "decay" else [])
-    x1 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    x2 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    mod = torch.tensor([0.7, -1.3], dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(2, 4, dtype=torch.float64).to(device).requires_grad_()
+    x2 = torch.randn(2, 4, dtype=torch.float64).to(device).requires_grad_()
+    mod = torch.tensor([0.7, -1.3], dtype=torch.float64, device=device, requires_grad=True)
 
     def f(x1, x2, mod, *ps):
         # Three steps from a fresh trace: gradients flow through the trace into every input.
@@ -360,25 +397,26 @@ def test_plastic_linear_gradcheck(mode):
     assert torch.autograd.gradcheck(f, (x1, x2, mod) + params)
 
 
-def test_plastic_linear_matches_reference_and_trace_api():
+def test_plastic_linear_matches_reference_and_trace_api(device):
     torch.manual_seed(0)
-    layer = P.PlasticLinear(5, 3, mode="neuromodulated", clip=0.05)
-    xs = [torch.randn(4, 5) for _ in range(3)]
+    layer = P.PlasticLinear(5, 3, mode="neuromodulated", clip=0.05).to(device)
+    xs = [torch.randn(4, 5).to(device) for _ in range(3)]
+    mod = torch.tensor([1.0, -0.5, 2.0, 0.0], device=device)
     h = None
     for x in xs:
-        y = layer(x, modulator=torch.tensor([1.0, -0.5, 2.0, 0.0]))
+        y = layer(x, modulator=mod)
         y_ref, h = R.plastic_linear_step(x, layer.weight, layer.bias, layer.alpha, None, h, mode="neuromodulated",
-                                         modulator=torch.tensor([1.0, -0.5, 2.0, 0.0]), clip=0.05)
+                                         modulator=mod, clip=0.05)
         torch.testing.assert_close(y, y_ref)
         torch.testing.assert_close(layer.hebb, h)
-    assert bool(layer.hebb.detach().abs().max() <= torch.tensor(0.05))
+    assert bool(layer.hebb.detach().abs().max() <= torch.tensor(0.05, device=device))
     layer.detach_trace()
     assert not layer.hebb.requires_grad
     layer.reset_trace()
     assert layer.hebb is None
     with pytest.raises(ValueError, match="modulator"):
         layer(xs[0])
-    d = P.PlasticLinear(5, 3)
+    d = P.PlasticLinear(5, 3).to(device)
     d(xs[0])
     d(xs[1]).sum().backward()  # through the trace: eta receives a gradient
     assert d.eta.grad is not None and float(d.eta.grad.abs()) > 0
@@ -453,13 +491,13 @@ def test_ewc_penalty_and_gradient_equal_autograd(device, online):
             torch.testing.assert_close(p.grad.double().cpu(), rg, rtol=1e-4, atol=1e-6)
 
 
-def test_si_penalty_and_gradient_equal_autograd():
-    model = _model(1)
+def test_si_penalty_and_gradient_equal_autograd(device):
+    model = _model(1, device)
     si = P.SynapticIntelligence(model, strength=2.0, xi=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     start = [p.detach().clone() for p in model.parameters()]
     omega = [torch.zeros_like(p) for p in model.parameters()]
-    for x, t in _task_batches(3, n=5):
+    for x, t in _task_batches(3, n=5, device=device):
         opt.zero_grad()
         ((model(x) - t) ** 2).mean().backward()
         prev = [p.detach().clone() for p in model.parameters()]
@@ -474,11 +512,11 @@ def test_si_penalty_and_gradient_equal_autograd():
     _check_penalty(model, si, anchors, imps)
 
 
-def test_mas_penalty_and_gradient_equal_autograd():
-    model = _model(2)
+def test_mas_penalty_and_gradient_equal_autograd(device):
+    model = _model(2, device)
     mas = P.MAS(model, strength=0.5)
     imps = [torch.zeros_like(p) for p in model.parameters()]
-    for x, _ in _task_batches(4):
+    for x, _ in _task_batches(4, device=device):
         mas.accumulate(model(x))
         out = model(x)
         gs = torch.autograd.grad(out.pow(2).sum(-1).mean(), list(model.parameters()))
@@ -492,8 +530,6 @@ def test_mas_penalty_and_gradient_equal_autograd():
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_penalty_kernel_dtypes(device, dtype):
-    if dtype == torch.float64 and device == "cuda":
-        pytest.skip("fp64 is CPU-only")
     g = _gen(0)
     n = 3 * 8192 + 17  # several chunks and a tail
     p = torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -502,7 +538,6 @@ def test_penalty_kernel_dtypes(device, dtype):
     imp = torch.rand(n, generator=g, dtype=torch.float64).to(acc).to(device)
     grad = torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device)
     grad0 = grad.clone()
-    from pyalign.ops.plasticity import quad_penalty_
     val = quad_penalty_(p, a, imp, grad, 0.75).sum(dtype=torch.float64)
     pd, ad, idd = p.double().cpu(), a.double().cpu(), imp.double().cpu()
     ref = 0.75 * (idd * (pd - ad) ** 2).sum()
@@ -514,12 +549,13 @@ def test_penalty_kernel_dtypes(device, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:grad and param do not obey")
-def test_penalty_noncontiguous_grad_and_no_task_yet():
-    lin = nn.Linear(4, 3)
+def test_penalty_noncontiguous_grad_and_no_task_yet(device):
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 3).to(device)
     ewc = P.EWC(lin, strength=1.0)
     assert float(ewc.penalty()) == 0.0
-    lin.weight.grad = torch.zeros(4, 3).t()  # non-contiguous grad
-    lin(torch.randn(2, 4)).sum().backward()
+    lin.weight.grad = torch.zeros(4, 3, device=device).t()  # non-contiguous grad
+    lin(_On(device, seed=11).randn(2, 4)).sum().backward()
     ewc.accumulate()
     ewc.consolidate()
     with torch.no_grad():
@@ -533,41 +569,44 @@ def test_penalty_noncontiguous_grad_and_no_task_yet():
 # ---------------------------------------------------------------------------------------------- ops + bad input
 
 
-def test_opcheck():
-    from pyalign.ops.plasticity import plastic_update_, quad_penalty_
-    w = torch.randn(4, 6)
-    g = torch.randn(4, 6)
-    tr = torch.randn(4, 6)
-    r = torch.rand(4)
+def test_opcheck(device):
+    on = _On(device, seed=12)
+    w = on.randn(4, 6)
+    g = on.randn(4, 6)
+    tr = on.randn(4, 6)
+    r = on.rand(4)
     torch.library.opcheck(plastic_update_.op, (w, g, None, None, r, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.99, -1.0, 1.0, 1.0, 1))
     torch.library.opcheck(plastic_update_.op, (w, g, g.clone(), tr, None, 0.0, 0.5, 1.0, 0.9, 0.25, 0.1, 1.0,
                                                -math.inf, math.inf, 0.0, 0))
-    p = torch.randn(100)
-    torch.library.opcheck(quad_penalty_.op, (p, torch.randn(100), torch.rand(100), torch.zeros(100), 0.5))
-    torch.library.opcheck(quad_penalty_.op, (p, torch.randn(100), torch.rand(100), None, 0.5))
+    p = on.randn(100)
+    torch.library.opcheck(quad_penalty_.op, (p, on.randn(100), on.rand(100), on.zeros(100), 0.5))
+    torch.library.opcheck(quad_penalty_.op, (p, on.randn(100), on.rand(100), None, 0.5))
 
 
-def test_bad_input():
-    w = torch.randn(4, 6)
-    x, y = torch.randn(3, 6), torch.randn(3, 4)
+def test_bad_input(device):
+    on = _On(device)
+    # Checking the values (a host sync) is on by default on CPU only: ask for it on CUDA.
+    values = {} if device == "cpu" else {"validate": True}
+    w = on.randn(4, 6)
+    x, y = on.randn(3, 6), on.randn(3, 4)
     with pytest.raises(ValueError, match="x: expected shape"):
-        P.hebb(w, torch.randn(3, 5), y, lr=0.1)
+        P.hebb(w, on.randn(3, 5), y, lr=0.1)
     with pytest.raises(ValueError, match="y: expected shape"):
-        P.hebb(w, x, torch.randn(3, 5), lr=0.1)
+        P.hebb(w, x, on.randn(3, 5), lr=0.1)
     with pytest.raises(ValueError, match="y: expected the leading shape"):
-        P.hebb(w, x, torch.randn(2, 4), lr=0.1)
+        P.hebb(w, x, on.randn(2, 4), lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         P.oja(w, x, y, lr=-0.1)
     with pytest.raises(ValueError, match="decay"):
-        P.EWC([torch.nn.Parameter(torch.randn(3))], online=True, decay=1.5)
+        P.EWC([torch.nn.Parameter(on.randn(3))], online=True, decay=1.5)
     with pytest.raises(ValueError, match="weight"):  # overlapping rows cannot be updated in place
-        P.hebb(torch.randn(40).as_strided((4, 6), (2, 1)), x, y, lr=0.1)
+        P.hebb(on.randn(40).as_strided((4, 6), (2, 1)), x, y, lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         P.oja(w, x, y, lr=float("nan"))
     with pytest.raises(ValueError, match="x: contains NaN"):
-        P.oja(w, torch.full((3, 6), float("nan")), y, lr=0.1)
+        P.oja(w, on.full((3, 6), float("nan")), y, lr=0.1, **values)
     with pytest.raises(ValueError, match="y: contains NaN"):
-        P.hebb(w, x, torch.full((3, 4), float("inf")), lr=0.1)
+        P.hebb(w, x, on.full((3, 4), float("inf")), lr=0.1, **values)
     with pytest.raises(ValueError, match="w_min"):
         P.hebb(w, x, y, lr=0.1, w_min=1.0, w_max=0.0)
     with pytest.raises(ValueError, match="norm"):
@@ -575,37 +614,37 @@ def test_bad_input():
     with pytest.raises(ValueError, match="norm_mode"):
         P.hebb(w, x, y, lr=0.1, norm=1.0, norm_mode="l1")
     with pytest.raises(ValueError, match="weight: expected a 2-d"):
-        P.hebb(torch.randn(6), x, y, lr=0.1)
+        P.hebb(on.randn(6), x, y, lr=0.1)
     with pytest.raises(TypeError, match="weight: expected a floating"):
-        P.hebb(torch.zeros(4, 6, dtype=torch.int64), x, y, lr=0.1)
+        P.hebb(on.zeros(4, 6, dtype=torch.int64), x, y, lr=0.1)
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         P.hebb(w, [1.0] * 6, y, lr=0.1)
     with pytest.raises(ValueError, match="theta: expected shape"):
-        P.bcm(w, x, y, torch.zeros(3), lr=0.1)
+        P.bcm(w, x, y, on.zeros(3), lr=0.1)
     with pytest.raises(TypeError, match="theta: expected dtype"):
-        P.bcm(w, x, y, torch.zeros(4, dtype=torch.float64), lr=0.1)
+        P.bcm(w, x, y, on.zeros(4, dtype=torch.float64), lr=0.1)
     with pytest.raises(ValueError, match="tau"):
-        P.bcm(w, x, y, torch.zeros(4), lr=0.1, tau=0.5)
+        P.bcm(w, x, y, on.zeros(4), lr=0.1, tau=0.5)
     with pytest.raises(ValueError, match="trace: expected shape"):
-        P.three_factor(w, x, y, torch.zeros(6, 4), 1.0, lr=0.1)
+        P.three_factor(w, x, y, on.zeros(6, 4), 1.0, lr=0.1)
     with pytest.raises(ValueError, match="modulator: expected"):
-        P.three_factor(w, x, y, torch.zeros(4, 6), torch.ones(5), lr=0.1)
+        P.three_factor(w, x, y, on.zeros(4, 6), on.ones(5), lr=0.1)
     with pytest.raises(ValueError, match="modulator"):
-        P.three_factor(w, x, y, torch.zeros(4, 6), float("nan"), lr=0.1)
+        P.three_factor(w, x, y, on.zeros(4, 6), float("nan"), lr=0.1)
     with pytest.raises(ValueError, match="decay"):
-        P.three_factor(w, x, y, torch.zeros(4, 6), 1.0, lr=0.1, decay=1.5)
+        P.three_factor(w, x, y, on.zeros(4, 6), 1.0, lr=0.1, decay=1.5)
     with pytest.raises(ValueError, match="pre: expected spikes"):
-        P.stdp(w, torch.zeros(6), torch.zeros(4), lr=0.1)
+        P.stdp(w, on.zeros(6), on.zeros(4), lr=0.1)
     with pytest.raises(ValueError, match="post: expected the leading shape"):
-        P.stdp(w, torch.zeros(2, 3, 6), torch.zeros(2, 2, 4), lr=0.1)
+        P.stdp(w, on.zeros(2, 3, 6), on.zeros(2, 2, 4), lr=0.1)
     with pytest.raises(ValueError, match="pre_trace: expected shape"):
-        P.stdp(w, torch.zeros(2, 3, 6), torch.zeros(2, 3, 4), torch.zeros(2, 6), lr=0.1)
+        P.stdp(w, on.zeros(2, 3, 6), on.zeros(2, 3, 4), on.zeros(2, 6), lr=0.1)
     with pytest.raises(ValueError, match="mode"):
         P.PlasticLinear(3, 2, mode="hebbian")
     with pytest.raises(ValueError, match="in_features"):
         P.PlasticLinear(0, 2)
     with pytest.raises(ValueError, match="params"):
-        P.EWC([torch.zeros(3)])
+        P.EWC([on.zeros(3)])
     with pytest.raises(RuntimeError, match="accumulate"):
         P.EWC(nn.Linear(2, 2)).consolidate()
     with pytest.raises(TypeError, match="rule"):
@@ -613,47 +652,47 @@ def test_bad_input():
     with pytest.raises(ValueError, match="module"):
         P.attach(nn.ReLU(), P.Oja(0.1))
     # The compiled core rejects what the Python layer would never send.
-    from pyalign._ext import kernels, desc
     with pytest.raises(ValueError, match="g.*expected the shape"):
-        kernels.plastic_update(desc(w, "weight"), desc(torch.zeros(3, 6), "g"), None, None, None,
-                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
+        kernels.plastic_update(desc(w, "weight"), desc(on.zeros(3, 6), "g"), None, None, None,
+                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, stream_of(w))
     with pytest.raises(ValueError, match="expected dtype float32"):
-        kernels.plastic_update(desc(w, "weight"), desc(torch.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
-                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, 0)
+        kernels.plastic_update(desc(w, "weight"), desc(on.zeros(4, 6, dtype=torch.float64), "g"), None, None, None,
+                          1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0, stream_of(w))
 
 
 def test_custom_op_and_direct_call_agree(device):
     """The eager fast path (a direct call) and the registered custom op give bitwise the same updates."""
-    from pyalign.ops.plasticity import plastic_update_, quad_penalty_
+    on = _On(device, seed=13)
     w, x, y = _inputs("three_factor", 5, 33, 4, torch.float32, device)
     g = y.float().t() @ x.float()
-    args = (g, g.clone() * 0.5, None, torch.rand(5, device=device), 0.3, 0.2, 0.1, 0.9, 0.25, 0.1, 0.99,
+    args = (g, g.clone() * 0.5, None, on.rand(5), 0.3, 0.2, 0.1, 0.9, 0.25, 0.1, 0.99,
             -0.4, 0.4, 1.5, 1)
     t1, t2 = torch.ones_like(g), torch.ones_like(g)
     a, b = w.clone(), w.clone()
     plastic_update_(a, args[0], args[1], t1, *args[3:])
     plastic_update_.op(b, args[0], args[1], t2, *args[3:])
     assert torch.equal(a, b) and torch.equal(t1, t2)
-    p, an, imp = w.flatten(), torch.zeros(165, device=device), torch.rand(165, device=device)
+    p, an, imp = w.flatten(), on.zeros(165), on.rand(165)
     assert torch.equal(quad_penalty_(p, an, imp, None, 0.5), quad_penalty_.op(p, an, imp, None, 0.5))
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_workspace_gives_same_result(rule):
-    w, x, y = _inputs(rule, 6, 10, 3, torch.float32, "cpu")
+def test_workspace_gives_same_result(device, rule):
+    w, x, y = _inputs(rule, 6, 10, 3, torch.float32, device)
     a, _, sa = _run_both(rule, w, x, y, {"norm": 1.0})
-    b, _, sb = _run_both(rule, w, x, y, {"norm": 1.0, "workspace": torch.full((6, 10), float("nan"))})
+    b, _, sb = _run_both(rule, w, x, y, {"norm": 1.0, "workspace": torch.full((6, 10), float("nan"), device=device)})
     assert torch.equal(a, b)
     for (s1, _), (s2, _) in zip(sa, sb):
         assert torch.equal(s1, s2)
 
 
-def test_bad_workspace():
-    w, x, y = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3, 4)
+def test_bad_workspace(device):
+    on = _On(device)
+    w, x, y = on.randn(4, 6), on.randn(3, 6), on.randn(3, 4)
     with pytest.raises(ValueError, match="workspace: expected a contiguous torch.float32"):
-        P.hebb(w, x, y, lr=0.1, workspace=torch.empty(6, 4))
+        P.hebb(w, x, y, lr=0.1, workspace=on.zeros(6, 4))
     with pytest.raises(ValueError, match="workspace"):
-        P.hebb(w, x, y, lr=0.1, workspace=torch.empty(4, 6, dtype=torch.float64))
+        P.hebb(w, x, y, lr=0.1, workspace=on.zeros(4, 6, dtype=torch.float64))
 
 
 def test_torch_compile_fullgraph(device):

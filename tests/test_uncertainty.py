@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pyalign
 from pyalign import uncertainty as U
+from pyalign._ext import desc, kernels, stream_of
 from pyalign.ops.uncertainty import reward_stats_op, token_uncertainty_backward_op, token_uncertainty_op
 from pyalign.reference import uncertainty as R
 
@@ -24,6 +25,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 TOKEN_FIELDS = ("total_entropy", "expected_entropy", "mutual_information", "logprobs", "prob_variance",
                 "member_logprobs")
+# hypothesis tests that take the device fixture: the fixture is a constant string, so that
+# hypothesis does not reset it between examples is harmless.
+WITH_DEVICE = settings(suppress_health_check=[*settings.default.suppress_health_check,
+                                              HealthCheck.function_scoped_fixture])
 
 
 def _logits(m, lead, v, dtype, device, scale=3.0, seed=0):
@@ -36,6 +41,30 @@ def _labels(lead, v, device, seed=0, ignore_frac=0.2):
     lab = torch.randint(0, v, lead, generator=g)
     lab[torch.rand(lead, generator=g) < ignore_frac] = -100
     return lab.to(device)
+
+
+class _On:
+    """Tensors on one device, so that a CPU case and its CUDA twin see the same numbers: ``randn``
+    and ``rand`` drawn on the CPU from one seeded generator and moved, ``tensor``, ``ones`` and
+    ``empty`` made there."""
+
+    def __init__(self, device, seed=0):
+        self.device, self.g = device, torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=self.g, dtype=dtype).to(self.device)
+
+    def rand(self, *shape, dtype=torch.float32):
+        return torch.rand(*shape, generator=self.g, dtype=dtype).to(self.device)
+
+    def tensor(self, data, **kw):
+        return torch.tensor(data, **kw).to(self.device)
+
+    def ones(self, *shape, **kw):
+        return torch.ones(*shape, **kw).to(self.device)
+
+    def empty(self, *shape, **kw):
+        return torch.empty(*shape, **kw, device=self.device)
 
 
 def _compare_tokens(out, ref, tol, rtol=0.0):
@@ -52,8 +81,6 @@ def _compare_tokens(out, ref, tol, rtol=0.0):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_token_uncertainty_matches_reference(device, dtype):
-    if dtype == torch.float64 and device == "cuda":
-        pytest.skip("fp64 is a CPU (gradcheck) dtype")
     x = _logits(3, (2, 5), 1000, dtype, device)
     lab = _labels((2, 5), 1000, device)
     out = U.token_uncertainty(x, lab, temperature=1.3)
@@ -61,15 +88,16 @@ def test_token_uncertainty_matches_reference(device, dtype):
     _compare_tokens(out, R.token_uncertainty(x.cpu(), lab.cpu(), temperature=1.3), TOL[dtype])
 
 
+@settings(WITH_DEVICE)
 @given(m=st.integers(1, 4), lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
        v=st.sampled_from([1, 3, 17, 513, 1031]), temp=st.floats(0.5, 2.0),
        dtype=st.sampled_from(DTYPES), with_labels=st.booleans(), seed=st.integers(0, 1000))
-def test_token_uncertainty_hypothesis(m, lead, v, temp, dtype, with_labels, seed):
+def test_token_uncertainty_hypothesis(device, m, lead, v, temp, dtype, with_labels, seed):
     lead = tuple(lead)
-    x = _logits(m, lead, v, dtype, "cpu", seed=seed)
-    lab = _labels(lead, v, "cpu", seed=seed) if with_labels else None
+    x = _logits(m, lead, v, dtype, device, seed=seed)
+    lab = _labels(lead, v, device, seed=seed) if with_labels else None
     out = U.token_uncertainty(x, lab, temperature=temp)
-    ref = R.token_uncertainty(x, lab, temperature=temp)
+    ref = R.token_uncertainty(x.cpu(), None if lab is None else lab.cpu(), temperature=temp)
     _compare_tokens(out, ref, TOL[dtype])
     if lab is None:
         assert out.logprobs is None and out.member_logprobs is None
@@ -86,7 +114,7 @@ def test_token_uncertainty_odd_vocab_and_views(device):
     wide = _logits(2, (3,), 2 * 101, torch.float32, device, seed=4).view(2, 3, 101, 2)[..., 1]
     lab2 = torch.tensor([0, 100, 7], device=device)
     _compare_tokens(U.token_uncertainty(wide, lab2), R.token_uncertainty(wide.cpu(), lab2.cpu()), 1e-5)
-    leaf = base.detach().double().cpu().requires_grad_() if device == "cpu" else base.detach().clone().requires_grad_()
+    leaf = base.detach().double().requires_grad_()
     U.token_uncertainty(leaf[1:, ::2], lab).logprobs.sum().backward()
     ref_leaf = base.detach().double().cpu().requires_grad_()
     R.token_uncertainty(ref_leaf[1:, ::2], lab.cpu())["logprobs"].sum().backward()
@@ -139,9 +167,9 @@ def test_token_ignore_index_gives_zero(device):
     assert out.total_entropy[2] > 0
 
 
-def test_token_gradcheck_fp64():
-    x = _logits(3, (2, 3), 11, torch.float64, "cpu").requires_grad_()
-    lab = torch.tensor([[1, -100, 4], [0, 10, 5]])
+def test_token_gradcheck_fp64(device):
+    x = _logits(3, (2, 3), 11, torch.float64, device).requires_grad_()
+    lab = torch.tensor([[1, -100, 4], [0, 10, 5]], device=device)
     f = lambda t: U.token_uncertainty(t, lab, temperature=0.7).logprobs
     assert torch.autograd.gradcheck(f, (x,))
     g = lambda t: U.token_uncertainty(t, lab, temperature=0.7).member_logprobs
@@ -154,7 +182,7 @@ def test_token_gradcheck_fp64():
 def test_token_grad_matches_reference(device, dtype):
     x = _logits(3, (4, 5), 300, dtype, device, seed=2).requires_grad_()
     lab = _labels((4, 5), 300, device, seed=2)
-    w = torch.randn(4, 5, device=device)
+    w = _On(device, seed=2).randn(4, 5)
     out = U.token_uncertainty(x, lab, temperature=1.5)
     (out.logprobs * w).sum().backward()
     xr = x.detach().cpu().double().requires_grad_()
@@ -165,9 +193,9 @@ def test_token_grad_matches_reference(device, dtype):
     assert x.grad.dtype == dtype
 
 
-def test_token_entropies_are_not_differentiable():
-    x = _logits(2, (3,), 20, torch.float32, "cpu").requires_grad_()
-    out = U.token_uncertainty(x, torch.tensor([1, 2, 3]))
+def test_token_entropies_are_not_differentiable(device):
+    x = _logits(2, (3,), 20, torch.float32, device).requires_grad_()
+    out = U.token_uncertainty(x, torch.tensor([1, 2, 3], device=device))
     assert not out.mutual_information.requires_grad and not out.total_entropy.requires_grad
     assert out.logprobs.requires_grad
 
@@ -208,24 +236,27 @@ def test_sequence_uncertainty(device):
 # reward ensembles
 # ---------------------------------------------------------------------------------------------
 
+@settings(WITH_DEVICE)
 @given(m=st.integers(2, 9), n=st.integers(1, 600), dtype=st.sampled_from(DTYPES + [torch.float64]),
        weighted=st.booleans(), ddof=st.sampled_from([0, 1]), q=st.floats(0, 1), seed=st.integers(0, 999))
-def test_reward_stats_hypothesis(m, n, dtype, weighted, ddof, q, seed):
+def test_reward_stats_hypothesis(device, m, n, dtype, weighted, ddof, q, seed):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
     v = torch.rand(m, n, generator=g, dtype=torch.float64).to(dtype)
     w = torch.rand(m, generator=g) + 0.1 if weighted else None
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     ref = R.reward_stats(r, v, w, ddof=ddof, q=q)
+    r, v, w = (None if t is None else t.to(device) for t in (r, v, w))
     agg = U.aggregate_rewards(r, member_weights=w, ddof=ddof, variances=v)
-    torch.testing.assert_close(agg.mean.double(), ref["mean"], atol=tol, rtol=0)
-    torch.testing.assert_close(agg.variance.double(), ref["var"], atol=tol, rtol=0)
-    torch.testing.assert_close(agg.min.double(), ref["min"], atol=0, rtol=0)
-    torch.testing.assert_close(agg.max.double(), ref["max"], atol=0, rtol=0)
-    torch.testing.assert_close(agg.aleatoric.double(), ref["aleatoric"], atol=tol, rtol=0)
+    cpu64 = lambda t: t.double().cpu()
+    torch.testing.assert_close(cpu64(agg.mean), ref["mean"], atol=tol, rtol=0)
+    torch.testing.assert_close(cpu64(agg.variance), ref["var"], atol=tol, rtol=0)
+    torch.testing.assert_close(cpu64(agg.min), ref["min"], atol=0, rtol=0)
+    torch.testing.assert_close(cpu64(agg.max), ref["max"], atol=0, rtol=0)
+    torch.testing.assert_close(cpu64(agg.aleatoric), ref["aleatoric"], atol=tol, rtol=0)
     if not weighted:
         qa = U.aggregate_rewards(r, method="quantile", q=q)
-        torch.testing.assert_close(qa.reward.double(), ref["quantile"], atol=tol, rtol=0)
+        torch.testing.assert_close(cpu64(qa.reward), ref["quantile"], atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("method", U.METHODS)
@@ -259,7 +290,7 @@ def test_quantile_many_members_and_ties(device):
 
 
 def test_member_weights_and_posterior(device):
-    r = torch.randn(4, 10, device=device)
+    r = _On(device, seed=3).randn(4, 10)
     logev = torch.tensor([-3.0, -1.0, -2.0, -1.5], device=device)
     w = U.posterior_weights(logev)
     torch.testing.assert_close(w.sum(), torch.tensor(1.0, device=device))
@@ -289,11 +320,11 @@ def test_heteroscedastic_decomposition_sums(device):
     assert abs(float(samples.var()) - float(dec.total[0])) < 0.05 * float(dec.total[0]) + 0.01
 
 
-def test_reward_gradcheck():
-    g = torch.Generator().manual_seed(4)
-    r = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_()
-    v = torch.rand(5, 7, generator=g, dtype=torch.float64).requires_grad_()
-    w = torch.rand(5, generator=g, dtype=torch.float64)
+def test_reward_gradcheck(device):
+    on = _On(device, seed=4)
+    r = on.randn(5, 7, dtype=torch.float64).requires_grad_()
+    v = on.rand(5, 7, dtype=torch.float64).requires_grad_()
+    w = on.rand(5, dtype=torch.float64)
     for method in U.METHODS:
         mw = w if method not in ("median", "quantile") else None
         f = lambda a, b: (lambda o: o.reward + o.total_variance + o.max)(
@@ -302,9 +333,10 @@ def test_reward_gradcheck():
 
 
 def test_reward_opcheck(device):
-    r = torch.randn(4, 9, device=device, requires_grad=True)
-    v = torch.rand(4, 9, device=device, requires_grad=True)
-    w = torch.softmax(torch.randn(4, device=device), 0)
+    on = _On(device, seed=5)
+    r = on.randn(4, 9).requires_grad_()
+    v = on.rand(4, 9).requires_grad_()
+    w = torch.softmax(on.randn(4), 0)
     torch.library.opcheck(reward_stats_op.op, (r, v, w, 1.0, 0.3))
     torch.library.opcheck(reward_stats_op.op, (r, None, None, 0.75, -1.0))
 
@@ -326,10 +358,10 @@ def test_preference_uncertainty(device):
     assert torch.isfinite(big.total).all() and torch.isfinite(big.aleatoric).all()
 
 
-def test_preference_uncertainty_grad():
-    g = torch.Generator().manual_seed(6)
-    rc = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
-    rr = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+def test_preference_uncertainty_grad(device):
+    on = _On(device, seed=6)
+    rc = on.randn(3, 5, dtype=torch.float64).requires_grad_()
+    rr = on.randn(3, 5, dtype=torch.float64).requires_grad_()
     f = lambda a, b: (lambda o: o.prob + o.prob_variance + o.aleatoric)(U.preference_uncertainty(a, b))
     assert torch.autograd.gradcheck(f, (rc, rr))
 
@@ -365,30 +397,31 @@ def test_uncertainty_weights(device):
 # calibration and conformal
 # ---------------------------------------------------------------------------------------------
 
-def test_calibration_matches_loop_reference():
+def test_calibration_matches_loop_reference(device):
     g = torch.Generator().manual_seed(8)
     p = torch.rand(500, generator=g)
     y = (torch.rand(500, generator=g) < p ** 2).long()
-    cal = U.calibration(p, y, n_bins=10)
+    cal = U.calibration(p.to(device), y.to(device), n_bins=10)
     ece, mce = R.calibration(p, y, n_bins=10)
     assert abs(float(cal.ece) - ece) < 1e-6 and abs(float(cal.mce) - mce) < 1e-6
-    torch.testing.assert_close(cal.brier.double(), ((p - y) ** 2).mean().double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cal.brier.double().cpu(), ((p - y) ** 2).mean().double(), atol=1e-6, rtol=0)
     pt = torch.where(y == 1, p, 1 - p)
-    torch.testing.assert_close(cal.nll.double(), -pt.clamp(min=1e-12).log().mean().double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cal.nll.double().cpu(), -pt.clamp(min=1e-12).log().mean().double(), atol=1e-5, rtol=0)
     assert int(cal.bin_count.sum()) == 500
     probs = torch.softmax(torch.randn(400, 5, generator=g) * 2, 1)
     t = torch.multinomial(probs, 1, generator=g).squeeze(1)
-    cal2 = U.calibration(probs, t, n_bins=8)
+    cal2 = U.calibration(probs.to(device), t.to(device), n_bins=8)
     ece2, mce2 = R.calibration(probs, t, n_bins=8)
     assert abs(float(cal2.ece) - ece2) < 1e-6 and abs(float(cal2.mce) - mce2) < 1e-6
     onehot = torch.nn.functional.one_hot(t, 5).float()
-    torch.testing.assert_close(cal2.brier, ((probs - onehot) ** 2).sum(1).mean(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cal2.brier.cpu(), ((probs - onehot) ** 2).sum(1).mean(), atol=1e-6, rtol=0)
 
 
-def test_calibration_properties():
+def test_calibration_properties(device):
     g = torch.Generator().manual_seed(9)
     p = torch.rand(200_000, generator=g)
     y = (torch.rand(200_000, generator=g) < p).long()   # calibrated by construction
+    p, y = p.to(device), y.to(device)
     good = U.calibration(p, y, n_bins=15)
     assert float(good.ece) < 0.01
     bad = U.calibration(p.clamp(0.0, 1.0) ** 0.25, y, n_bins=15)   # over-confident positives
@@ -406,23 +439,24 @@ def test_plot_reliability_without_matplotlib(monkeypatch):
         U.plot_reliability(cal)
 
 
-def test_plot_reliability_draws():
+def test_plot_reliability_draws(device):
     pytest.importorskip("matplotlib")
     import matplotlib
     matplotlib.use("Agg")
-    cal = U.calibration(torch.rand(100), (torch.rand(100) > 0.5).long())
+    on = _On(device, seed=10)
+    cal = U.calibration(on.rand(100), (on.rand(100) > 0.5).long())
     ax = U.plot_reliability(cal)
     assert len(ax.patches) == 15
 
 
-def test_conformal_quantile_exact():
-    s = torch.arange(1.0, 20.0)   # n = 19: ceil(20 * 0.9) = 18 -> the 18th smallest
+def test_conformal_quantile_exact(device):
+    s = torch.arange(1.0, 20.0, device=device)   # n = 19: ceil(20 * 0.9) = 18 -> the 18th smallest
     assert float(U.conformal_quantile(s, 0.1)) == 18.0
     assert float(U.conformal_quantile(s, 0.5)) == 10.0
-    assert math.isinf(float(U.conformal_quantile(torch.arange(5.0), 0.1)))   # ceil(6 * 0.9) = 6 > 5
+    assert math.isinf(float(U.conformal_quantile(torch.arange(5.0, device=device), 0.1)))   # ceil(6 * 0.9) = 6 > 5
 
 
-def test_conformal_reward_interval_coverage():
+def test_conformal_reward_interval_coverage(device):
     g = torch.Generator().manual_seed(10)
     alpha, n_cal, n_test, trials = 0.1, 200, 200, 200
     covered = []
@@ -430,6 +464,7 @@ def test_conformal_reward_interval_coverage():
         x = torch.randn(n_cal + n_test, generator=g)
         scale = 0.2 + x.abs()                                   # heteroscedastic noise
         y = 2 * x + scale * torch.randn(n_cal + n_test, generator=g)
+        x, scale, y = x.to(device), scale.to(device), y.to(device)
         pred = 2 * x
         iv = U.conformal_reward_interval(pred[:n_cal], y[:n_cal], pred[n_cal:], alpha=alpha,
                                          cal_scale=scale[:n_cal], test_scale=scale[n_cal:])
@@ -442,15 +477,16 @@ def test_conformal_reward_interval_coverage():
     assert torch.allclose(plain.width, plain.width[0].expand_as(plain.width))
 
 
-def test_conformal_token_sets_coverage():
+def test_conformal_token_sets_coverage(device):
     g = torch.Generator().manual_seed(11)
     alpha, n, v, trials = 0.2, 300, 20, 60
     cov, sizes = [], []
     for _ in range(trials):
         probs = torch.softmax(torch.randn(2 * n, v, generator=g) * 2, 1)
         lab = torch.multinomial(probs, 1, generator=g).squeeze(1)
+        probs, lab = probs.to(device), lab.to(device)
         sets = U.conformal_token_sets(probs[:n], lab[:n], probs[n:], alpha=alpha)
-        cov.append(sets.mask[torch.arange(n), lab[n:]].float().mean())
+        cov.append(sets.mask[torch.arange(n, device=device), lab[n:]].float().mean())
         sizes.append(sets.sizes.float().mean())
         assert torch.equal(sets.sizes, sets.mask.sum(1))
     c = float(torch.stack(cov).mean())
@@ -463,7 +499,7 @@ def test_conformal_token_sets_coverage():
 # Laplace
 # ---------------------------------------------------------------------------------------------
 
-def _bt_data(n, d, seed=12):
+def _bt_data(n, d, device, seed=12):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=g, dtype=torch.float64)
     fc = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -471,11 +507,11 @@ def _bt_data(n, d, seed=12):
     flip = torch.rand(n, generator=g, dtype=torch.float64) > torch.sigmoid((fc - fr) @ w)
     fc2 = torch.where(flip[:, None], fr, fc)
     fr2 = torch.where(flip[:, None], fc, fr)
-    return fc2, fr2, w
+    return fc2.to(device), fr2.to(device), w.to(device)
 
 
-def test_laplace_precision_is_the_hessian_at_the_mode():
-    fc, fr, _ = _bt_data(80, 4)
+def test_laplace_precision_is_the_hessian_at_the_mode(device):
+    fc, fr, _ = _bt_data(80, 4, device)
     lam = 0.7
     head = U.last_layer_laplace(fc, fr, prior_precision=lam)
     d = fc - fr
@@ -489,11 +525,11 @@ def test_laplace_precision_is_the_hessian_at_the_mode():
 
 
 @pytest.mark.parametrize("hessian", ["full", "diag"])
-def test_laplace_variance_shrinks_with_data(hessian):
-    fc, fr, _ = _bt_data(2000, 5)
-    g = torch.Generator().manual_seed(0)
-    test = torch.randn(50, 5, generator=g, dtype=torch.float64)
-    w = torch.randn(5, generator=g, dtype=torch.float64)
+def test_laplace_variance_shrinks_with_data(device, hessian):
+    fc, fr, _ = _bt_data(2000, 5, device)
+    on = _On(device, seed=0)
+    test = on.randn(50, 5, dtype=torch.float64)
+    w = on.randn(5, dtype=torch.float64)
     prev = None
     for n in (20, 200, 2000):
         # The same head: only the data (curvature) grows; the variance must shrink for every point.
@@ -508,8 +544,8 @@ def test_laplace_variance_shrinks_with_data(hessian):
     assert float(large.predict(test)[1].mean()) < float(small.predict(test)[1].mean())
 
 
-def test_laplace_marginal_likelihood_choice_and_probit():
-    fc, fr, w_true = _bt_data(300, 3)
+def test_laplace_marginal_likelihood_choice_and_probit(device):
+    fc, fr, w_true = _bt_data(300, 3, device)
     head = U.last_layer_laplace(fc, fr)
     grid = [10.0 ** (k / 4) for k in range(-16, 17)]
     assert head.prior_precision in grid
@@ -527,48 +563,50 @@ def test_laplace_marginal_likelihood_choice_and_probit():
 # bad input
 # ---------------------------------------------------------------------------------------------
 
-def test_bad_input_tokens():
-    x = torch.randn(2, 3, 10)
+def test_bad_input_tokens(device):
+    on = _On(device)
+    x = on.randn(2, 3, 10)
     with pytest.raises(ValueError, match="labels"):
-        U.token_uncertainty(x, torch.tensor([1, 2]))
+        U.token_uncertainty(x, on.tensor([1, 2]))
     with pytest.raises(ValueError, match="labels: value 10"):
-        U.token_uncertainty(x, torch.tensor([1, 10, 2]))
+        U.token_uncertainty(x, on.tensor([1, 10, 2]))
     with pytest.raises(TypeError, match="labels"):
-        U.token_uncertainty(x, torch.tensor([1.0, 2.0, 3.0]))
+        U.token_uncertainty(x, on.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(TypeError, match="logits"):
         U.token_uncertainty(x.long())
     with pytest.raises(ValueError, match="logits"):
-        U.token_uncertainty(torch.randn(10))
+        U.token_uncertainty(on.randn(10))
     with pytest.raises(ValueError, match="temperature"):
         U.token_uncertainty(x, temperature=0.0)
     with pytest.raises(ValueError, match="logits"):
-        U.token_uncertainty(torch.randn(0, 3, 10))
+        U.token_uncertainty(on.randn(0, 3, 10))
     with pytest.raises(ValueError, match="mask"):
-        U.sequence_uncertainty(x.unsqueeze(1), mask=torch.ones(2, dtype=torch.bool))
+        U.sequence_uncertainty(x.unsqueeze(1), mask=on.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="reduction"):
         U.sequence_uncertainty(x.unsqueeze(1), reduction="max")
     with pytest.raises(TypeError, match="ignore_index"):
         U.token_uncertainty(x, ignore_index=1.5)
 
 
-def test_bad_input_kernel_level():
+def test_bad_input_kernel_level(device):
     # The compiled core validates too: descriptors of the wrong shape never reach a kernel.
-    from pyalign._ext import kernels, desc
-    x = torch.randn(2, 3, 10)
-    out = torch.empty(2)
+    on = _On(device)
+    x = on.randn(2, 3, 10)
+    out = on.empty(2)
     with pytest.raises(ValueError, match="total"):
         kernels.token_uncertainty_forward(desc(x, "logits"), None, desc(out, "total"), desc(out, "expected"),
-                                     desc(out, "mutual_info"), None, None, None,
-                                     desc(torch.empty(2, 3), "lse"), 1.0, -100, 0)
+                                          desc(out, "mutual_info"), None, None, None,
+                                          desc(on.empty(2, 3), "lse"), 1.0, -100, stream_of(x))
     with pytest.raises(ValueError, match="q"):
-        r = torch.randn(3, 4)
-        o = torch.empty(4)
+        r = on.randn(3, 4)
+        o = on.empty(4)
         kernels.reward_stats(desc(r, "rewards"), None, None, desc(o, "mean"), desc(o, "var"), desc(o, "min"),
-                        desc(o, "max"), desc(o, "quantile"), None, 1.0, 1.5, 0)
+                             desc(o, "max"), desc(o, "quantile"), None, 1.0, 1.5, stream_of(r))
 
 
-def test_bad_input_rewards():
-    r = torch.randn(1, 5)
+def test_bad_input_rewards(device):
+    on = _On(device)
+    r = on.randn(1, 5)
     for method in ("uwo", "lcb"):
         with pytest.raises(ValueError, match="M >= 2"):
             U.aggregate_rewards(r, method=method)
@@ -576,63 +614,64 @@ def test_bad_input_rewards():
         U.aggregate_rewards(r, ddof=1)
     one = U.aggregate_rewards(r)   # ddof=0, M = 1: documented variance 0
     assert (one.variance == 0).all() and torch.equal(one.reward, r[0])
-    r = torch.randn(3, 5)
+    r = on.randn(3, 5)
     with pytest.raises(ValueError, match="method"):
         U.aggregate_rewards(r, method="max")
     with pytest.raises(ValueError, match="member_weights"):
-        U.aggregate_rewards(r, member_weights=torch.tensor([1.0, -1.0, 1.0]))
+        U.aggregate_rewards(r, member_weights=on.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ValueError, match="member_weights"):
-        U.aggregate_rewards(r, member_weights=torch.ones(4))
+        U.aggregate_rewards(r, member_weights=on.ones(4))
     with pytest.raises(ValueError, match="member_weights"):
-        U.aggregate_rewards(r, member_weights=torch.tensor([0.0, 1.0, 0.0]), ddof=1)
+        U.aggregate_rewards(r, member_weights=on.tensor([0.0, 1.0, 0.0]), ddof=1)
     with pytest.raises(ValueError, match="q"):
         U.aggregate_rewards(r, method="quantile", q=1.5)
     with pytest.raises(ValueError, match="ddof"):
         U.aggregate_rewards(r, ddof=2)
     with pytest.raises(ValueError, match="variances"):
-        U.aggregate_rewards(r, variances=torch.ones(3, 4))
+        U.aggregate_rewards(r, variances=on.ones(3, 4))
     with pytest.raises(TypeError, match="rewards"):
         U.aggregate_rewards(r.long())
     with pytest.raises(ValueError, match="r_rejected"):
-        U.preference_uncertainty(r, torch.randn(3, 4))
+        U.preference_uncertainty(r, on.randn(3, 4))
     with pytest.raises(ValueError, match="log_evidence"):
-        U.posterior_weights(torch.randn(2, 2))
+        U.posterior_weights(on.randn(2, 2))
 
 
-def test_bad_input_calibration_conformal_laplace():
+def test_bad_input_calibration_conformal_laplace(device):
+    on = _On(device)
     with pytest.raises(ValueError, match="probs"):
-        U.calibration(torch.tensor([0.2, 1.5]), torch.tensor([0, 1]))
+        U.calibration(on.tensor([0.2, 1.5]), on.tensor([0, 1]))
     with pytest.raises(ValueError, match="probs"):
-        U.calibration(torch.tensor([0.2, float("nan")]), torch.tensor([0, 1]))
+        U.calibration(on.tensor([0.2, float("nan")]), on.tensor([0, 1]))
     with pytest.raises(ValueError, match="targets"):
-        U.calibration(torch.tensor([0.2, 0.5]), torch.tensor([0, 2]))
+        U.calibration(on.tensor([0.2, 0.5]), on.tensor([0, 2]))
     with pytest.raises(ValueError, match="targets"):
-        U.calibration(torch.tensor([0.2, 0.5]), torch.tensor([0, 1, 1]))
+        U.calibration(on.tensor([0.2, 0.5]), on.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="strategy"):
-        U.calibration(torch.tensor([0.2]), torch.tensor([0]), strategy="kmeans")
+        U.calibration(on.tensor([0.2]), on.tensor([0]), strategy="kmeans")
     for alpha in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="alpha"):
-            U.conformal_quantile(torch.rand(10), alpha)
+            U.conformal_quantile(on.rand(10), alpha)
     with pytest.raises(ValueError, match="cal_target"):
-        U.conformal_reward_interval(torch.rand(10), torch.rand(9), torch.rand(3))
+        U.conformal_reward_interval(on.rand(10), on.rand(9), on.rand(3))
     with pytest.raises(ValueError, match="scale"):
-        U.conformal_reward_interval(torch.rand(10), torch.rand(10), torch.rand(3), cal_scale=torch.rand(10))
+        U.conformal_reward_interval(on.rand(10), on.rand(10), on.rand(3), cal_scale=on.rand(10))
     with pytest.raises(ValueError, match="cal_probs"):
-        U.conformal_token_sets(torch.rand(4, 5) * 2, torch.tensor([0, 1, 2, 3]), torch.rand(2, 5))
+        U.conformal_token_sets(on.rand(4, 5) * 2, on.tensor([0, 1, 2, 3]), on.rand(2, 5))
     with pytest.raises(ValueError, match="cal_labels"):
-        U.conformal_token_sets(torch.rand(4, 5), torch.tensor([0, 1, 2, 5]), torch.rand(2, 5))
+        U.conformal_token_sets(on.rand(4, 5), on.tensor([0, 1, 2, 5]), on.rand(2, 5))
     with pytest.raises(ValueError, match="rejected_features"):
-        U.last_layer_laplace(torch.randn(5, 3), torch.randn(5, 2))
+        U.last_layer_laplace(on.randn(5, 3), on.randn(5, 2))
     with pytest.raises(ValueError, match="hessian"):
-        U.last_layer_laplace(torch.randn(5, 3), torch.randn(5, 3), hessian="kfac")
+        U.last_layer_laplace(on.randn(5, 3), on.randn(5, 3), hessian="kfac")
     with pytest.raises(ValueError, match="prior_precision"):
-        U.last_layer_laplace(torch.randn(5, 3), torch.randn(5, 3), prior_precision=0.0)
+        U.last_layer_laplace(on.randn(5, 3), on.randn(5, 3), prior_precision=0.0)
     with pytest.raises(ValueError, match="min_weight"):
-        U.uncertainty_weights(torch.randn(3, 4), torch.randn(3, 4), min_weight=2.0)
+        U.uncertainty_weights(on.randn(3, 4), on.randn(3, 4), min_weight=2.0)
 
 
 def test_nan_logits_are_not_read_as_certain(device):
-    logits = torch.randn(3, 4, 7, device=device)
+    logits = _On(device, seed=13).randn(3, 4, 7)
     logits[1, 2, 3] = float("nan")
     tu = U.token_uncertainty(logits, torch.zeros(4, dtype=torch.long, device=device))
     assert tu.mutual_information[2].isnan() and tu.total_entropy[2].isnan()
@@ -653,14 +692,14 @@ def test_deterministic_and_compiles_without_graph_break(device):
         assert torch.equal(getattr(a, k), getattr(b, k)), k   # bitwise run to run
     f = torch.compile(lambda t, l: U.token_uncertainty(t, l).logprobs, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(f(x, lab), a.logprobs)
-    r = torch.randn(5, 8, device=device)
+    r = _On(device, seed=14).randn(5, 8)
     g = torch.compile(lambda t: U.aggregate_rewards(t, method="lcb", lam=0.5).reward, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(g(r), U.aggregate_rewards(r, method="lcb", lam=0.5).reward)
 
 
 def test_nan_logit_in_a_masked_chunk_reaches_every_statistic(device):
     V = 1500
-    logits = torch.randn(2, 3, V, device=device)
+    logits = _On(device, seed=15).randn(2, 3, V)
     logits[0, 1, :700] = -float("inf")
     logits[0, 1, 5] = float("nan")
     tu = U.token_uncertainty(logits, torch.full((3,), V - 1, dtype=torch.long, device=device))

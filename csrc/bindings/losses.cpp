@@ -10,8 +10,6 @@
 namespace pyalign {
 namespace {
 
-bool is_float(DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16 || d == DType::f64; }
-
 template <size_t N> int code_of(const char* const (&names)[N], const std::string& name, const char* what) {
   std::string valid;
   for (size_t k = 0; k < N; ++k) {
@@ -25,7 +23,7 @@ void check_vec(const TensorArg& t, int64_t n, bool allow_int) {
   if (!t.present()) return;
   require(t.ndim == 1 && t.shape[0] == n,
           t.describe() + ": expected a 1-d tensor of " + std::to_string(n) + " elements (one per batch element)");
-  require(is_float(t.dtype) || allow_int,
+  require(is_float_dtype(t.dtype) || allow_int,
           t.describe() + (allow_int ? ": expected a float, integer or bool tensor" : ": expected a float tensor"));
 }
 
@@ -71,11 +69,11 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
     require(klb.present() && kla.ndim == 1 && klb.ndim == 1 && kla.shape[0] == klb.shape[0] && kla.shape[0] >= 1,
             kla.describe() + " and " + (klb.present() ? klb.describe() : std::string("its reference twin")) +
                 ": expected two 1-d tensors of the same non-zero length");
-    require(is_float(kla.dtype) && is_float(klb.dtype), kla.describe() + ", " + klb.describe() + ": expected float tensors");
+    require(is_float_dtype(kla.dtype) && is_float_dtype(klb.dtype), kla.describe() + ", " + klb.describe() + ": expected float tensors");
   }
   const DType adt = a.dtype == DType::f64 ? DType::f64 : DType::f32;
   if (fam == LossFamily::bco) {
-    require(state.present() && state.ndim == 1 && state.shape[0] == kBcoStateSize && is_float(state.dtype),
+    require(state.present() && state.ndim == 1 && state.shape[0] == kBcoStateSize && is_float_dtype(state.dtype),
             (state.present() ? state.describe() : std::string("'state'")) +
                 ": expected a float tensor of 2 elements (running mean, count)");
     check_out(state_out, "state_out", {kBcoStateSize}, adt);

@@ -82,13 +82,13 @@ template <typename T> void launch_penalty(const PenaltyArgs& a, int64_t n, cudaS
 void plastic_update_cuda(const PlasticArgs& a, void* stream) {
   if (a.w.numel() == 0) return;
   require(a.w.shape[0] < (int64_t(1) << 31), "weight: at most 2^31 - 1 rows are supported on CUDA");
-  require(a.w.dtype != DType::f64, "weight: float64 is supported on CPU only");
   DeviceGuard guard(a.w.device);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.w.dtype) {
     case DType::f32: launch_update<float>(a, s); break;
     case DType::bf16: launch_update<bf16_t>(a, s); break;
     case DType::f16: launch_update<f16_t>(a, s); break;
+    case DType::f64: launch_update<double>(a, s); break;
     default: fail("weight: unsupported dtype");
   }
   cuda_check(cudaGetLastError(), "plastic_update launch");
@@ -97,13 +97,13 @@ void plastic_update_cuda(const PlasticArgs& a, void* stream) {
 void quad_penalty_cuda(const PenaltyArgs& a, void* stream) {
   const int64_t n = a.p.numel();
   if (n == 0) return;
-  require(a.p.dtype != DType::f64, "param: float64 is supported on CPU only");
   DeviceGuard guard(a.p.device);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.p.dtype) {
     case DType::f32: launch_penalty<float>(a, n, s); break;
     case DType::bf16: launch_penalty<bf16_t>(a, n, s); break;
     case DType::f16: launch_penalty<f16_t>(a, n, s); break;
+    case DType::f64: launch_penalty<double>(a, n, s); break;
     default: fail("param: unsupported dtype");
   }
   cuda_check(cudaGetLastError(), "quad_penalty launch");

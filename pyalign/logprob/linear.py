@@ -74,7 +74,7 @@ def linear_token_logprobs(
     subset) through the log-probs, the entropy, ``lse`` and ``mean_logit``.
 
     Args:
-        hidden: ``[..., H]`` fp32/bf16/fp16 (fp64 on CPU).
+        hidden: ``[..., H]`` fp32/bf16/fp16 (or fp64).
         weight: ``[V, H]`` (the LM head / tied embedding); fp32/bf16/fp16 may differ from
             ``hidden``'s dtype: the GEMMs then run in the promoted dtype, or in autocast's dtype
             under ``torch.autocast`` (see the module docstring).

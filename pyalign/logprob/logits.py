@@ -62,7 +62,7 @@ def token_logprobs(
     """Per-token ``log p(label)`` (0 where ``labels == ignore_index``), in fp32 (fp64 for fp64 logits).
 
     Args:
-        logits: ``[..., V]`` fp32/bf16/fp16 (fp64 on CPU). Leading dims may have any strides (a
+        logits: ``[..., V]`` fp32/bf16/fp16 (or fp64). Leading dims may have any strides (a
             slice is read in place); a vocabulary stride other than 1 costs one contiguous copy.
         labels: int32/int64 of shape ``logits.shape[:-1]``.
         shift: causal-LM shift: position ``t`` predicts ``labels[..., t + 1]``; the result has

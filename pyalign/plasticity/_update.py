@@ -17,8 +17,6 @@ def check_weight(weight) -> Tensor:
     _checks.float_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d tensor [out, in], got shape {tuple(weight.shape)}")
-    if weight.dtype == torch.float64 and weight.device.type == "cuda":
-        raise TypeError("weight: float64 is supported on CPU only")
     return _checks.writable(weight, "weight")
 
 

@@ -99,7 +99,7 @@ def aggregate_rewards(
     ``torch.quantile``; unweighted).
 
     Args:
-        rewards: ``[M, ...]`` fp32/bf16/fp16 (fp64 on CPU); M members.
+        rewards: ``[M, ...]`` fp32/bf16/fp16 (or fp64); M members.
         ddof: 0 (population variance) or 1 (unbiased; with ``member_weights`` the
             reliability-weights correction ``sum w (r - mean)^2 / (1 - sum w^2)``). ``ddof=1``,
             ``uwo`` and ``lcb`` need M >= 2; with ``ddof=0`` and M == 1 the variance is 0.

@@ -57,7 +57,7 @@ def token_uncertainty(logits: Tensor, labels: Optional[Tensor] = None, *, temper
     """Per-token ensemble uncertainty from the logits of M members, fused over the vocabulary.
 
     Args:
-        logits: ``[M, ..., V]`` fp32/bf16/fp16 (fp64 on CPU); leading dims may have any strides.
+        logits: ``[M, ..., V]`` fp32/bf16/fp16 (or fp64); leading dims may have any strides.
         labels: optional int32/int64 ``logits.shape[1:-1]``; ``ignore_index`` positions give 0.
         temperature: ``p_m = softmax(logits_m / temperature)``.
         validate: check labels are in ``[0, V)`` (CPU: always, inside the kernel; CUDA: opt-in, it

@@ -14,7 +14,7 @@
 
 namespace pyalign {
 
-// Same codes as pyalign/_ext.py: DTYPE_CODES.
+// The descriptors' dtype codes; exported by name through contract.h (kDTypeNames).
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i32 = 4, i64 = 5, u8 = 6, b8 = 7 };
 
 inline const char* dtype_name(DType d) {

@@ -4,6 +4,8 @@
 // kAbiVersion changes whenever a kernel's signature or a constant's meaning changes; `import
 // pyalign` refuses a core whose ABI differs from the one it was written for.
 #pragma once
+#include <cstdint>
+
 #include "pyalign/common.h"
 
 namespace pyalign {
@@ -80,5 +82,7 @@ constexpr int kBcoStateSize = 2;
 // ---- plasticity (plasticity.h) -----------------------------------------------------------------
 // Row-norm modes of the fused update (PlasticCoeffs::norm_mode), in code order.
 constexpr const char* kNormModeNames[] = {"none", "max", "exact"};
+// The quadratic penalty is written as partial sums of this many elements each (a fixed order).
+constexpr int64_t kPenaltyChunk = 8192;
 
 }  // namespace pyalign

@@ -3,6 +3,7 @@
 // (csrc/cuda/plasticity.cu) kernels. The matrix products (y^T x, tril(y^T y) w) are computed by
 // torch.matmul in Python; one kernel then reads and writes the weight once.
 #pragma once
+#include "pyalign/contract.h"
 #include "pyalign/tensor.h"
 
 namespace pyalign {
@@ -62,7 +63,6 @@ struct PlasticArgs {
 //   penalty = coef * sum_i imp_i (p_i - anchor_i)^2,   grad_i += 2 coef imp_i (p_i - anchor_i)
 // The sum is written as fixed-size chunk partials (kPenaltyChunk elements each, summed in a fixed
 // order within a chunk), so the result does not depend on the thread or block count.
-constexpr int64_t kPenaltyChunk = 8192;
 
 template <typename A> PYALIGN_HD A penalty_term(A p, A anchor, A imp, A coef, A* grad) {
   const A d = p - anchor;

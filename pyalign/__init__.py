@@ -1,5 +1,5 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
-from pyalign import distributed, logprob, losses, plasticity, uncertainty
+from pyalign import distributed, logprob, losses, plasticity, rl, uncertainty
 from pyalign._ext import HAS_CUDA, kernels
 from pyalign._overrides import overrides
 from pyalign._version import __version__
@@ -33,6 +33,7 @@ __all__ = [
     "logprob",
     "losses",
     "plasticity",
+    "rl",
     "uncertainty",
     "token_logprobs",
     "sequence_logprobs",

@@ -17,7 +17,7 @@ import torch
 from pyalign._version import __version__
 
 # Changes together with kAbiVersion in csrc/include/pyalign/contract.h.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _REINSTALL = "reinstall it from this source tree with `pip install .`"
 

@@ -20,15 +20,15 @@ DOCS = [PKG.parent / "README.md", *sorted((PKG.parent / "docs").glob("*.md"))]
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
     ("shared helpers", ("pyalign._version", "pyalign._ext", "pyalign._checks", "pyalign._tensors", "pyalign._outputs",
-                        "pyalign._overrides", "pyalign._numpy", "pyalign.reference")),
+                        "pyalign._overrides", "pyalign._numpy", "pyalign._metrics", "pyalign.reference")),
     ("ops", ("pyalign.ops",)),
     ("families", ("pyalign.logprob", "pyalign.losses", "pyalign.uncertainty", "pyalign.plasticity",
-                  "pyalign.distributed")),
+                  "pyalign.distributed", "pyalign.rl")),
     ("public package", ("pyalign",)),
     ("consumers", ("pyalign.integrations", "pyalign.bench")),
 ]
 PUBLIC = ["pyalign", "pyalign.logprob", "pyalign.losses", "pyalign.uncertainty", "pyalign.plasticity",
-          "pyalign.distributed", "pyalign.integrations.trl"]
+          "pyalign.distributed", "pyalign.rl", "pyalign.integrations.trl"]
 
 
 def _modules() -> dict[str, Path]:

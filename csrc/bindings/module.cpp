@@ -5,6 +5,7 @@
 #include "pyalign/cpu_dispatch.h"
 
 #include "pyalign/plasticity.h"
+#include "pyalign/rl.h"
 
 #include <iterator>
 
@@ -54,6 +55,14 @@ py::dict contract() {
   metrics["rm"] = codes(kRmMetrics);
   c["loss_metrics"] = metrics;
   c["bco_state_size"] = kBcoStateSize;
+  c["pg_loss_types"] = names(kPgTypeNames);
+  c["kl_estimators"] = names(kKlEstimatorNames);
+  c["is_modes"] = names(kIsModeNames);
+  c["pg_agg_modes"] = names(kPgAggNames);
+  c["pg_params"] = names(kPgParamNames);
+  c["pg_metrics"] = names(kPgMetricNames);
+  c["pg_seg_slots"] = int(kSegSlots);
+  c["pg_log_ratio_clamp"] = kPgLogRatioClamp;
   c["norm_modes"] = names(kNormModeNames);
   c["penalty_chunk"] = kPenaltyChunk;
   return c;
@@ -83,4 +92,5 @@ PYBIND11_MODULE(_pyalign, m) {
   pyalign::bind_losses(m);
   pyalign::bind_uncertainty(m);
   pyalign::bind_plasticity(m);
+  pyalign::bind_rl(m);
 }

@@ -19,7 +19,7 @@ elements (as TRL does with its WPO weights), not by the sum of the weights.
 """
 from pyalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from pyalign.losses.fused_linear import fused_linear_dpo_loss
-from pyalign.losses.metrics import Metrics
+from pyalign._metrics import Metrics
 from pyalign.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from pyalign.losses.reward_model import reward_model_loss
 from pyalign.losses.unpaired import BCORunningMean, bco_loss, kto_loss

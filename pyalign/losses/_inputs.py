@@ -8,7 +8,7 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign._ext import FLOAT_DTYPES, HAS_CUDA
-from pyalign.losses.metrics import Metrics
+from pyalign._metrics import Metrics
 from pyalign.ops.losses import METRICS, REDUCTIONS, params_list, preference_loss_op
 
 _NUMERIC = FLOAT_DTYPES + (torch.int32, torch.int64, torch.uint8, torch.bool)

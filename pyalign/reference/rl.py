@@ -112,7 +112,7 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss_type="dapo", ep
     metrics = {}
     entropy_mask = None
     if top_entropy_quantile < 1.0:
-        valid = entropy.detach()[mask.bool()].to(torch.float64)
+        valid = entropy.detach()[mask.bool()].float()  # TRL takes the quantile in fp32
         if valid.numel() == 0:
             entropy_mask = torch.zeros_like(mask)
         else:

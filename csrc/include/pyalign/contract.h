@@ -10,7 +10,7 @@
 
 namespace pyalign {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 // A name and its code, as exported.
 struct NamedCode {
@@ -78,6 +78,37 @@ constexpr NamedCode kRmMetrics[] = {{"rewards/chosen", kRewardChosen},  {"reward
 
 // BCO's running reward mean crosses as its own [2] state (mean, count) in and out.
 constexpr int kBcoStateSize = 2;
+
+// ---- online RL: policy-gradient losses (rl.h) ---------------------------------------------------
+enum class PgType : int { grpo = 0, bnpo, dr_grpo, dapo, luspo, ppo, cispo, sapo, vespo };
+constexpr const char* kPgTypeNames[] = {"grpo", "bnpo", "dr_grpo", "dapo", "luspo", "ppo", "cispo", "sapo", "vespo"};
+// KL estimators of log(pi / pi_ref); the "+" forms keep the value with the gradient of k2.
+enum class KlEstimator : int { k1 = 0, k2, k3, abs, k1_st, k3_st };
+constexpr const char* kKlEstimatorNames[] = {"k1", "k2", "k3", "abs", "k1+", "k3+"};
+// Correction for rollouts from another engine (sampling_logps): none, then TRL's four modes.
+enum class IsMode : int { none = 0, token_truncate, token_mask, sequence_truncate, sequence_mask };
+constexpr const char* kIsModeNames[] = {"none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"};
+// How the per-token losses become one number: the loss type's own rule (TRL), or verl's modes.
+enum class PgAgg : int { by_type = 0, token_mean, token_sum, seq_mean_token_sum, seq_mean_token_mean,
+                         seq_mean_token_sum_norm };
+constexpr const char* kPgAggNames[] = {"by_type", "token-mean", "token-sum", "seq-mean-token-sum",
+                                       "seq-mean-token-mean", "seq-mean-token-sum-norm"};
+// The scalar parameters of a policy-loss call, passed as a list in this order.
+constexpr const char* kPgParamNames[] = {"epsilon_low", "epsilon_high", "delta", "dual_clip", "beta",
+                                         "entropy_coef", "entropy_threshold", "is_clip_min", "is_clip_max",
+                                         "off_policy_threshold", "horizon", "num_items", "sapo_temperature_pos",
+                                         "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                                         "vespo_lambda_neg"};
+constexpr int kPgParams = sizeof(kPgParamNames) / sizeof(kPgParamNames[0]);
+// Slots of the metrics output, named as TRL logs them.
+constexpr const char* kPgMetricNames[] = {
+    "policy_loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+    "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean",
+    "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/min",
+    "sampling/importance_sampling_ratio/max", "num_tokens"};
+constexpr int kPgMetrics = sizeof(kPgMetricNames) / sizeof(kPgMetricNames[0]);
+constexpr double kPgLogRatioClamp = 20.0;  // |log(pi / pi_old)| and the k3 log-ratio, as verl clamps them
+constexpr double kPgK3Clamp = 10.0;        // the k3 value, as verl clamps it
 
 // ---- plasticity (plasticity.h) -----------------------------------------------------------------
 // Row-norm modes of the fused update (PlasticCoeffs::norm_mode), in code order.

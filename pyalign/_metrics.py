@@ -1,11 +1,9 @@
-"""The metrics a preference loss returns, named as TRL logs them."""
+"""The metrics a loss returns (preference losses, policy-gradient losses), named as TRL logs them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from torch import Tensor
-
-__all__ = ["Metrics"]
 
 
 class Metrics(Mapping):

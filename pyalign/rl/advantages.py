@@ -1,0 +1,101 @@
+"""Advantages of critic-free RL from sampled groups of completions: GRPO's group normalization (as
+TRL computes it), RLOO's leave-one-out baseline, REINFORCE++'s batch normalization."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pyalign import _checks
+
+__all__ = ["group_advantages", "ESTIMATORS"]
+
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def _nanstd(x: Tensor, dim=None) -> Tensor:
+    """torch.std (unbiased) over the non-NaN entries, as TRL's ``nanstd``."""
+    mean = torch.nanmean(x, dim=dim, keepdim=dim is not None)
+    cnt = (~torch.isnan(x)).sum(dim=dim, keepdim=dim is not None) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=dim is not None) / (cnt - 1)
+    return var.sqrt()
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    scale_rewards: str = "group",
+    reward_weights: Optional[Sequence[float]] = None,
+    multi_objective_aggregation: str = "sum_then_normalize",
+    estimator: str = "grpo",
+) -> Tensor:
+    """Per-completion advantages ``[N]`` for ``N = G * group_size`` completions, the ``group_size``
+    completions of each prompt consecutive.
+
+    ``rewards``: ``[N]``, or ``[K, N]`` for K reward functions combined with ``reward_weights``
+    (default all 1). NaN marks an unscorable reward: a completion whose every reward is NaN is left
+    out of the baselines and gets advantage 0, as in TRL. ``estimator``:
+
+    - ``grpo`` (Shao et al. 2024, arXiv:2402.03300), exactly TRL 1.16's: with
+      ``multi_objective_aggregation="sum_then_normalize"`` the weighted sum of the rewards minus its
+      group mean, divided by ``std + 1e-4`` (the unbiased std of the group for
+      ``scale_rewards="group"``, of the batch for ``"batch"``; not divided for ``"none"``; Dr. GRPO,
+      Liu et al. 2025, argues for "none"); with ``"normalize_then_sum"`` (GDPO) each reward is
+      normalized in its group first, the weighted sum then normalized over the batch;
+    - ``rloo`` (Ahmadian et al. 2024, arXiv:2402.14740): the reward minus the mean of the other
+      completions of its group;
+    - ``reinforce_pp`` (REINFORCE++, Hu 2025, arXiv:2501.03262): the group-mean-centered reward
+      normalized over the batch (``std + 1e-8``, verl's).
+
+    Not differentiable (rewards are data); fp32 (fp64 for fp64 rewards).
+    """
+    _checks.float_tensor(rewards, "rewards")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards: expected shape [N] or [K, N], got {list(rewards.shape)}")
+    r = (rewards if rewards.dim() == 2 else rewards.unsqueeze(0)).detach()
+    r = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32)
+    K, N = r.shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected an int >= 1, got {group_size!r}")
+    if N % group_size:
+        raise ValueError(f"group_size: {group_size} does not divide the {N} completions")
+    _checks.choice(scale_rewards, "scale_rewards", ("group", "batch", "none"))
+    _checks.choice(multi_objective_aggregation, "multi_objective_aggregation",
+                   ("sum_then_normalize", "normalize_then_sum"))
+    _checks.choice(estimator, "estimator", ESTIMATORS)
+    if reward_weights is None:
+        w = torch.ones(K, dtype=r.dtype, device=r.device)
+    else:
+        w = torch.tensor([_checks.finite(x, "reward_weights") for x in reward_weights], dtype=r.dtype, device=r.device)
+        if w.numel() != K:
+            raise ValueError(f"reward_weights: expected {K} weights (one per reward function), got {w.numel()}")
+    per = r.t()  # [N, K]
+    unscorable = torch.isnan(per).all(dim=1)
+    if estimator == "grpo" and multi_objective_aggregation == "normalize_then_sum":
+        grouped = per.view(-1, group_size, K)
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = _nanstd(grouped, 1) if group_size > 1 else torch.zeros_like(mean_k)
+        total = (((grouped - mean_k) / (std_k + 1e-4)).view(-1, K) * w).nansum(dim=1)
+        total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
+        std = _nanstd(total) if N > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
+        return torch.nan_to_num((total - torch.nanmean(total)) / (std + 1e-4), nan=0.0)
+    total = (per * w).nansum(dim=1)
+    total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
+    g = total.view(-1, group_size)
+    if estimator == "rloo":
+        cnt = (~torch.isnan(g)).sum(1, keepdim=True)
+        others = (torch.nansum(g, 1, keepdim=True) - torch.nan_to_num(g)) / (cnt - 1).clamp(min=1)
+        return torch.nan_to_num((g - others).reshape(-1), nan=0.0)
+    centered = (g - torch.nanmean(g, 1, keepdim=True)).reshape(-1)
+    if estimator == "reinforce_pp":
+        std = _nanstd(centered) if N > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
+        return torch.nan_to_num((centered - torch.nanmean(centered)) / (std + 1e-8), nan=0.0)
+    if scale_rewards == "none":
+        return torch.nan_to_num(centered, nan=0.0)
+    if scale_rewards == "batch":
+        std = _nanstd(total) if N > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
+    else:
+        std = (_nanstd(g, 1).expand_as(g).reshape(-1) if group_size > 1 else torch.zeros_like(total))
+    return torch.nan_to_num(centered / (std + 1e-4), nan=0.0)

@@ -17,7 +17,7 @@ import torch
 from pyalign._version import __version__
 
 # Changes together with kAbiVersion in csrc/include/pyalign/contract.h.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _REINSTALL = "reinstall it from this source tree with `pip install .`"
 
@@ -66,10 +66,13 @@ def desc(t: torch.Tensor | None, name: str):
     code = DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported by pyalign")
-    if t.device.type not in ("cpu", "cuda"):
+    if t.is_cuda:
+        device = t.get_device()
+    elif t.is_cpu:
+        device = -1
+    else:
         raise ValueError(f"{name}: tensors on {t.device.type} are not supported (cpu or cuda only)")
-    device = t.device.index if t.device.type == "cuda" else -1
-    return (t, t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device, name)
+    return (t, t.data_ptr(), code, t.shape, t.stride(), device, name)  # torch.Size is a tuple
 
 
 def stream_of(t: torch.Tensor) -> int:

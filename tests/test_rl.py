@@ -33,6 +33,7 @@ OPTIONS = [
     dict(importance_sampling_mode="sequence_truncate", importance_sampling_level="sequence"),
     dict(off_policy_mask_threshold=0.01),
     dict(delta=1.5, epsilon_high=0.28),
+    dict(delta=1.1, epsilon_high=0.28),  # delta < 1 + epsilon_high: TRL never flags a high clip
     dict(num_items_in_batch=11),
     dict(max_completion_length=12),
     dict(loss_agg_mode="token-mean"),
@@ -229,10 +230,11 @@ def test_opcheck(device):
                          sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                          vespo_lambda_neg=2.0)
     for lt, level, mode in (("dapo", "token", "none"), ("grpo", "sequence", "token_truncate")):
-        args = (flat["logps"].clone().requires_grad_(), flat["old_logps"], flat["ref_logps"], flat["sampling_logps"],
-                flat["entropy"].clone().requires_grad_(), flat["mask"], flat["advantages"], seg, lt, level, "k3", mode,
-                "by_type", False, False, params)
-        torch.library.opcheck(policy_loss_op.op, args)
+        for segments in ((seg, 4, 0), (None, 4, 7)):  # offsets, or rows of 7 tokens
+            args = (flat["logps"].clone().requires_grad_(), flat["old_logps"], flat["ref_logps"],
+                    flat["sampling_logps"], flat["entropy"].clone().requires_grad_(), flat["mask"], flat["advantages"],
+                    *segments, lt, level, "k3", mode, "by_type", False, False, params)
+            torch.library.opcheck(policy_loss_op.op, args)
 
 
 def test_eager_path_equals_custom_op():

@@ -26,7 +26,7 @@ void tokens(const TensorArg& t, const char* arg, int64_t n, bool numeric) {
 }
 
 void forward(TensorArg logp, TensorArg old, TensorArg ref, TensorArg samp, TensorArg ent, TensorArg mask,
-             TensorArg adv, TensorArg seg, TensorArg loss, TensorArg grad_logp, TensorArg grad_ent,
+             TensorArg adv, TensorArg seg, int64_t num_segs, int64_t row_len, TensorArg loss, TensorArg grad_logp, TensorArg grad_ent,
              TensorArg metrics, TensorArg work, const std::string& loss_type, const std::string& level,
              const std::string& kl, const std::string& is_mode, const std::string& agg, bool bias_correction_kl, bool adv_per_token,
              std::vector<double> params, uintptr_t stream) {
@@ -40,11 +40,17 @@ void forward(TensorArg logp, TensorArg old, TensorArg ref, TensorArg samp, Tenso
   tokens(samp, "sampling_logps", n, false);
   tokens(ent, "entropy", n, false);
   tokens(mask, "mask", n, true);
-  require_tensor(seg, "segments", "an int64 tensor of segment offsets [S + 1]");
-  require(seg.ndim == 1 && seg.shape[0] >= 1 && seg.dtype == DType::i64 && is_contiguous(seg),
-          seg.describe() + ": expected a contiguous int64 tensor [S + 1] of segment offsets");
-  const int64_t S = seg.shape[0] - 1;
-  if (seg.device < 0) {  // on CUDA the Python layer checks them (a host sync it makes only when asked)
+  int64_t S = num_segs;
+  if (!seg.present()) {  // S rows of row_len tokens
+    require(num_segs >= 0 && row_len >= 0 && num_segs * row_len == n,
+            "segments: without offsets expected num_segs * row_len == " + std::to_string(n) + " tokens, got " +
+                std::to_string(num_segs) + " x " + std::to_string(row_len));
+  } else {
+    require(seg.ndim == 1 && seg.shape[0] >= 1 && seg.dtype == DType::i64 && is_contiguous(seg),
+            seg.describe() + ": expected a contiguous int64 tensor [S + 1] of segment offsets");
+    S = seg.shape[0] - 1;
+  }
+  if (seg.present() && seg.device < 0) {  // on CUDA the Python layer checks them (a host sync it makes only when asked)
     const int64_t* o = seg.ptr<int64_t>();
     require(o[0] == 0 && o[S] == n, seg.describe() + ": expected offsets from 0 to " + std::to_string(n) +
                                         ", got " + std::to_string(o[0]) + " to " + std::to_string(o[S]));
@@ -96,7 +102,7 @@ void forward(TensorArg logp, TensorArg old, TensorArg ref, TensorArg samp, Tenso
   if (ent.present()) require_contiguous(grad_ent, "grad_entropy", {n}, adt);
   require_contiguous(metrics, "metrics", {kPgMetrics}, adt);
   require_contiguous(work, "work", {S + 1, kSegSlots}, adt);
-  PgArgs a{logp, old, ref, samp, ent, mask, adv, seg, loss, grad_logp, grad_ent, metrics, work, p};
+  PgArgs a{logp, old, ref, samp, ent, mask, adv, seg, loss, grad_logp, grad_ent, metrics, work, p, S, row_len};
   int dev = common_device({&logp, &old, &ref, &samp, &ent, &mask, &adv, &seg, &loss, &grad_logp, &grad_ent,
                            &metrics, &work});
   dispatch("policy loss", dev, [&] { policy_loss_cpu(a); }, [&] {

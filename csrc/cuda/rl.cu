@@ -101,7 +101,7 @@ template <typename A> __global__ void finalize_kernel(PgArgs a, int64_t S) {
 }
 
 template <typename A> void launch(const PgArgs& a, cudaStream_t st) {
-  const int64_t S = a.seg.shape[0] - 1;
+  const int64_t S = a.num_segs;
   if (S > 0) {
     phase_a<A><<<unsigned(S), kThreads, 0, st>>>(a);
     phase_t<A><<<1, kThreads, 0, st>>>(a, S);
@@ -115,7 +115,7 @@ template <typename A> void launch(const PgArgs& a, cudaStream_t st) {
 }  // namespace
 
 void policy_loss_cuda(const PgArgs& a, void* stream) {
-  require(a.seg.shape[0] - 1 < (int64_t(1) << 31), "segments: at most 2^31 - 1 sequences are supported on CUDA");
+  require(a.num_segs < (int64_t(1) << 31), "segments: at most 2^31 - 1 sequences are supported on CUDA");
   DeviceGuard guard(a.logp.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (a.grad_logp.dtype == DType::f64) launch<double>(a, st);

@@ -4,9 +4,11 @@ TRL computes per-token log-probs through its chunked fused LM head (``add_fused_
 ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer`` and ``SFTTrainer``), which returns
 ``log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1``. :func:`patch_fused_lm_head` swaps
 that computation for :func:`pyalign.logprob.linear_token_logprobs` in every trainer at once;
-:func:`patch_trainer` does that and, for a ``DPOTrainer``, computes the loss with
-:func:`pyalign.losses.dpo_loss` (every loss type TRL offers, f-divergences, WPO weighting), logging
-the same metrics under the same names. ``label_smoothing`` reaches only the loss types whose TRL
+:func:`patch_trainer` does that and computes the loss with pyalign, logging the same metrics under
+the same names: for a ``DPOTrainer`` with :func:`pyalign.losses.dpo_loss` (every loss type TRL offers,
+f-divergences, WPO weighting), for a ``GRPOTrainer`` or an ``RLOOTrainer`` with
+:func:`pyalign.rl.policy_loss` (every GRPO loss type, both sampling levels, KL, entropy bonus and mask,
+two-sided clipping, OPSM). ``label_smoothing`` reaches only the loss types whose TRL
 formula uses it (``exo_pair``, ``robust``, ``aot``, ``aot_unpaired``; TRL's ``sigmoid`` ignores it).
 
     from pyalign.integrations.trl import patch_trainer
@@ -22,6 +24,7 @@ from contextlib import nullcontext
 import torch
 
 import pyalign.logprob as _logprob
+from pyalign.integrations import _trl_online as _online
 
 __all__ = ["PyalignChunkedLogProb", "patch_fused_lm_head", "patch_trainer"]
 
@@ -170,15 +173,22 @@ def _log_metrics(self, mode, outputs, shift_mask, seq_len, metrics, inputs):
 
 
 def patch_trainer(trainer):
-    """Routes ``trainer``'s log-prob head through pyalign and, for a ``DPOTrainer``, its loss too.
+    """Routes ``trainer``'s log-prob head through pyalign and its loss too: for a ``DPOTrainer``
+    through :func:`pyalign.losses.dpo_loss`, for a ``GRPOTrainer`` or an ``RLOOTrainer`` through
+    :func:`pyalign.rl.policy_loss` (the GRPO configurations it does not cover keep TRL's loss: vLLM's
+    importance-sampling correction, adaptive entropy control, loss types pyalign does not know).
 
     Returns the trainer. Call it after constructing the trainer (which installs TRL's fused head).
     """
     patch_fused_lm_head()
-    from trl import DPOTrainer
+    from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
 
-    if isinstance(trainer, DPOTrainer) and not hasattr(trainer, "_pyalign_original_compute_loss"):
-        trainer._pyalign_original_compute_loss = trainer._compute_loss
-        trainer._compute_loss = types.MethodType(_dpo_compute_loss, trainer)
-        trainer._pyalign_log_metrics = types.MethodType(_log_metrics, trainer)
+    losses = {DPOTrainer: _dpo_compute_loss, GRPOTrainer: _online.grpo_compute_loss,
+              RLOOTrainer: _online.rloo_compute_loss}
+    for cls, compute_loss in losses.items():
+        if isinstance(trainer, cls) and not hasattr(trainer, "_pyalign_original_compute_loss"):
+            trainer._pyalign_original_compute_loss = trainer._compute_loss
+            trainer._compute_loss = types.MethodType(compute_loss, trainer)
+            if cls is DPOTrainer:
+                trainer._pyalign_log_metrics = types.MethodType(_log_metrics, trainer)
     return trainer

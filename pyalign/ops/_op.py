@@ -23,14 +23,33 @@ from torch import Tensor
 from pyalign import _overrides
 
 
-def _traced(args) -> bool:
+_PLAIN = (Tensor, torch.nn.Parameter)
+_EAGER, _EAGER_GRAD, _TRACED = 0, 1, 2
+
+
+def _path(args, tensor_positions) -> int:
+    """Which path a call takes: the custom op when something could be tracing (torch.compile, a
+    dispatch mode, a tensor subclass), else the eager path, with autograd when an input needs it.
+    One pass over the tensor arguments: this runs on every eager call."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    return any(isinstance(a, Tensor) and type(a) not in (Tensor, torch.nn.Parameter) for a in args)
+        return _TRACED
+    grad = False
+    for i in tensor_positions:
+        a = args[i]
+        if a is not None:
+            if type(a) not in _PLAIN:
+                return _TRACED
+            grad = grad or a.requires_grad
+    return _EAGER_GRAD if grad and torch.is_grad_enabled() else _EAGER
 
 
-def _requires_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+def _tensor_positions(schema) -> tuple:
+    """The positions of a schema's Tensor and optional Tensor arguments."""
+    def is_tensor(t):
+        if isinstance(t, torch._C.OptionalType):
+            t = t.getElementType()
+        return isinstance(t, torch._C.TensorType)
+    return tuple(i for i, a in enumerate(schema.arguments) if is_tensor(a.type))
 
 
 class KernelOp:
@@ -43,6 +62,7 @@ class KernelOp:
         params = list(inspect.signature(impl).parameters.values())
         self._n = len(params)
         self._defaults = tuple(p.default for p in params if p.default is not inspect.Parameter.empty)
+        self._tensor_positions = _tensor_positions(self.op._opoverload._schema)
         self._function = None
         self.__doc__ = impl.__doc__
 
@@ -58,6 +78,8 @@ class KernelOp:
             setup_context(ctx, inputs, output)
 
         def backward_restored(ctx, *grads):
+            if ctx.overrides is _overrides.current():  # the usual case: nothing to restore
+                return backward(ctx, *grads)
             with _overrides.restored(ctx.overrides):
                 return backward(ctx, *grads)
 
@@ -76,9 +98,10 @@ class KernelOp:
     def __call__(self, *args):
         if len(args) < self._n:  # the schema's defaults, so that every path sees all inputs
             args = args + self._defaults[len(args) - self._n:]
-        if _traced(args):
+        path = _path(args, self._tensor_positions)
+        if path == _TRACED:
             return self.op(*args)
-        if self._function is not None and _requires_grad(args):
+        if path == _EAGER_GRAD and self._function is not None:
             return self._function.apply(*args)
         return self.impl(*args)
 
@@ -86,3 +109,12 @@ class KernelOp:
 def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable[[Callable], KernelOp]:
     """Decorator: ``@kernel_op("token_logprobs")`` over the op's implementation."""
     return lambda impl: KernelOp(name, impl, mutates_args)
+
+
+def ordered_params(values: dict, names: tuple, what: str) -> list[float]:
+    """A kernel's scalar parameters as floats in the order of ``names`` (its contract), given by name;
+    an unknown or a missing name is a TypeError naming ``what``."""
+    if values.keys() != set(names):
+        unknown, missing = sorted(set(values) - set(names)), [n for n in names if n not in values]
+        raise TypeError(f"{what}: unknown {unknown}, missing {missing}; expected {', '.join(names)}")
+    return [float(values[n]) for n in names]

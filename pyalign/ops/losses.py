@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pyalign._ext import CONTRACT, desc, kernels, stream_of
 from pyalign._tensors import acc_dtype
-from pyalign.ops._op import kernel_op
+from pyalign.ops._op import kernel_op, ordered_params
 
 FAMILIES = tuple(CONTRACT["loss_families"])
 DPO_TYPES = tuple(CONTRACT["dpo_types"])
@@ -46,13 +46,7 @@ _COMMON_INPUTS = ("weights", "desirable", "policy_kl_logps", "ref_kl_logps", "st
 
 def params_list(**values: float) -> list[float]:
     """The scalar parameters in the kernels' order; each name must be one of ``PARAM_NAMES``."""
-    unknown = set(values) - set(PARAM_NAMES)
-    if unknown:
-        raise TypeError(f"loss parameters: unknown {sorted(unknown)}; expected some of {', '.join(PARAM_NAMES)}")
-    missing = [n for n in PARAM_NAMES if n not in values]
-    if missing:
-        raise TypeError(f"loss parameters: missing {missing}")
-    return [float(values[n]) for n in PARAM_NAMES]
+    return ordered_params(values, PARAM_NAMES, "loss parameters")
 
 
 @kernel_op("preference_loss")

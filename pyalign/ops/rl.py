@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pyalign._ext import CONTRACT, desc, kernels, stream_of
 from pyalign._tensors import acc_dtype
-from pyalign.ops._op import kernel_op
+from pyalign.ops._op import kernel_op, ordered_params
 
 LOSS_TYPES = tuple(CONTRACT["pg_loss_types"])
 KL_ESTIMATORS = tuple(CONTRACT["kl_estimators"])
@@ -30,22 +30,20 @@ _SLOTS = CONTRACT["pg_seg_slots"]
 
 def params_list(**values: float) -> list[float]:
     """The scalar parameters in the kernels' order; each name must be one of ``PARAM_NAMES``."""
-    unknown = set(values) - set(PARAM_NAMES)
-    missing = [n for n in PARAM_NAMES if n not in values]
-    if unknown or missing:
-        raise TypeError(f"policy-loss parameters: unknown {sorted(unknown)}, missing {missing}")
-    return [float(values[n]) for n in PARAM_NAMES]
+    return ordered_params(values, PARAM_NAMES, "policy-loss parameters")
 
 
 @kernel_op("policy_loss")
 def policy_loss_op(
     logps: Tensor, old_logps: Tensor, ref_logps: Optional[Tensor], sampling_logps: Optional[Tensor],
-    entropy: Optional[Tensor], mask: Optional[Tensor], advantages: Tensor, segments: Tensor, loss_type: str,
-    level: str, kl_estimator: str, is_mode: str, agg: str, bias_correction_kl: bool, adv_per_token: bool,
-    params: list[float],
+    entropy: Optional[Tensor], mask: Optional[Tensor], advantages: Tensor, segments: Optional[Tensor],
+    num_segments: int, row_len: int, loss_type: str, level: str, kl_estimator: str, is_mode: str, agg: str,
+    bias_correction_kl: bool, adv_per_token: bool, params: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, metrics [len(METRIC_NAMES)], grad_logps [N], grad_entropy [N] or [0])`` of flat tokens."""
-    n, S = logps.shape[0], segments.shape[0] - 1
+    """``(loss, metrics [len(METRIC_NAMES)], grad_logps [N], grad_entropy [N] or [0])`` of flat tokens cut
+    into ``num_segments`` sequences: by the offsets ``segments`` ``[S + 1]``, or (``segments`` None) into
+    rows of ``row_len`` tokens."""
+    n, S = logps.shape[0], num_segments
     acc, dev = acc_dtype(logps), logps.device
     loss = torch.empty((), dtype=acc, device=dev)
     metrics = torch.empty(len(METRIC_NAMES), dtype=acc, device=dev)
@@ -55,15 +53,15 @@ def policy_loss_op(
     kernels.policy_loss_forward(
         desc(logps, "logps"), desc(old_logps, "old_logps"), desc(ref_logps, "ref_logps"),
         desc(sampling_logps, "sampling_logps"), desc(entropy, "entropy"), desc(mask, "mask"),
-        desc(advantages, "advantages"), desc(segments, "cu_seqlens"), desc(loss, "loss"), desc(grad_logp, "grad_logps"),
+        desc(advantages, "advantages"), desc(segments, "cu_seqlens"), num_segments, row_len, desc(loss, "loss"), desc(grad_logp, "grad_logps"),
         desc(grad_ent, "grad_entropy") if entropy is not None else None, desc(metrics, "metrics"), desc(work, "work"),
         loss_type, level, kl_estimator, is_mode, agg, bias_correction_kl, adv_per_token, params, stream_of(logps))
     return loss, metrics, grad_logp, grad_ent
 
 
 @policy_loss_op.register_fake
-def _(logps, old_logps, ref_logps, sampling_logps, entropy, mask, advantages, segments, loss_type, level,
-      kl_estimator, is_mode, agg, bias_correction_kl, adv_per_token, params):
+def _(logps, old_logps, ref_logps, sampling_logps, entropy, mask, advantages, segments, num_segments, row_len,
+      loss_type, level, kl_estimator, is_mode, agg, bias_correction_kl, adv_per_token, params):
     acc = acc_dtype(logps)
     n = logps.shape[0]
     return (logps.new_empty((), dtype=acc), logps.new_empty(len(METRIC_NAMES), dtype=acc),
@@ -79,7 +77,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
-    out = [None] * 16
+    out = [None] * 18
     if g_loss is None:
         return tuple(out)
     grad_logp, grad_ent = ctx.saved_tensors

@@ -180,6 +180,8 @@ def policy_loss(logps, old_logps, advantages, mask=None, *, loss_type="dapo", ep
         metrics["entropy"] = float(_masked_mean(entropy.detach(), mask))
     c = coef_1.detach()
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "ppo"):
+        if delta is not None:  # TRL forms the clip flags from the delta-clamped ratio
+            c = c.clamp(max=delta)
         low = ((c < 1 - eps_low) & (adv < 0)).to(logps.dtype)
         high = ((c > 1 + eps_high) & (adv > 0)).to(logps.dtype)
         metrics["clip_ratio/low_mean"] = float(_masked_mean(low, mask))

@@ -1,8 +1,9 @@
 """Policy-gradient losses of online RL (PPO and its critic-free successors), one fused kernel per call."""
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -11,7 +12,7 @@ from pyalign import _checks
 from pyalign._ext import check_cuda_supported
 from pyalign._metrics import Metrics
 from pyalign.ops import rl as _ops
-from pyalign.ops.rl import METRIC_NAMES, params_list, policy_loss_op
+from pyalign.ops.rl import METRIC_NAMES, PARAM_NAMES, params_list, policy_loss_op
 
 __all__ = ["policy_loss", "LOSS_TYPES", "KL_ESTIMATORS", "IMPORTANCE_SAMPLING_MODES", "LOSS_AGG_MODES"]
 
@@ -39,11 +40,12 @@ def _tokens(x, name: str, shape, device, *, numeric: bool = False) -> Optional[T
     return x.reshape(-1)
 
 
-def _segments(shape, cu_seqlens, device) -> tuple[Tensor, int, int]:
-    """Segment offsets ``[S + 1]``, the number of segments and the padded length (0 when packed)."""
+def _segments(shape, cu_seqlens, device) -> tuple[Optional[Tensor], int, int]:
+    """Segment offsets ``[S + 1]`` (None for the rows of ``[B, T]`` inputs), the number of segments and
+    the padded length (0 when packed)."""
     if cu_seqlens is None:
         B, T = shape
-        return torch.arange(0, B * T + 1, max(T, 1), dtype=torch.int64, device=device)[: B + 1], B, T
+        return None, B, T
     _checks.index_tensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected a 1-d tensor of S + 1 offsets, got shape {list(cu_seqlens.shape)}")
@@ -160,6 +162,85 @@ def policy_loss(
         raise ValueError(f"logps: with cu_seqlens expected packed tokens [1, N] or [N], got {list(logps.shape)}")
     shape = tuple(logps.shape)
     seg, S, T = _segments(shape, cu_seqlens, dev)
+    o = _options(loss_type, importance_sampling_level, kl_estimator, loss_agg_mode, importance_sampling_mode,
+                 epsilon, epsilon_high, delta, dual_clip, top_entropy_quantile, beta, entropy_coef,
+                 off_policy_mask_threshold, importance_sampling_clip_min, importance_sampling_clip_max,
+                 sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                 vespo_lambda_neg, entropy is not None)
+    old = _tokens(old_logps, "old_logps", shape, dev)
+    if old is None:
+        raise TypeError("old_logps: expected a tensor like logps (pass logps.detach() when on-policy)")
+    ref = _tokens(ref_logps, "ref_logps", shape, dev)
+    if o.beta != 0 and ref is None:
+        raise ValueError("ref_logps: required when beta != 0")
+    samp = _tokens(sampling_logps, "sampling_logps", shape, dev)
+    if o.mode != "none" and samp is None:
+        raise ValueError(f"sampling_logps: required by importance_sampling_mode {o.mode!r}")
+    ent = _tokens(entropy, "entropy", shape, dev)
+    if (o.quantile < 1 or o.entropy_coef != 0) and ent is None:
+        raise ValueError("entropy: required by top_entropy_quantile < 1 and by entropy_coef != 0")
+    m = _tokens(mask, "mask", shape, dev, numeric=True)
+    _checks.float_tensor(advantages, "advantages")
+    n = math.prod(shape)
+    if advantages.device != dev:
+        raise ValueError(f"advantages: expected a tensor on {dev} like logps, got {advantages.device}")
+    per_token = tuple(advantages.shape) == shape or (cu_seqlens is not None and advantages.numel() == n and
+                                                      advantages.dim() == len(shape))
+    if not per_token and tuple(advantages.shape) != (S,):
+        raise ValueError(f"advantages: expected shape [{S}] (one per sequence) or {list(shape)} (one per token), "
+                         f"got {list(advantages.shape)}")
+    horizon = max_completion_length
+    if horizon is None:
+        if T == 0 and (o.loss_type == "dr_grpo" and o.agg == "by_type" or o.agg == "seq-mean-token-sum-norm"):
+            raise ValueError("max_completion_length: required with cu_seqlens by dr_grpo and seq-mean-token-sum-norm")
+        horizon = max(T, 1)
+    elif isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"max_completion_length: expected an int >= 1, got {horizon!r}")
+    items = math.nan if num_items_in_batch is None else _number(num_items_in_batch, "num_items_in_batch")
+    threshold = math.nan
+    if o.quantile < 1:
+        kept = ent.detach()[(m != 0) if m is not None else slice(None)].float()
+        threshold = math.inf if kept.numel() == 0 else float(torch.quantile(kept, 1 - o.quantile))
+    params = list(o.params)
+    params[_THRESHOLD], params[_HORIZON], params[_ITEMS] = threshold, float(horizon), items
+    loss, values, _, _ = policy_loss_op(
+        logps.reshape(-1), old, ref, samp, ent, m, advantages.reshape(-1), seg, S, T, o.loss_type, o.level,
+        o.kl_estimator, o.mode, o.agg, bool(use_bias_correction_kl), per_token, params)
+    return loss, Metrics(values, o.metric_index)
+
+
+class _Options(NamedTuple):
+    loss_type: str
+    level: str
+    kl_estimator: str
+    agg: str
+    mode: str
+    quantile: float
+    beta: float
+    entropy_coef: float
+    params: tuple  # in the kernels' order; entropy_threshold, horizon and num_items filled per call
+    metric_index: dict
+
+
+_THRESHOLD, _HORIZON, _ITEMS = (PARAM_NAMES.index(k) for k in ("entropy_threshold", "horizon", "num_items"))
+
+
+def _options(*args) -> _Options:
+    try:
+        return _cached_options(*args)
+    except TypeError as e:  # an unhashable argument: checked uncached, for its message
+        if "unhashable" not in str(e):
+            raise
+        return _cached_options.__wrapped__(*args)
+
+
+# typed: 1, 1.0 and True are different keys (a bool is refused where a number is expected)
+@functools.lru_cache(maxsize=256, typed=True)
+def _cached_options(loss_type, importance_sampling_level, kl_estimator, loss_agg_mode, importance_sampling_mode,
+                    epsilon, epsilon_high, delta, dual_clip, top_entropy_quantile, beta, entropy_coef,
+                    off_policy_mask_threshold, importance_sampling_clip_min, importance_sampling_clip_max,
+                    sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                    vespo_lambda_neg, has_entropy) -> _Options:
     lt = _checks.choice(loss_type, "loss_type", LOSS_TYPES)
     level = _checks.choice(importance_sampling_level, "importance_sampling_level", ("token", "sequence"))
     est = _checks.choice(kl_estimator, "kl_estimator", KL_ESTIMATORS)
@@ -181,40 +262,6 @@ def policy_loss(
         raise ValueError(f"top_entropy_quantile: expected a number in (0, 1], got {q!r}")
     beta = _checks.finite(beta, "beta")
     ent_coef = _checks.finite(entropy_coef, "entropy_coef")
-    old = _tokens(old_logps, "old_logps", shape, dev)
-    if old is None:
-        raise TypeError("old_logps: expected a tensor like logps (pass logps.detach() when on-policy)")
-    ref = _tokens(ref_logps, "ref_logps", shape, dev)
-    if beta != 0 and ref is None:
-        raise ValueError("ref_logps: required when beta != 0")
-    samp = _tokens(sampling_logps, "sampling_logps", shape, dev)
-    if mode != "none" and samp is None:
-        raise ValueError(f"sampling_logps: required by importance_sampling_mode {mode!r}")
-    ent = _tokens(entropy, "entropy", shape, dev)
-    if (q < 1 or ent_coef != 0) and ent is None:
-        raise ValueError("entropy: required by top_entropy_quantile < 1 and by entropy_coef != 0")
-    m = _tokens(mask, "mask", shape, dev, numeric=True)
-    _checks.float_tensor(advantages, "advantages")
-    n = math.prod(shape)
-    if advantages.device != dev:
-        raise ValueError(f"advantages: expected a tensor on {dev} like logps, got {advantages.device}")
-    per_token = tuple(advantages.shape) == shape or (cu_seqlens is not None and advantages.numel() == n and
-                                                      advantages.dim() == len(shape))
-    if not per_token and tuple(advantages.shape) != (S,):
-        raise ValueError(f"advantages: expected shape [{S}] (one per sequence) or {list(shape)} (one per token), "
-                         f"got {list(advantages.shape)}")
-    horizon = max_completion_length
-    if horizon is None:
-        if T == 0 and (lt == "dr_grpo" and agg == "by_type" or agg == "seq-mean-token-sum-norm"):
-            raise ValueError("max_completion_length: required with cu_seqlens by dr_grpo and seq-mean-token-sum-norm")
-        horizon = max(T, 1)
-    elif isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ValueError(f"max_completion_length: expected an int >= 1, got {horizon!r}")
-    items = math.nan if num_items_in_batch is None else _number(num_items_in_batch, "num_items_in_batch")
-    threshold = math.nan
-    if q < 1:
-        kept = ent.detach()[(m != 0) if m is not None else slice(None)].float()
-        threshold = math.inf if kept.numel() == 0 else float(torch.quantile(kept, 1 - q))
     opsm = math.nan if off_policy_mask_threshold is None else _checks.finite(off_policy_mask_threshold,
                                                                               "off_policy_mask_threshold")
     lo = -math.inf if importance_sampling_clip_min is None else _checks.finite(importance_sampling_clip_min,
@@ -224,20 +271,17 @@ def policy_loss(
     params = params_list(
         epsilon_low=eps, epsilon_high=eps_high, delta=math.nan if delta is None else delta,
         dual_clip=math.nan if dual_clip is None else dual_clip, beta=beta, entropy_coef=ent_coef,
-        entropy_threshold=threshold, is_clip_min=lo, is_clip_max=hi, off_policy_threshold=opsm, horizon=horizon,
-        num_items=items, sapo_temperature_pos=_checks.positive(sapo_temperature_pos, "sapo_temperature_pos"),
+        entropy_threshold=math.nan, is_clip_min=lo, is_clip_max=hi, off_policy_threshold=opsm, horizon=1,
+        num_items=math.nan, sapo_temperature_pos=_checks.positive(sapo_temperature_pos, "sapo_temperature_pos"),
         sapo_temperature_neg=_checks.positive(sapo_temperature_neg, "sapo_temperature_neg"),
         vespo_k_pos=_checks.finite(vespo_k_pos, "vespo_k_pos"),
         vespo_lambda_pos=_checks.finite(vespo_lambda_pos, "vespo_lambda_pos"),
         vespo_k_neg=_checks.finite(vespo_k_neg, "vespo_k_neg"),
         vespo_lambda_neg=_checks.finite(vespo_lambda_neg, "vespo_lambda_neg"))
-    loss, values, _, _ = policy_loss_op(
-        logps.reshape(-1), old, ref, samp, ent, m, advantages.reshape(-1), seg, lt, level, est, mode, agg,
-        bool(use_bias_correction_kl), per_token, params)
     names = ["policy_loss", "num_tokens"]
     if beta != 0:
         names.append("kl")
-    if ent is not None:
+    if has_entropy:
         names.append("entropy")
     if lt in _CLIPPED:
         names += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
@@ -246,4 +290,5 @@ def policy_loss(
         names.append("cispo_clip_ratio" if lt == "cispo" else "vespo/phi_seq_mean")
     if mode != "none":
         names += [f"sampling/importance_sampling_ratio/{k}" for k in ("mean", "min", "max")]
-    return loss, Metrics(values, {k: METRIC_NAMES.index(k) for k in names})
+    return _Options(lt, level, est, agg, mode, q, beta, ent_coef, tuple(params),
+                    {k: METRIC_NAMES.index(k) for k in names})

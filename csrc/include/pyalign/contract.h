@@ -10,7 +10,7 @@
 
 namespace pyalign {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // A name and its code, as exported.
 struct NamedCode {

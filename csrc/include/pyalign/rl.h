@@ -18,6 +18,8 @@
 #include "pyalign/losses.h"  // load, load_or, sigmoid
 #include "pyalign/tensor.h"
 
+#include <type_traits>
+
 namespace pyalign {
 
 struct PgParams {
@@ -41,19 +43,40 @@ enum TotalSlot : int { T_CNT = 0, T_SEGS, T_NONEMPTY, T_EFF, kTotalSlots };
 
 // Inputs: flat [N] views (any float dtype and stride): logp (differentiated), old, ref, samp (the
 // rollout engine's log-probs), ent (differentiated), mask (any numeric dtype; absent: all 1), adv
-// ([N], or [S] per segment); seg: int64 [S + 1] segment offsets. Outputs: loss [] and grad_logp [N]
-// in the accumulation dtype, grad_ent [N] (absent without entropy), metrics [kPgMetrics], work
-// [S + 1, kSegSlots].
+// ([N], or [S] per segment); seg: int64 [S + 1] segment offsets, or absent for S rows of row_len
+// tokens each ([B, T] inputs). Outputs: loss [] and grad_logp [N] in the accumulation dtype,
+// grad_ent [N] (absent without entropy), metrics [kPgMetrics], work [S + 1, kSegSlots].
 struct PgArgs {
   TensorArg logp, old, ref, samp, ent, mask, adv, seg;
   TensorArg loss, grad_logp, grad_ent, metrics, work;
   PgParams p;
+  int64_t num_segs = 0, row_len = 0;
 };
 
 void policy_loss_cpu(const PgArgs& a);
 #ifdef PYALIGN_WITH_CUDA
 void policy_loss_cuda(const PgArgs& a, void* stream);
 #endif
+
+// ------------------------------------------------------------------------------------------
+// Token readers. AnyTokens reads each input by its dtype code and stride (any float dtype, any
+// numeric mask); TypedTokens<T, M> reads contiguous float inputs of one type T and a mask of type M
+// (void: no mask) without the per-element dtype switch, the fast path the CPU driver picks when the
+// inputs allow it (csrc/cpu/rl.cpp). Both give the same values.
+struct AnyTokens {
+  template <typename A> static PYALIGN_HD A f(const TensorArg& t, int64_t i) { return load<A>(t, i); }
+  template <typename A> static PYALIGN_HD A m(const TensorArg& t, int64_t i) { return load_or<A>(t, i, A(1)); }
+};
+template <typename T, typename M> struct TypedTokens {
+  template <typename A> static PYALIGN_HD A f(const TensorArg& t, int64_t i) {
+    return A(to_float(static_cast<const T*>(t.data)[i]));
+  }
+  template <typename A> static PYALIGN_HD A m(const TensorArg& t, int64_t i) {
+    if constexpr (std::is_void_v<M>) return A(1);
+    else if constexpr (std::is_same_v<M, bool>) return static_cast<const bool*>(t.data)[i] ? A(1) : A(0);
+    else return A(to_float(static_cast<const M*>(t.data)[i]));
+  }
+};
 
 // ------------------------------------------------------------------------------------------
 // Per-token math
@@ -75,7 +98,7 @@ template <typename A> PYALIGN_HD A kl_value(int est, A d, A& dd) {
     default: {  // k3 (and k3+): exp(kl) - kl - 1 with kl = ref - logp, verl's clamps
       bool inside;
       const A kl = clamp_ratio(-d, inside);
-      const A e = std::exp(kl);
+      const A e = fast_exp(kl);
       A v = e - kl - A(1);
       const A cap = A(kPgK3Clamp);
       const bool vin = v >= -cap && v <= cap;
@@ -88,7 +111,7 @@ template <typename A> PYALIGN_HD A kl_value(int est, A d, A& dd) {
 
 // The importance ratio of the rollout correction from its log, truncated or masked to [lo, hi].
 template <typename A> PYALIGN_HD A is_ratio(int mode, A logr, A lo, A hi) {
-  const A r = std::exp(logr);
+  const A r = fast_exp(logr);
   if (IsMode(mode) == IsMode::token_truncate || IsMode(mode) == IsMode::sequence_truncate)
     return r < lo ? lo : (r > hi ? hi : r);
   return (r < lo || r > hi) ? A(0) : r;
@@ -138,8 +161,8 @@ template <typename A> PYALIGN_HD CoreOut<A> pg_core(const PgParams& p, A coef, A
         const A t3 = -adv * A(p.dual_clip);  // dual clip (Ye et al. 2019): a bound on -A r for A < 0
         if (t3 < o.loss) { o.loss = t3; o.dcoef = A(0); }
       }
-      o.low = coef < A(1) - el && adv < A(0);
-      o.high = coef > A(1) + eh && adv > A(0);
+      o.low = c1 < A(1) - el && adv < A(0);  // TRL: the flags see the delta-clamped ratio
+      o.high = c1 > A(1) + eh && adv > A(0);
       return o;
     }
   }
@@ -162,32 +185,36 @@ template <typename A> struct PgSeg {
   int64_t b, e;
 };
 template <typename A> PYALIGN_HD PgSeg<A> segment(const PgArgs& a, int64_t s) {
-  return PgSeg<A>{load<int64_t>(a.seg, s), load<int64_t>(a.seg, s + 1)};
+  if (!a.seg.data) return PgSeg<A>{s * a.row_len, (s + 1) * a.row_len};
+  const int64_t* o = a.seg.ptr<int64_t>();
+  return PgSeg<A>{o[s], o[s + 1]};
 }
-template <typename A> PYALIGN_HD A mask_at(const PgArgs& a, int64_t i) { return load_or<A>(a.mask, i, A(1)); }
-template <typename A> PYALIGN_HD A adv_at(const PgArgs& a, int64_t i, int64_t s) {
-  return load<A>(a.adv, a.p.adv_per_token ? i : s);
+template <typename A, typename R = AnyTokens> PYALIGN_HD A mask_at(const PgArgs& a, int64_t i) {
+  return R::template m<A>(a.mask, i);
 }
-template <typename A> PYALIGN_HD bool entropy_kept(const PgArgs& a, int64_t i, A m) {
+template <typename A, typename R = AnyTokens> PYALIGN_HD A adv_at(const PgArgs& a, int64_t i, int64_t s) {
+  return a.p.adv_per_token ? R::template f<A>(a.adv, i) : load<A>(a.adv, s);
+}
+template <typename A, typename R = AnyTokens> PYALIGN_HD bool entropy_kept(const PgArgs& a, int64_t i, A m) {
   if (!a.p.has_entropy_mask) return true;
-  return m != A(0) && load<A>(a.ent, i) * m >= A(a.p.entropy_threshold);
+  return m != A(0) && R::template f<A>(a.ent, i) * m >= A(a.p.entropy_threshold);
 }
 
 // Phase A contributions of token i (added to acc[G_CNT..G_ISLOG]).
-template <typename A> PYALIGN_HD void phase_a_token(const PgArgs& a, int64_t i, A* acc) {
+template <typename A, typename R = AnyTokens> PYALIGN_HD void phase_a_token(const PgArgs& a, int64_t i, A* acc) {
   const PgParams& p = a.p;
-  const A m = mask_at<A>(a, i);
+  const A m = mask_at<A, R>(a, i);
   if (m == A(0)) return;
   acc[G_CNT] += m;
-  const A lp = load<A>(a.logp, i), old = load<A>(a.old, i);
+  const A lp = R::template f<A>(a.logp, i), old = R::template f<A>(a.old, i);
   bool inside;
   acc[G_LR] += m * clamp_ratio(lp - old, inside);
   if (p.has_off_policy) {
-    const A samp = a.samp.data ? load<A>(a.samp, i) : old;
+    const A samp = a.samp.data ? R::template f<A>(a.samp, i) : old;
     acc[G_OPSM] += m * nan_to_zero(samp - lp);
   }
   if (p.is_mode != int(IsMode::none)) {
-    const A d = nan_to_zero((old - load<A>(a.samp, i)) * m);
+    const A d = nan_to_zero((old - R::template f<A>(a.samp, i)) * m);
     acc[G_ISDIFF] += d;
     if (p.is_mode == int(IsMode::token_truncate) || p.is_mode == int(IsMode::token_mask)) {
       const A r = is_ratio<A>(p.is_mode, d, A(p.is_clip_min), A(p.is_clip_max));
@@ -196,7 +223,7 @@ template <typename A> PYALIGN_HD void phase_a_token(const PgArgs& a, int64_t i, 
       acc[G_ISLOG] += lr < lo ? lo : (lr > A(20) ? A(20) : lr);
     }
   }
-  if (entropy_kept<A>(a, i, m)) acc[G_EFF] += m;
+  if (entropy_kept<A, R>(a, i, m)) acc[G_EFF] += m;
 }
 
 // Whether the clip-ratio flags are one per sequence (a sequence-level ratio with one advantage per
@@ -261,35 +288,35 @@ template <typename A> PYALIGN_HD A token_weight(const PgArgs& a, const SegConst<
 // Phase B for one token: its weighted loss into acc and its gradient written; at sequence level the
 // part through the segment's ratio is returned (its share of d loss / d coef) and added by
 // phase_b_seq_grad once the segment's total is known.
-template <typename A> PYALIGN_HD A phase_b_token(const PgArgs& a, int64_t i, int64_t s, const SegConst<A>& c,
+template <typename A, typename R = AnyTokens> PYALIGN_HD A phase_b_token(const PgArgs& a, int64_t i, int64_t s, const SegConst<A>& c,
                                                  const A* tot, A* acc) {
   const PgParams& p = a.p;
-  const A m = mask_at<A>(a, i);
+  const A m = mask_at<A, R>(a, i);
   A* gl = a.grad_logp.ptr<A>();
   if (m == A(0)) {
     gl[i] = A(0);
     if (a.grad_ent.data) a.grad_ent.ptr<A>()[i] = A(0);
     return A(0);
   }
-  const A lp = load<A>(a.logp, i), old = load<A>(a.old, i);
-  const A adv = adv_at<A>(a, i, s);
+  const A lp = R::template f<A>(a.logp, i), old = R::template f<A>(a.old, i);
+  const A adv = adv_at<A, R>(a, i, s);
   bool inside;
   const A lr = clamp_ratio(lp - old, inside);
-  const A coef = p.seq_level ? c.coef : std::exp(lr);
+  const A coef = p.seq_level ? c.coef : fast_exp(lr);
   A isr = c.isr;
   if (p.is_mode == int(IsMode::token_truncate) || p.is_mode == int(IsMode::token_mask))
-    isr = is_ratio<A>(p.is_mode, nan_to_zero((old - load<A>(a.samp, i)) * m), A(p.is_clip_min), A(p.is_clip_max));
+    isr = is_ratio<A>(p.is_mode, nan_to_zero((old - R::template f<A>(a.samp, i)) * m), A(p.is_clip_min), A(p.is_clip_max));
   const A phi = PgType(p.loss_type) == PgType::vespo ? vespo_phi<A>(p, c.log_w, adv) : A(0);
   CoreOut<A> o = pg_core<A>(p, coef, adv, lp, phi);
   // masks and the rollout correction scale the core (TRL's order); the KL term is added after
-  const bool ekeep = entropy_kept<A>(a, i, m);
+  const bool ekeep = entropy_kept<A, R>(a, i, m);
   A scale = (adv >= A(0) ? A(1) : c.lowkl_keep) * (ekeep ? A(1) : A(0));
   if (PgType(p.loss_type) != PgType::vespo) scale *= isr;
   A loss = o.loss * scale, dcoef = o.dcoef * scale, dlogp = o.dlogp * scale;
   A kl = A(0);
   if (p.has_ref) {
     A dk;
-    kl = kl_value<A>(p.kl, lp - load<A>(a.ref, i), dk);
+    kl = kl_value<A>(p.kl, lp - R::template f<A>(a.ref, i), dk);
     if (p.bias_correction_kl) {
       dlogp += A(p.beta) * dk * coef;
       dcoef += A(p.beta) * kl;
@@ -303,7 +330,7 @@ template <typename A> PYALIGN_HD A phase_b_token(const PgArgs& a, int64_t i, int
   acc[G_LOSS] += w * loss;
   acc[G_KL] += m * kl;
   if (a.ent.data) {
-    const A e = load<A>(a.ent, i);
+    const A e = R::template f<A>(a.ent, i);
     acc[G_ENT] += m * e;
     const A em = ekeep ? m : A(0);
     if (p.entropy_coef != 0) {
@@ -335,11 +362,11 @@ template <typename A> PYALIGN_HD A phase_b_token(const PgArgs& a, int64_t i, int
 }
 
 // The sequence-level chain rule: d loss / d logp_i gets G * d coef / d logp_i.
-template <typename A> PYALIGN_HD void phase_b_seq_grad(const PgArgs& a, int64_t i, const SegConst<A>& c, A G) {
-  const A m = mask_at<A>(a, i);
+template <typename A, typename R = AnyTokens> PYALIGN_HD void phase_b_seq_grad(const PgArgs& a, int64_t i, const SegConst<A>& c, A G) {
+  const A m = mask_at<A, R>(a, i);
   if (m == A(0)) return;
   bool inside;
-  clamp_ratio(load<A>(a.logp, i) - load<A>(a.old, i), inside);
+  clamp_ratio(R::template f<A>(a.logp, i) - R::template f<A>(a.old, i), inside);
   const A cnt1 = c.cnt > A(1) ? c.cnt : A(1);
   a.grad_logp.ptr<A>()[i] += G * c.coef * m / cnt1 * (inside ? A(1) : A(0));
 }

@@ -2,7 +2,12 @@
 per-token formula as TRL's GRPOTrainer writes it in eager PyTorch, and torch.compile of it. The case is
 DAPO with a k3 KL penalty to a reference model (beta 0.04), the clip-ratio metrics included, forward +
 backward (the gradient w.r.t. the log-probs). The kernel reads each input once and writes the gradient
-once: ``bytes_moved`` counts that."""
+once: ``bytes_moved`` counts that.
+
+``fused_linear_policy_loss`` (GRPO with an entropy bonus, from hidden states and the LM head) against
+eager: the full logits, log_softmax, the gathered log-probs and entropy, then the same policy loss;
+Liger-Kernel's ``LigerFusedLinearGRPOLoss`` is not a row (its GRPO refuses the entropy bonus).
+Forward + backward with the gradients of hidden and weight."""
 from __future__ import annotations
 
 import torch
@@ -41,6 +46,52 @@ def _fwd_bwd(impl, lp, *rest):
     return run
 
 
+def _linear_ours(h, w, y, old, adv, mask):
+    return rl.fused_linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", entropy_coef=0.01)[0]
+
+
+def _linear_eager(h, w, y, old, adv, mask):
+    z = torch.log_softmax((h @ w.t()).float(), -1)
+    lp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    ent = -(z.exp() * z).sum(-1)
+    return rl.policy_loss(lp, old, adv, mask, loss_type="grpo", entropy_coef=0.01, entropy=ent)[0]
+
+
+def _linear_fwd_bwd(impl, h, w, *rest):
+    def run():
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        impl(hh, ww, *rest).backward()
+        return hh.grad, ww.grad
+    return run
+
+
+def _linear_sizes(device: str, quick: bool):
+    if device == "cuda":
+        return [(8, 1024, 1024, 32000, torch.float32)] if quick else [(8, 1024, 1024, 32000, torch.float32),
+                                                                     (64, 2048, 4096, 151936, torch.bfloat16)]
+    return [(2, 256, 256, 8000, torch.float32)] if quick else [(8, 1024, 1024, 32000, torch.float32)]
+
+
+def _linear_rows(device: str, quick: bool) -> list[dict]:
+    rows = []
+    for B, T, H, V, dtype in _linear_sizes(device, quick):
+        g = torch.Generator().manual_seed(1)
+        h = (torch.randn(B, T, H, generator=g) / H ** 0.5).to(device, dtype)
+        w = (torch.randn(V, H, generator=g) * 0.02).to(device, dtype)
+        y = torch.randint(0, V, (B, T), generator=g).to(device)
+        old = (-torch.rand(B, T, generator=g) * 5 - 5).to(device)
+        adv = torch.randn(B, generator=g).to(device)
+        mask = torch.ones(B, T, device=device)
+        size = f"{B}x{T} tokens, H {H}, V {V} {str(dtype).replace('torch.', '')}"
+        impls = [("pyalign", _linear_ours)]
+        if B * T * V * 4 <= 8 * 2**30:  # the eager logits must fit
+            impls.append(("eager", _linear_eager))
+        for name, impl in impls:
+            rows.append(record("rl", "fused_linear_policy_loss grpo+entropy fwd+bwd", size, name,
+                               _linear_fwd_bwd(impl, h, w, y, old, adv, mask), device, reps=3))
+    return rows
+
+
 def sizes(device: str, quick: bool):
     if device == "cuda":
         return [(64, 2048)] if quick else [(64, 2048), (256, 8192)]
@@ -62,4 +113,4 @@ def run(device: str, quick: bool) -> list[dict]:
         for name, impl in impls:
             rows.append(record("rl", "policy_loss dapo+kl fwd+bwd", size, name,
                                _fwd_bwd(impl, lp, old, ref, adv, mask), device, bytes_moved=moved))
-    return rows
+    return rows + _linear_rows(device, quick)

@@ -1,10 +1,15 @@
 // CPU driver of the policy-gradient losses (math in pyalign/rl.h): segments across OpenMP threads
-// for phases A and B, each segment by one thread in token order; the batch totals and the final
-// reduction run in segment order on one thread. Deterministic whatever the thread count.
+// for phases A and B, each segment by one thread; the batch totals and the final reduction run in
+// segment order on one thread. Deterministic whatever the thread count.
 //
-// The token loops read their inputs through TypedTokens<T, M> when every float input is one
-// contiguous dtype T and the mask is absent, bool or T (the common case: no per-element dtype
-// switch), through AnyTokens otherwise; both read the same values.
+// Token-level configurations (the common case: no sequence-level ratio, no per-token rollout
+// correction, not VESPO) run phases A and B in tiles of kTile tokens: each stage of the per-token math is
+// its own loop over the tile with the loss type and the KL estimator fixed outside it, so the loops
+// vectorize (ISA clones: PYALIGN_CPU_CLONES), and each sum is kept in kLanes fixed lanes (token j of
+// a segment goes to lane j % kLanes) summed in lane order at the segment's end: the same bits
+// whether or not a loop vectorized, on every ISA. Other configurations run the scalar per-token
+// functions in token order. The token loops read their inputs through TypedTokens<T, M> when every
+// float input is one contiguous dtype T and the mask is absent, bool or T, else through AnyTokens.
 #include "pyalign/cpu_dispatch.h"
 #include "pyalign/rl.h"
 
@@ -15,19 +20,244 @@ namespace {
 
 // Tokens per thread below which a second thread costs more than it saves.
 constexpr int64_t kTokenGrain = 4096;
+constexpr int kTile = 256, kLanes = 16;
+static_assert(kTile % kLanes == 0, "a token's lane must not depend on its tile");
+
+// Phase A of one segment (the scalar functions; cheap next to phase B).
+template <typename A, typename R> PYALIGN_HD void seg_phase_a(const PgArgs& a, int64_t s) {
+  A* g = a.work.ptr<A>() + s * kSegSlots;
+  for (int k = 0; k < kSegSlots; ++k) g[k] = A(0);
+  const PgSeg<A> seg = segment<A>(a, s);
+  for (int64_t i = seg.b; i < seg.e; ++i) phase_a_token<A, R>(a, i, g);
+}
+
+// Phase B of one segment, scalar, in token order.
+template <typename A, typename R> PYALIGN_HD void seg_phase_b(const PgArgs& a, int64_t s) {
+  const int64_t S = a.num_segs;
+  A* g = a.work.ptr<A>() + s * kSegSlots;
+  const A* tot = a.work.ptr<A>() + S * kSegSlots;
+  const SegConst<A> c = seg_const<A>(a, g);
+  g[G_ISMIN] = A(INFINITY);
+  g[G_ISMAX] = -A(INFINITY);
+  const PgSeg<A> seg = segment<A>(a, s);
+  A G = 0;
+  for (int64_t i = seg.b; i < seg.e; ++i) G += phase_b_token<A, R>(a, i, s, c, tot, g);
+  if (a.p.seq_level)
+    for (int64_t i = seg.b; i < seg.e; ++i) phase_b_seq_grad<A, R>(a, i, c, G);
+  phase_b_seg_metrics<A>(a, s, c, g);
+}
+
+// Whether phase B can run in tiles (token-level ratio, no per-token correction, not VESPO).
+bool tiled(const PgParams& p) {
+  return !p.seq_level && p.is_mode != int(IsMode::token_truncate) && p.is_mode != int(IsMode::token_mask) &&
+         PgType(p.loss_type) != PgType::vespo;
+}
+
+// Adds one tile's `values[0, n)` into the lanes: tiles hold kTile tokens, a multiple of kLanes, so a
+// token's lane is its position in the segment modulo kLanes.
+template <typename A> PYALIGN_HD void add_lanes(A* lanes, A* values, int n) {
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int j = n; j < padded; ++j) values[j] = A(0);
+  for (int j0 = 0; j0 < padded; j0 += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] += values[j0 + l];
+}
+template <typename A> PYALIGN_HD A lane_total(const A* lanes) {
+  A sum = A(0);
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+// Phase A of one segment in tiles, for the tiled configurations: the token counts, OPSM's and the
+// sequence correction's sums (phase_a_token's math; the log-ratio sum only sequence-level and VESPO
+// configurations need is left 0).
+template <typename A, typename R> PYALIGN_HD void seg_phase_a_tiled(const PgArgs& a, int64_t s) {
+  const PgParams& p = a.p;
+  A* g = a.work.ptr<A>() + s * kSegSlots;
+  for (int k = 0; k < kSegSlots; ++k) g[k] = A(0);
+  const PgSeg<A> seg = segment<A>(a, s);
+  const TensorArg& samp = a.samp.data ? a.samp : a.old;  // OPSM: the sampler's log-probs, else old
+  const A thr = A(p.entropy_threshold);
+  A lanes[4][kLanes] = {};
+  A M[kTile], EF[kTile], OP[kTile], ID[kTile];
+  for (int64_t b = seg.b; b < seg.e; b += kTile) {
+    const int n = int(std::min<int64_t>(kTile, seg.e - b));
+#pragma omp simd
+    for (int j = 0; j < n; ++j) M[j] = R::template m<A>(a.mask, b + j);
+    if (p.has_entropy_mask) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j)
+        EF[j] = (M[j] != A(0)) & (R::template f<A>(a.ent, b + j) * M[j] >= thr) ? M[j] : A(0);
+    } else {
+      for (int j = 0; j < n; ++j) EF[j] = M[j];
+    }
+    if (p.has_off_policy) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j)
+        OP[j] = M[j] != A(0) ? M[j] * nan_to_zero(R::template f<A>(samp, b + j) - R::template f<A>(a.logp, b + j)) : A(0);
+      add_lanes(lanes[2], OP, n);
+    }
+    if (p.is_mode != int(IsMode::none)) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j)
+        ID[j] = M[j] != A(0) ? nan_to_zero((R::template f<A>(a.old, b + j) - R::template f<A>(a.samp, b + j)) * M[j])
+                             : A(0);
+      add_lanes(lanes[3], ID, n);
+    }
+    add_lanes(lanes[0], M, n);
+    add_lanes(lanes[1], EF, n);
+  }
+  g[G_CNT] = lane_total(lanes[0]);
+  g[G_EFF] = lane_total(lanes[1]);
+  g[G_OPSM] = lane_total(lanes[2]);
+  g[G_ISDIFF] = lane_total(lanes[3]);
+}
+
+// Per-segment sums of phase B, in lanes.
+enum TileSum : int { S_LOSS = 0, S_KL, S_ENT, S_BONUS, S_LOW, S_HIGH, S_CISPO, kTileSums };
+constexpr int kTileSlot[kTileSums] = {G_LOSS, G_KL, G_ENT, G_ENTBONUS, G_LOW, G_HIGH, G_CISPO};
+
+// Phase B of one segment in tiles: phase_b_token's math, stage by stage.
+template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs& a, int64_t s) {
+  const PgParams& p = a.p;
+  const int64_t S = a.num_segs;
+  A* g = a.work.ptr<A>() + s * kSegSlots;
+  const A* tot = a.work.ptr<A>() + S * kSegSlots;
+  const SegConst<A> c = seg_const<A>(a, g);
+  g[G_ISMIN] = A(INFINITY);
+  g[G_ISMAX] = -A(INFINITY);
+  const PgSeg<A> seg = segment<A>(a, s);
+  const A wf = token_weight<A>(a, c, tot, A(1));  // token_weight is m times this
+  const A adv_seg = p.adv_per_token ? A(0) : load<A>(a.adv, s);
+  const A beta = A(p.beta), ecoef = A(p.entropy_coef), thr = A(p.entropy_threshold);
+  const A teff = tot[T_EFF] > A(1) ? tot[T_EFF] : A(1);
+  const bool has_ent = a.ent.data != nullptr, grad_ent = a.grad_ent.data != nullptr;
+  A* gl = a.grad_logp.ptr<A>();
+  A* ge = grad_ent ? a.grad_ent.ptr<A>() : nullptr;
+  const PgType type = PgType(p.loss_type);
+  A lanes[kTileSums][kLanes] = {};
+  A M[kTile], LP[kTile], ADV[kTile], CO[kTile], IN[kTile], L[kTile], DC[kTile], DL[kTile], KL[kTile], DK[kTile];
+  A FL[kTile], FH[kTile], FC[kTile], E[kTile], GE[kTile], GL[kTile], LO[kTile], KC[kTile], EC[kTile], BC[kTile];
+  A* const C[kTileSums] = {LO, KC, EC, BC, FL, FH, FC};  // the summed contributions, in TileSum order
+  const bool bias = p.bias_correction_kl, bonus = ecoef != A(0);
+  for (int64_t b = seg.b; b < seg.e; b += kTile) {
+    const int n = int(std::min<int64_t>(kTile, seg.e - b));
+    // Loop-invariant choices stay outside the loops (a branch inside one stops it vectorizing).
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {  // inputs and the ratio
+      const int64_t i = b + j;
+      M[j] = R::template m<A>(a.mask, i);
+      LP[j] = R::template f<A>(a.logp, i);
+      bool inside;
+      const A lr = clamp_ratio(LP[j] - R::template f<A>(a.old, i), inside);
+      CO[j] = fast_exp(lr);
+      IN[j] = inside ? A(1) : A(0);
+    }
+    if (p.adv_per_token) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) ADV[j] = R::template f<A>(a.adv, b + j);
+    } else {
+      for (int j = 0; j < n; ++j) ADV[j] = adv_seg;
+    }
+    if (has_ent) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) E[j] = R::template f<A>(a.ent, b + j);
+    } else {
+      for (int j = 0; j < n; ++j) E[j] = A(0);
+    }
+    switch (type) {  // the loss type's core
+      case PgType::cispo:
+#pragma omp simd
+        for (int j = 0; j < n; ++j) {
+          const CoreOut<A> o = cispo_core<A>(p, CO[j], ADV[j], LP[j]);
+          L[j] = o.loss; DC[j] = o.dcoef; DL[j] = o.dlogp; FL[j] = A(0); FH[j] = A(0); FC[j] = o.cispo;
+        }
+        break;
+      case PgType::sapo:
+#pragma omp simd
+        for (int j = 0; j < n; ++j) {
+          const CoreOut<A> o = sapo_core<A>(p, CO[j], ADV[j]);
+          L[j] = o.loss; DC[j] = o.dcoef; DL[j] = o.dlogp; FL[j] = A(0); FH[j] = A(0); FC[j] = A(0);
+        }
+        break;
+      default:
+#pragma omp simd
+        for (int j = 0; j < n; ++j) {
+          const CoreOut<A> o = clipped_core<A>(p, CO[j], ADV[j]);
+          L[j] = o.loss; DC[j] = o.dcoef; DL[j] = o.dlogp;
+          FL[j] = o.low; FH[j] = o.high; FC[j] = A(0);
+        }
+    }
+    if (p.has_ref) {  // the KL estimate, estimator fixed per loop
+#define PYALIGN_KL_LOOP(E)                                                          \
+  _Pragma("omp simd") for (int j = 0; j < n; ++j) KL[j] =                           \
+      kl_of<E>(LP[j] - R::template f<A>(a.ref, b + j), DK[j]);                      \
+  break;
+      switch (KlEstimator(p.kl)) {
+        case KlEstimator::k1: PYALIGN_KL_LOOP(KlEstimator::k1)
+        case KlEstimator::k1_st: PYALIGN_KL_LOOP(KlEstimator::k1_st)
+        case KlEstimator::k2: PYALIGN_KL_LOOP(KlEstimator::k2)
+        case KlEstimator::abs: PYALIGN_KL_LOOP(KlEstimator::abs)
+        case KlEstimator::k3_st: PYALIGN_KL_LOOP(KlEstimator::k3_st)
+        default: PYALIGN_KL_LOOP(KlEstimator::k3)
+      }
+#undef PYALIGN_KL_LOOP
+    } else {
+      for (int j = 0; j < n; ++j) { KL[j] = A(0); DK[j] = A(0); }
+    }
+    // masks, correction, KL, weights: the token's contributions (0/1 masks as numbers: selects)
+    const A emask = p.has_entropy_mask ? A(1) : A(0), lowkl = c.lowkl_keep, isr = c.isr;
+    const A bias_f = bias ? A(1) : A(0), bonus_f = bonus ? A(1) : A(0);
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {
+      const A m = M[j];
+      const A keep = m != A(0) ? A(1) : A(0);  // masked tokens contribute exact zeros, whatever they hold
+      const A ek = (E[j] * m >= thr ? A(1) : A(0)) * keep;
+      const A ekeep = emask * ek + (A(1) - emask);
+      const A scale = (ADV[j] >= A(0) ? A(1) : lowkl) * ekeep * isr;
+      // with use_bias_correction_kl the KL term is r * kl, differentiated through r too
+      const A r = bias_f * CO[j] + (A(1) - bias_f);
+      const A kl = KL[j] * r;
+      const A loss = L[j] * scale + beta * kl;
+      const A dcoef = DC[j] * scale + bias_f * beta * KL[j];
+      const A dlogp = DL[j] * scale + beta * DK[j] * r;
+      const A w = m * wf, em = ekeep * m;
+      LO[j] = keep != A(0) ? w * loss : A(0);
+      KC[j] = keep != A(0) ? m * kl : A(0);
+      EC[j] = keep != A(0) ? m * E[j] : A(0);
+      BC[j] = keep * bonus_f != A(0) ? em * E[j] / teff : A(0);
+      FL[j] = FL[j] * keep * m;
+      FH[j] = FH[j] * keep * m;
+      FC[j] = FC[j] * keep * m;
+      GL[j] = keep != A(0) ? w * (dlogp + dcoef * CO[j] * IN[j]) : A(0);
+      GE[j] = keep * bonus_f != A(0) ? -ecoef * em / teff : A(0);
+    }
+#pragma omp simd
+    for (int j = 0; j < n; ++j) gl[b + j] = GL[j];
+    if (grad_ent) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) ge[b + j] = GE[j];
+    }
+    for (int k = 0; k < kTileSums; ++k) add_lanes(lanes[k], C[k], n);
+  }
+  for (int k = 0; k < kTileSums; ++k) g[kTileSlot[k]] += lane_total(lanes[k]);
+  phase_b_seg_metrics<A>(a, s, c, g);
+}
+
+PYALIGN_CPU_CLONES(phase_a_segments, seg_phase_a, PgArgs, typename A COMMA typename R, A COMMA R)
+PYALIGN_CPU_CLONES(phase_a_tiles, seg_phase_a_tiled, PgArgs, typename A COMMA typename R, A COMMA R)
+PYALIGN_CPU_CLONES(phase_b_segments, seg_phase_b, PgArgs, typename A COMMA typename R, A COMMA R)
+PYALIGN_CPU_CLONES(phase_b_tiles, seg_phase_b_tiled, PgArgs, typename A COMMA typename R, A COMMA R)
 
 template <typename A, typename R> void run(const PgArgs& a) {
   const int64_t S = a.num_segs;
   const int64_t n = a.logp.shape[0];
   const int64_t grain = n > 0 ? std::max<int64_t>(1, (kTokenGrain * S + n - 1) / n) : S + 1;  // segments per thread
   A* work = a.work.ptr<A>();
-  parallel_rows(S, grain, [&](int64_t s0, int64_t s1) {  // phase A
-    for (int64_t s = s0; s < s1; ++s) {
-      A* g = work + s * kSegSlots;
-      for (int k = 0; k < kSegSlots; ++k) g[k] = A(0);
-      const PgSeg<A> seg = segment<A>(a, s);
-      for (int64_t i = seg.b; i < seg.e; ++i) phase_a_token<A, R>(a, i, g);
-    }
+  const bool tiles = tiled(a.p);
+  parallel_rows(S, grain, [&](int64_t s0, int64_t s1) {
+    if (tiles) phase_a_tiles<A, R>(a, s0, s1);
+    else phase_a_segments<A, R>(a, s0, s1);
   });
   A* tot = work + S * kSegSlots;  // phase T
   for (int k = 0; k < kSegSlots; ++k) tot[k] = A(0);
@@ -38,19 +268,9 @@ template <typename A, typename R> void run(const PgArgs& a) {
     tot[T_EFF] += g[G_EFF];
   }
   tot[T_SEGS] = A(S);
-  parallel_rows(S, grain, [&](int64_t s0, int64_t s1) {  // phase B
-    for (int64_t s = s0; s < s1; ++s) {
-      A* g = work + s * kSegSlots;
-      const SegConst<A> c = seg_const<A>(a, g);
-      g[G_ISMIN] = A(INFINITY);
-      g[G_ISMAX] = -A(INFINITY);
-      const PgSeg<A> seg = segment<A>(a, s);
-      A G = 0;
-      for (int64_t i = seg.b; i < seg.e; ++i) G += phase_b_token<A, R>(a, i, s, c, tot, g);
-      if (a.p.seq_level)
-        for (int64_t i = seg.b; i < seg.e; ++i) phase_b_seq_grad<A, R>(a, i, c, G);
-      phase_b_seg_metrics<A>(a, s, c, g);
-    }
+  parallel_rows(S, grain, [&](int64_t s0, int64_t s1) {
+    if (tiles) phase_b_tiles<A, R>(a, s0, s1);
+    else phase_b_segments<A, R>(a, s0, s1);
   });
   pg_finalize<A>(a, work, S);
 }
@@ -74,7 +294,7 @@ template <typename A, typename T> void run_typed(const PgArgs& a) {
 
 void policy_loss_cpu(const PgArgs& a) {
   switch (a.logp.dtype) {
-    case DType::f64: return run<double, AnyTokens>(a);
+    case DType::f64: return run_typed<double, double>(a);
     case DType::f32: return run_typed<float, float>(a);
     case DType::bf16: return run_typed<float, bf16_t>(a);
     default: return run<float, AnyTokens>(a);

@@ -143,7 +143,7 @@ def policy_loss(
 
     Numerics: log-ratios are clamped to [-20, 20] (verl's clamp; beyond, their gradient is 0), so
     ``|log r|`` up to 1e4 gives finite losses and gradients; TRL's formulas agree wherever
-    ``|log r| <= 20``. A NaN in a kept token's input gives a NaN loss; masked tokens are not read.
+    ``|log r| <= 20``. A NaN in a kept token's input gives a NaN loss; a masked token's values never reach the results.
     ``top_entropy_quantile < 1`` and ``num_items_in_batch`` or ``cu_seqlens`` given as CUDA tensors
     cost a host sync.
 

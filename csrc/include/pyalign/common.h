@@ -154,6 +154,12 @@ PYALIGN_HD float fast_tanh(float x) {
 }
 PYALIGN_HD double fast_tanh(double x) { return std::tanh(x); }
 
+// sigmoid through one fast_exp of -|x| (no overflow); vectorizes like fast_exp.
+template <typename A> PYALIGN_HD A fast_sigmoid(A x) {
+  const A e = fast_exp(x < A(0) ? x : -x), r = A(1) / (A(1) + e);
+  return x >= A(0) ? r : e * r;
+}
+
 // log(1 + exp(x)) without overflow; log-sigmoid(x) = -softplus(-x).
 template <typename A> PYALIGN_HD A softplus(A x) {
   return x > A(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));

@@ -83,29 +83,40 @@ template <typename T, typename M> struct TypedTokens {
 
 template <typename A> PYALIGN_HD A clamp_ratio(A x, bool& inside) {
   const A c = A(kPgLogRatioClamp);
-  inside = x >= -c && x <= c;
+  inside = (x >= -c) & (x <= c);
   return x < -c ? -c : (x > c ? c : x);
 }
 template <typename A> PYALIGN_HD A nan_to_zero(A x) { return x == x ? x : A(0); }
 
-// A KL estimate of log(pi / pi_ref) from d = logp - ref, and its derivative w.r.t. logp.
+// A KL estimate of log(pi / pi_ref) from d = logp - ref, and its derivative w.r.t. logp: estimator E
+// (kl_of, branch-free so that a loop over tokens vectorizes), or the estimator named at run time.
+template <KlEstimator E, typename A> PYALIGN_HD A kl_of(A d, A& dd) {
+  if constexpr (E == KlEstimator::k1) { dd = A(1); return d; }
+  else if constexpr (E == KlEstimator::k1_st) { dd = d; return d; }
+  else if constexpr (E == KlEstimator::k2) { dd = d; return A(0.5) * d * d; }
+  else if constexpr (E == KlEstimator::abs) {
+    dd = d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0));
+    return d < A(0) ? -d : d;
+  } else {  // k3 (and k3+): exp(kl) - kl - 1 with kl = ref - logp, verl's clamps
+    bool inside;
+    const A kl = clamp_ratio(-d, inside);
+    const A e = fast_exp(kl);
+    A v = e - kl - A(1);
+    const A cap = A(kPgK3Clamp);
+    const bool vin = v >= -cap && v <= cap;
+    v = v > cap ? cap : (v < -cap ? -cap : v);
+    dd = E == KlEstimator::k3_st ? d : ((inside && vin) ? -(e - A(1)) : A(0));
+    return v;
+  }
+}
 template <typename A> PYALIGN_HD A kl_value(int est, A d, A& dd) {
   switch (KlEstimator(est)) {
-    case KlEstimator::k1: dd = A(1); return d;
-    case KlEstimator::k1_st: dd = d; return d;
-    case KlEstimator::k2: dd = d; return A(0.5) * d * d;
-    case KlEstimator::abs: dd = d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0)); return d < A(0) ? -d : d;
-    default: {  // k3 (and k3+): exp(kl) - kl - 1 with kl = ref - logp, verl's clamps
-      bool inside;
-      const A kl = clamp_ratio(-d, inside);
-      const A e = fast_exp(kl);
-      A v = e - kl - A(1);
-      const A cap = A(kPgK3Clamp);
-      const bool vin = v >= -cap && v <= cap;
-      v = v > cap ? cap : (v < -cap ? -cap : v);
-      dd = KlEstimator(est) == KlEstimator::k3_st ? d : ((inside && vin) ? -(e - A(1)) : A(0));
-      return v;
-    }
+    case KlEstimator::k1: return kl_of<KlEstimator::k1>(d, dd);
+    case KlEstimator::k1_st: return kl_of<KlEstimator::k1_st>(d, dd);
+    case KlEstimator::k2: return kl_of<KlEstimator::k2>(d, dd);
+    case KlEstimator::abs: return kl_of<KlEstimator::abs>(d, dd);
+    case KlEstimator::k3_st: return kl_of<KlEstimator::k3_st>(d, dd);
+    default: return kl_of<KlEstimator::k3>(d, dd);
   }
 }
 
@@ -121,50 +132,50 @@ template <typename A> PYALIGN_HD A is_ratio(int mode, A logr, A lo, A hi) {
 // and d/dlogp directly (the CISPO / VESPO forms multiply logp by a detached weight).
 template <typename A> struct CoreOut {
   A loss, dcoef, dlogp;
-  bool low, high, cispo;  // clip-ratio metric flags
+  A low, high, cispo;  // clip-ratio metric flags, 0 or 1 (numbers, so that loops over tokens vectorize)
 };
 
-template <typename A> PYALIGN_HD CoreOut<A> pg_core(const PgParams& p, A coef, A adv, A logp, A phi) {
-  CoreOut<A> o{A(0), A(0), A(0), false, false, false};
+// The three core families; pg_core picks one by loss type.
+template <typename A> PYALIGN_HD CoreOut<A> cispo_core(const PgParams& p, A coef, A adv, A logp) {
+  const A eh = A(p.eps_high);
+  const A w = coef < eh ? coef : eh;  // detached
+  return CoreOut<A>{-w * adv * logp, A(0), -w * adv, A(0), A(0), (coef > eh) & (adv > A(0)) ? A(1) : A(0)};
+}
+template <typename A> PYALIGN_HD CoreOut<A> sapo_core(const PgParams& p, A coef, A adv) {
+  const A tau = adv > A(0) ? A(p.sapo_pos) : A(p.sapo_neg);
+  const A s = fast_sigmoid(tau * (coef - A(1)));
+  return CoreOut<A>{-s * A(4) / tau * adv, -A(4) * s * (A(1) - s) * adv, A(0), A(0), A(0), A(0)};
+}
+// grpo, bnpo, dr_grpo, dapo, luspo, ppo: the clipped surrogate -min(c1 A, clip(r) A), with
+// c1 = min(r, delta) (two-sided clip) and, for ppo, the dual clip.
+template <typename A> PYALIGN_HD CoreOut<A> clipped_core(const PgParams& p, A coef, A adv) {
+  CoreOut<A> o{A(0), A(0), A(0), A(0), A(0), A(0)};
   const A el = A(p.eps_low), eh = A(p.eps_high);
+  const bool in2 = (coef >= A(1) - el) & (coef <= A(1) + eh);  // & not &&: no branches, the loops vectorize
+  const A c2 = coef < A(1) - el ? A(1) - el : (coef > A(1) + eh ? A(1) + eh : coef);
+  const bool in1 = !((p.delta > 0) & (coef > A(p.delta)));
+  const A c1 = in1 ? coef : A(p.delta);
+  const A t1 = c1 * adv, t2 = c2 * adv;
+  // -min(t1, t2); on a tie both branches carry half of the gradient (torch.min's rule)
+  const A tie = -adv * A(0.5) * (A(in1 ? 1 : 0) + A(in2 ? 1 : 0));
+  o.loss = t1 < t2 ? -t1 : (t2 < t1 ? -t2 : -t1);
+  o.dcoef = t1 < t2 ? (in1 ? -adv : A(0)) : (t2 < t1 ? (in2 ? -adv : A(0)) : tie);
+  // dual clip (Ye et al. 2019): a bound on -A r for A < 0
+  const A t3 = -adv * A(p.dual_clip);
+  const bool dual = (PgType(p.loss_type) == PgType::ppo) & (p.dual_clip > 0) & (adv < A(0)) & (t3 < o.loss);
+  o.loss = dual ? t3 : o.loss;
+  o.dcoef = dual ? A(0) : o.dcoef;
+  o.low = (c1 < A(1) - el) & (adv < A(0)) ? A(1) : A(0);  // TRL: the flags see the delta-clamped ratio
+  o.high = (c1 > A(1) + eh) & (adv > A(0)) ? A(1) : A(0);
+  return o;
+}
+
+template <typename A> PYALIGN_HD CoreOut<A> pg_core(const PgParams& p, A coef, A adv, A logp, A phi) {
   switch (PgType(p.loss_type)) {
-    case PgType::cispo: {
-      const A w = coef < eh ? coef : eh;  // detached
-      o.loss = -w * adv * logp;
-      o.dlogp = -w * adv;
-      o.cispo = coef > eh && adv > A(0);
-      return o;
-    }
-    case PgType::sapo: {
-      const A tau = adv > A(0) ? A(p.sapo_pos) : A(p.sapo_neg);
-      const A s = sigmoid(tau * (coef - A(1)));
-      o.loss = -s * A(4) / tau * adv;
-      o.dcoef = -A(4) * s * (A(1) - s) * adv;
-      return o;
-    }
-    case PgType::vespo:
-      o.loss = -phi * adv * logp;
-      o.dlogp = -phi * adv;
-      return o;
-    default: {  // grpo, bnpo, dr_grpo, dapo, luspo, ppo: the clipped surrogate
-      const bool in2 = coef >= A(1) - el && coef <= A(1) + eh;
-      const A c2 = coef < A(1) - el ? A(1) - el : (coef > A(1) + eh ? A(1) + eh : coef);
-      bool in1 = true;
-      A c1 = coef;
-      if (p.delta > 0 && coef > A(p.delta)) { c1 = A(p.delta); in1 = false; }
-      const A t1 = c1 * adv, t2 = c2 * adv;
-      // -min(t1, t2); on a tie both branches carry half of the gradient (torch.min's rule)
-      if (t1 < t2) { o.loss = -t1; o.dcoef = in1 ? -adv : A(0); }
-      else if (t2 < t1) { o.loss = -t2; o.dcoef = in2 ? -adv : A(0); }
-      else { o.loss = -t1; o.dcoef = -adv * A(0.5) * (A(in1 ? 1 : 0) + A(in2 ? 1 : 0)); }
-      if (PgType(p.loss_type) == PgType::ppo && p.dual_clip > 0 && adv < A(0)) {
-        const A t3 = -adv * A(p.dual_clip);  // dual clip (Ye et al. 2019): a bound on -A r for A < 0
-        if (t3 < o.loss) { o.loss = t3; o.dcoef = A(0); }
-      }
-      o.low = c1 < A(1) - el && adv < A(0);  // TRL: the flags see the delta-clamped ratio
-      o.high = c1 > A(1) + eh && adv > A(0);
-      return o;
-    }
+    case PgType::cispo: return cispo_core<A>(p, coef, adv, logp);
+    case PgType::sapo: return sapo_core<A>(p, coef, adv);
+    case PgType::vespo: return CoreOut<A>{-phi * adv * logp, A(0), -phi * adv, A(0), A(0), A(0)};
+    default: return clipped_core<A>(p, coef, adv);
   }
 }
 
@@ -342,9 +353,9 @@ template <typename A, typename R = AnyTokens> PYALIGN_HD A phase_b_token(const P
     }
   }
   if (!seq_flags(p)) {
-    acc[G_LOW] += o.low ? m : A(0);
-    acc[G_HIGH] += o.high ? m : A(0);
-    acc[G_CISPO] += o.cispo ? m : A(0);
+    acc[G_LOW] += o.low != A(0) ? m : A(0);
+    acc[G_HIGH] += o.high != A(0) ? m : A(0);
+    acc[G_CISPO] += o.cispo != A(0) ? m : A(0);
   }
   if (p.is_mode == int(IsMode::token_truncate) || p.is_mode == int(IsMode::token_mask)) {
     acc[G_ISR] += m * isr;
@@ -377,9 +388,9 @@ template <typename A> PYALIGN_HD void phase_b_seg_metrics(const PgArgs& a, int64
   const PgParams& p = a.p;
   if (seq_flags(p)) {
     const CoreOut<A> o = pg_core<A>(p, c.coef, load<A>(a.adv, s), A(0), A(0));
-    acc[G_LOW] = o.low ? A(1) : A(0);
-    acc[G_HIGH] = o.high ? A(1) : A(0);
-    acc[G_CISPO] = o.cispo ? A(1) : A(0);
+    acc[G_LOW] = o.low;
+    acc[G_HIGH] = o.high;
+    acc[G_CISPO] = o.cispo;
   }
   if (p.is_mode == int(IsMode::sequence_truncate) || p.is_mode == int(IsMode::sequence_mask)) {
     acc[G_ISR] = c.isr; acc[G_ISMIN] = c.isr; acc[G_ISMAX] = c.isr;

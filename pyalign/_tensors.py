@@ -64,6 +64,22 @@ def compute_dtype(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tor
     return dt
 
 
+def gathered(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor-sharded parameter (an FSDP2 ``fully_shard`` LM head, read outside its module's
+    forward) gathered whole for the call, differentiably: its gradient goes back to the shards
+    averaged over the mesh's ranks (``Partial("avg")``), as FSDP2 averages the gradients it reduces.
+    Plain tensors pass through."""
+    if t is None or type(t) in (Tensor, torch.nn.Parameter):
+        return t
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # a torch built without distributed has no DTensor
+        return t
+    if isinstance(t, DTensor):
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+    return t
+
+
 def cast_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``(hidden, weight, bias)`` in :func:`compute_dtype` (differentiable casts, no-ops when equal)."""
     dt = compute_dtype(hidden, weight, bias)

@@ -170,6 +170,49 @@ def _bad_inputs(rank, world):
         vocab_parallel_token_logprobs(shard, labels, vocab_start=-1)
 
 
+def _case_fsdp_head(rank, world):
+    """An FSDP2-sharded LM head (fully_shard on a CPU mesh; its weight and bias are DTensors, Shard(0))
+    through linear_token_logprobs and fused_linear_policy_loss: each rank's loss on its own batch, and
+    the sharded gradients equal the single-process gradient of the ranks' mean loss, sliced."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from pyalign import rl
+
+    V, H, B, T = 11, 6, 2, 5
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V).double()
+    w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+    fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
+    assert isinstance(head.weight, DTensor)
+
+    def batch(r):
+        g = torch.Generator().manual_seed(10 + r)
+        return (torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randint(0, V, (B, T), generator=g),
+                -torch.rand(B, T, generator=g, dtype=torch.float64) * 3, torch.randn(B, generator=g, dtype=torch.float64))
+
+    losses = {
+        "logprobs": lambda h, w, b, y, old, adv: (linear_token_logprobs(h, w, y, bias=b) ** 2).sum(),
+        "policy": lambda h, w, b, y, old, adv: rl.fused_linear_policy_loss(h, w, y, old, adv, bias=b, loss_type="grpo",
+                                                                          entropy_coef=0.1)[0],
+    }
+    for name, loss_fn in losses.items():
+        h, y, old, adv = batch(rank)
+        hh = h.clone().requires_grad_()
+        loss = loss_fn(hh, head.weight, head.bias, y, old, adv)
+        gh, gw, gb = torch.autograd.grad(loss, (hh, head.weight, head.bias))
+        assert isinstance(gw, DTensor) and isinstance(gb, DTensor)
+        # single process: the mean over ranks of each rank's loss, with the unsharded head
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        mean = sum(loss_fn(*batch(r)[:1], w, b, *batch(r)[1:]) for r in range(world)) / world
+        want_w, want_b = torch.autograd.grad(mean, (w, b))
+        _close(gw.full_tensor(), want_w, 1e-10, f"{name}: weight gradient")
+        _close(gb.full_tensor(), want_b, 1e-10, f"{name}: bias gradient")
+        hw = h.clone().requires_grad_()  # hidden's gradient: this rank's own loss
+        _close(gh, torch.autograd.grad(loss_fn(hw, w0, b0, y, old, adv), hw)[0], 1e-10, f"{name}: hidden gradient")
+
+
 def _all_cases(rank, world):
     torch.set_num_threads(1)
     opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": 0.5}]
@@ -189,6 +232,7 @@ def _all_cases(rank, world):
     # mixed dtypes: promoted like linear_token_logprobs, gradients in each input's dtype
     _case_linear(rank, world, torch.float32, bias=True, shift=False, opts={}, weight_dtype=torch.bfloat16)
     _bad_inputs(rank, world)
+    _case_fsdp_head(rank, world)
 
 
 def _worker(rank, world, store_path, errors):

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pyalign import _checks, _overrides
 from pyalign._outputs import ENTROPY, MEAN_LOGIT, package, requested
-from pyalign._tensors import cast_head
+from pyalign._tensors import cast_head, gathered
 from pyalign.logprob.logits import sequence_totals
 from pyalign.ops.linear import (NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, auto_chunk_size, linear_cross_entropy_fwd_grad_op,
                                 linear_token_logprobs_basis_op, linear_token_logprobs_op)
@@ -93,8 +93,11 @@ def linear_token_logprobs(
             No fp32 ``[V, H]`` accumulator is held (fp32/fp64 weights accumulate ``dW`` in the
             result itself). See :mod:`pyalign.ops.linear` for the two backward loop orders.
 
-    Rows with ``labels == ignore_index`` cost no matmul work and give 0.
+    Rows with ``labels == ignore_index`` cost no matmul work and give 0. A DTensor ``weight`` or
+    ``bias`` (an FSDP2 ``fully_shard`` head read outside its module's forward) is gathered whole for
+    the call; its gradient returns to the shards averaged over the ranks, as FSDP2 averages.
     """
+    weight, bias = gathered(weight), gathered(bias)  # an FSDP2-sharded head: whole for the call
     _checks.head(hidden, weight, bias, labels, shift=shift)
     temperature, logit_scale, softcap = _checks.logit_options(ignore_index, temperature, logit_scale, softcap)
     _checks.chunk_size(chunk_size)
@@ -162,6 +165,7 @@ def linear_cross_entropy(
     ``reduction="none"``, grad mode off or no input requiring grad: the forward makes 1 GEMM per
     chunk and saves nothing beyond what the recompute path needs.
     """
+    weight, bias = gathered(weight), gathered(bias)  # an FSDP2-sharded head: whole for the call
     _checks.head(hidden, weight, bias, labels, shift=shift)
     temperature, logit_scale, softcap = _checks.logit_options(ignore_index, temperature, logit_scale, softcap)
     _checks.chunk_size(chunk_size)

@@ -63,6 +63,7 @@ py::dict contract() {
   c["pg_metrics"] = names(kPgMetricNames);
   c["pg_seg_slots"] = int(kSegSlots);
   c["pg_log_ratio_clamp"] = kPgLogRatioClamp;
+  c["pg_k3_clamp"] = kPgK3Clamp;
   c["norm_modes"] = names(kNormModeNames);
   c["penalty_chunk"] = kPenaltyChunk;
   return c;

@@ -25,6 +25,7 @@ AGG_MODES = tuple(CONTRACT["pg_agg_modes"])
 PARAM_NAMES = tuple(CONTRACT["pg_params"])
 METRIC_NAMES = tuple(CONTRACT["pg_metrics"])
 LOG_RATIO_CLAMP = CONTRACT["pg_log_ratio_clamp"]
+K3_CLAMP = CONTRACT["pg_k3_clamp"]
 _SLOTS = CONTRACT["pg_seg_slots"]
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from pyalign import _checks
-from pyalign.ops.rl import KL_ESTIMATORS, LOG_RATIO_CLAMP
+from pyalign.ops.rl import K3_CLAMP, KL_ESTIMATORS, LOG_RATIO_CLAMP
 
 __all__ = ["kl_penalty"]
-
-_K3_CLAMP = 10.0
 
 
 def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tensor:
@@ -39,7 +37,7 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tenso
         value = 0.5 * d * d
     else:
         kl = (-d).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        value = (kl.exp() - kl - 1).clamp(-_K3_CLAMP, _K3_CLAMP)
+        value = (kl.exp() - kl - 1).clamp(-K3_CLAMP, K3_CLAMP)
     if est.endswith("+"):
         k2 = 0.5 * d * d
         value = k2 - k2.detach() + value.detach()

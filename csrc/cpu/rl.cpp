@@ -20,7 +20,7 @@ namespace {
 
 // Tokens per thread below which a second thread costs more than it saves.
 constexpr int64_t kTokenGrain = 4096;
-constexpr int kTile = 256, kLanes = 16;
+constexpr int kTile = 256, kLanes = 64;
 static_assert(kTile % kLanes == 0, "a token's lane must not depend on its tile");
 
 // Phase A of one segment (the scalar functions; cheap next to phase B).
@@ -54,13 +54,18 @@ bool tiled(const PgParams& p) {
 }
 
 // Adds one tile's `values[0, n)` into the lanes: tiles hold kTile tokens, a multiple of kLanes, so a
-// token's lane is its position in the segment modulo kLanes.
-template <typename A> PYALIGN_HD void add_lanes(A* lanes, A* values, int n) {
+// token's lane is its position in the segment modulo kLanes. The sums run in a local copy (restrict:
+// they stay in registers) and kLanes is several vectors wide, so the adds of one tile do not form
+// one long dependency chain.
+template <typename A> PYALIGN_HD void add_lanes(A* __restrict lanes, A* __restrict values, int n) {
   const int padded = (n + kLanes - 1) / kLanes * kLanes;
   for (int j = n; j < padded; ++j) values[j] = A(0);
+  A acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = lanes[l];
   for (int j0 = 0; j0 < padded; j0 += kLanes)
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) lanes[l] += values[j0 + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += values[j0 + l];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l];
 }
 template <typename A> PYALIGN_HD A lane_total(const A* lanes) {
   A sum = A(0);

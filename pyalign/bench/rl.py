@@ -7,11 +7,13 @@ once: ``bytes_moved`` counts that.
 ``fused_linear_policy_loss`` (GRPO with an entropy bonus, from hidden states and the LM head) against
 eager: the full logits, log_softmax, the gathered log-probs and entropy, then the same policy loss;
 Liger-Kernel's ``LigerFusedLinearGRPOLoss`` is not a row (its GRPO refuses the entropy bonus).
-Forward + backward with the gradients of hidden and weight."""
+Forward + backward with the gradients of hidden and weight; ``pyalign`` is the single pass (its gradients
+formed in the forward, 3 GEMMs per chunk), ``pyalign recompute`` the composite schedule (4 GEMMs)."""
 from __future__ import annotations
 
 import torch
 
+import pyalign
 from pyalign import rl
 from pyalign.bench.common import compiled, record
 
@@ -50,6 +52,11 @@ def _linear_ours(h, w, y, old, adv, mask):
     return rl.fused_linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", entropy_coef=0.01)[0]
 
 
+def _linear_recompute(h, w, y, old, adv, mask):
+    with pyalign.overrides(forward_gradients=False):  # the composite schedule: 4 GEMMs per chunk
+        return _linear_ours(h, w, y, old, adv, mask)
+
+
 def _linear_eager(h, w, y, old, adv, mask):
     z = torch.log_softmax((h @ w.t()).float(), -1)
     lp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
@@ -83,7 +90,7 @@ def _linear_rows(device: str, quick: bool) -> list[dict]:
         adv = torch.randn(B, generator=g).to(device)
         mask = torch.ones(B, T, device=device)
         size = f"{B}x{T} tokens, H {H}, V {V} {str(dtype).replace('torch.', '')}"
-        impls = [("pyalign", _linear_ours)]
+        impls = [("pyalign", _linear_ours), ("pyalign recompute", _linear_recompute)]
         if B * T * V * 4 <= 8 * 2**30:  # the eager logits must fit
             impls.append(("eager", _linear_eager))
         for name, impl in impls:

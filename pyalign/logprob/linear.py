@@ -50,6 +50,21 @@ def _rows(hidden, labels, shift, validate, V, ignore_index, chunk_size):
     return h2, l1, labels.shape, int(chunk_size)
 
 
+def prepared_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, shift: bool,
+                  validate: Optional[bool], ignore_index: int, temperature: float, logit_scale: float,
+                  softcap: Optional[float], chunk_size: Optional[int]):
+    """The checked head of a fused function: ``(hidden [n, H], weight, bias, labels [n], result shape,
+    chunk size, (temperature, logit_scale, softcap))``, an FSDP2-sharded (DTensor) head gathered whole
+    for the call and the dtypes cast as the module docstring says."""
+    weight, bias = gathered(weight), gathered(bias)
+    _checks.head(hidden, weight, bias, labels, shift=shift)
+    tf = _checks.logit_options(ignore_index, temperature, logit_scale, softcap)
+    _checks.chunk_size(chunk_size)
+    hidden, weight, bias = cast_head(hidden, weight, bias)
+    h2, l1, shape, chunk = _rows(hidden, labels, shift, validate, weight.shape[0], ignore_index, chunk_size)
+    return h2, weight, bias, l1, shape, chunk, tf
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -97,14 +112,11 @@ def linear_token_logprobs(
     ``bias`` (an FSDP2 ``fully_shard`` head read outside its module's forward) is gathered whole for
     the call; its gradient returns to the shards averaged over the ranks, as FSDP2 averages.
     """
-    weight, bias = gathered(weight), gathered(bias)  # an FSDP2-sharded head: whole for the call
-    _checks.head(hidden, weight, bias, labels, shift=shift)
-    temperature, logit_scale, softcap = _checks.logit_options(ignore_index, temperature, logit_scale, softcap)
-    _checks.chunk_size(chunk_size)
     flags, wanted = requested(outputs, return_entropy)
-    hidden, weight, bias = cast_head(hidden, weight, bias)
-    h2, l1, out_shape, chunk = _rows(hidden, labels, shift, validate, weight.shape[0], ignore_index, chunk_size)
-    args = (h2, weight, bias, l1, ignore_index, temperature, logit_scale, softcap, flags, chunk)
+    h2, weight, bias, l1, out_shape, chunk, tf = prepared_head(
+        hidden, weight, bias, labels, shift=shift, validate=validate, ignore_index=ignore_index,
+        temperature=temperature, logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size)
+    args = (h2, weight, bias, l1, ignore_index, *tf, flags, chunk)
     if frozen_head(h2, weight, bias) and not flags & (ENTROPY | MEAN_LOGIT):
         # only hidden needs a gradient: its basis is formed in the forward, 2 GEMMs per chunk
         logp, lse, ent, lss, mean, top1, _ = linear_token_logprobs_basis_op(*args)

@@ -153,6 +153,19 @@ def policy_loss(
     ``vespo/phi_seq_mean``, ``sampling/importance_sampling_ratio/{mean,min,max}`` (rollout correction),
     ``num_tokens``.
     """
+    args, o = prepare(locals())
+    loss, values, _, _ = policy_loss_op(*args)
+    return loss, Metrics(values, o.metric_index)
+
+
+
+def prepare(a: dict) -> tuple[tuple, "_Options"]:
+    """The checked arguments of :func:`pyalign.ops.rl.policy_loss_op` and the parsed options, from
+    :func:`policy_loss`'s arguments by name (``a``: its ``locals()``); the one place they are checked."""
+    logps, old_logps, advantages, mask, entropy = a["logps"], a["old_logps"], a["advantages"], a["mask"], a["entropy"]
+    cu_seqlens, max_completion_length, num_items_in_batch = (a["cu_seqlens"], a["max_completion_length"],
+                                                             a["num_items_in_batch"])
+    ref_logps, sampling_logps, use_bias_correction_kl = a["ref_logps"], a["sampling_logps"], a["use_bias_correction_kl"]
     _checks.float_tensor(logps, "logps")
     dev = logps.device
     if cu_seqlens is None:
@@ -162,11 +175,7 @@ def policy_loss(
         raise ValueError(f"logps: with cu_seqlens expected packed tokens [1, N] or [N], got {list(logps.shape)}")
     shape = tuple(logps.shape)
     seg, S, T = _segments(shape, cu_seqlens, dev)
-    o = _options(loss_type, importance_sampling_level, kl_estimator, loss_agg_mode, importance_sampling_mode,
-                 epsilon, epsilon_high, delta, dual_clip, top_entropy_quantile, beta, entropy_coef,
-                 off_policy_mask_threshold, importance_sampling_clip_min, importance_sampling_clip_max,
-                 sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                 vespo_lambda_neg, entropy is not None)
+    o = _options(*(a[k] for k in _OPTION_NAMES), entropy is not None)
     old = _tokens(old_logps, "old_logps", shape, dev)
     if old is None:
         raise TypeError("old_logps: expected a tensor like logps (pass logps.detach() when on-policy)")
@@ -203,10 +212,8 @@ def policy_loss(
         threshold = math.inf if kept.numel() == 0 else float(torch.quantile(kept, 1 - o.quantile))
     params = list(o.params)
     params[_THRESHOLD], params[_HORIZON], params[_ITEMS] = threshold, float(horizon), items
-    loss, values, _, _ = policy_loss_op(
-        logps.reshape(-1), old, ref, samp, ent, m, advantages.reshape(-1), seg, S, T, o.loss_type, o.level,
-        o.kl_estimator, o.mode, o.agg, bool(use_bias_correction_kl), per_token, params)
-    return loss, Metrics(values, o.metric_index)
+    return (logps.reshape(-1), old, ref, samp, ent, m, advantages.reshape(-1), seg, S, T, o.loss_type, o.level,
+            o.kl_estimator, o.mode, o.agg, bool(use_bias_correction_kl), per_token, params), o
 
 
 class _Options(NamedTuple):
@@ -218,10 +225,19 @@ class _Options(NamedTuple):
     quantile: float
     beta: float
     entropy_coef: float
+    # each token's gradient depends on its own values and the mask only (no sequence-level ratio,
+    # quantile, OPSM or VESPO weight): what a forward that forms the head's gradient needs
+    token_local: bool
     params: tuple  # in the kernels' order; entropy_threshold, horizon and num_items filled per call
     metric_index: dict
 
 
+# policy_loss's scalar options in _cached_options' order
+_OPTION_NAMES = ("loss_type", "importance_sampling_level", "kl_estimator", "loss_agg_mode", "importance_sampling_mode",
+                 "epsilon", "epsilon_high", "delta", "dual_clip", "top_entropy_quantile", "beta", "entropy_coef",
+                 "off_policy_mask_threshold", "importance_sampling_clip_min", "importance_sampling_clip_max",
+                 "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg")
 _THRESHOLD, _HORIZON, _ITEMS = (PARAM_NAMES.index(k) for k in ("entropy_threshold", "horizon", "num_items"))
 
 
@@ -290,5 +306,6 @@ def _cached_options(loss_type, importance_sampling_level, kl_estimator, loss_agg
         names.append("cispo_clip_ratio" if lt == "cispo" else "vespo/phi_seq_mean")
     if mode != "none":
         names += [f"sampling/importance_sampling_ratio/{k}" for k in ("mean", "min", "max")]
-    return _Options(lt, level, est, agg, mode, q, beta, ent_coef, tuple(params),
+    token_local = level == "token" and q == 1 and math.isnan(opsm) and lt != "vespo"
+    return _Options(lt, level, est, agg, mode, q, beta, ent_coef, token_local, tuple(params),
                     {k: METRIC_NAMES.index(k) for k in names})

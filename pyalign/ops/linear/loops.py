@@ -3,15 +3,15 @@
 * :func:`chunked_stats` — the forward: per-row softmax statistics, one logits GEMM per chunk (and,
   for a frozen head, the hidden gradient's basis: one more GEMM);
 * :func:`chunked_backward` — the recompute backward, token-outer or vocab-blocked;
-* :func:`chunked_forward_grad` — a reduced loss's forward that forms its gradient on the way
-  (3 GEMMs per chunk).
+* :func:`chunked_forward_grad` — a forward that forms the gradient on the way, for losses whose
+  per-token coefficients each chunk can produce from its own statistics (3 GEMMs per chunk).
 
 Each works on the rows that need work (the ignored ones were dropped by the caller) and, with
 ``vocab_slice``, on one slice of the vocabulary (the vocab-parallel variant).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -201,14 +201,15 @@ def _vocab_blocked_backward(grad_logp, grad_entropy, hidden, weight, bias, label
 
 def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                          temperature: float, logit_scale: float, softcap: float, chunk: int, needs: int,
-                         grad_logp: Tensor, grad_lse_const: Tensor, lse_coef: Optional[Tensor],
-                         grad_mean: Optional[Tensor], mean_weights: Optional[Tensor],
-                         ignore_index: int = -100):
-    """Per-row ``(logp, lse, mean_logit)`` (``mean_logit`` empty without ``grad_mean``) and the
-    gradients ``(dh [n, H], dW [V, H], db [V])`` (None where ``needs`` has no bit) of
-    ``sum_t grad_logp_t logp_t + (grad_lse_const + lse_coef lse_t) lse_t + grad_mean_t mean_t``,
-    where ``lse_coef`` multiplies the chunk's own ``lse`` as the forward kernel produced it (the
-    gradient of ``lse_coef/2 * lse^2``). One logits GEMM per chunk, the forward kernel, the backward
+                         row_grads: Callable, *, entropy: bool = False, grad_mean: Optional[Tensor] = None,
+                         mean_weights: Optional[Tensor] = None, ignore_index: int = -100):
+    """Per-row ``(logp, lse, entropy, mean_logit)`` (``entropy`` empty unless asked for, ``mean_logit``
+    empty without ``grad_mean``) and the gradients ``(dh [n, H], dW [V, H], db [V])`` (None where
+    ``needs`` has no bit) of ``sum_t grad_logp_t logp_t + grad_entropy_t entropy_t + grad_lse_t lse_t
+    + grad_mean_t mean_t``, where the per-row coefficients of each chunk come from
+    ``row_grads(rows, logp, lse, entropy) -> (grad_logp, grad_entropy or None, grad_lse or None)``,
+    called with the chunk's own statistics as the forward kernel produced them (``rows``: the
+    chunk's slice of the ``n`` rows). One logits GEMM per chunk, the forward kernel, the backward
     kernel in place, ``dh = g @ W`` and ``dW += g.T @ h``: 3 GEMMs.
 
     ``dW``: fp32/fp64 weights accumulate in the result itself; bf16/fp16 weights with all rows in
@@ -221,6 +222,7 @@ def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     tf = (temperature, logit_scale, softcap)
     logp = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty(n, dtype=acc, device=dev)
+    ent = torch.empty(n if entropy else 0, dtype=acc, device=dev)
     mean = torch.empty(n if grad_mean is not None else 0, dtype=acc, device=dev)
     dh = torch.empty(n, H, dtype=dt, device=dev) if needs & NEED_HIDDEN else None
     db_acc = torch.zeros(V, dtype=acc, device=dev) if (needs & NEED_BIAS and bias is not None) else None
@@ -240,13 +242,12 @@ def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
             h = hidden[s]
             b = None  # the previous chunk's oneDNN output is freed before the next is made
             b = logits_into(None if buf is None else buf[: c1 - c0], h, weight, bias)
-            forward_rows(b, labels[s], logp[s], lse[s], None, None, mean[s] if grad_mean is not None else None, None,
+            e = ent[s] if entropy else None
+            forward_rows(b, labels[s], logp[s], lse[s], e, None, mean[s] if grad_mean is not None else None, None,
                          *tf, ignore_index, mean_weights)
-            g_lse = grad_lse_const.expand(c1 - c0)
-            if lse_coef is not None:
-                g_lse = g_lse + lse_coef * lse[s]
-            backward_rows(b, labels[s], lse[s], None, grad_logp[s], None, b, *tf, ignore_index,
-                          g_lse.contiguous(), _part(grad_mean, s), mean_weights)
+            g_logp, g_ent, g_lse = row_grads(s, logp[s], lse[s], e)
+            backward_rows(b, labels[s], lse[s], e, g_logp, g_ent, b, *tf, ignore_index, g_lse,
+                          _part(grad_mean, s), mean_weights)
             if dh is not None:
                 dhidden_into(dh[s], b, weight)
             if dw_acc is not None:
@@ -263,4 +264,4 @@ def chunked_forward_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         dw = dw_acc.to(weight.dtype)
         del dw_acc
     db = None if db_acc is None else db_acc.to(bias.dtype)
-    return logp, lse, mean, dh, dw, db
+    return logp, lse, ent, mean, dh, dw, db

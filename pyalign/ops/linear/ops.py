@@ -243,10 +243,15 @@ def linear_cross_entropy_fwd_grad_op(
                                                           reduction_sum, acc)
     idx = valid_rows(labels, ignore_index)
     sel = lambda t: select_rows(t, idx)
-    logp, lse, mean, dh, dw, db = chunked_forward_grad(
-        sel(hidden), weight, bias, sel(labels), temperature, logit_scale, softcap, chunk_size, needs,
-        sel(grad_logp), glc, lse_coef if zs > 0 else None, sel(grad_mean), w if eps > 0 else None,
-        ignore_index)
+    g_logp = sel(grad_logp)
+
+    def row_grads(rows, logp, lse, ent):  # the z-loss coefficient multiplies the chunk's own lse
+        g_lse = glc.expand(lse.shape[0]) + lse_coef * lse if zs > 0 else glc.expand(lse.shape[0])
+        return g_logp[rows], None, g_lse.contiguous()
+
+    logp, lse, _, mean, dh, dw, db = chunked_forward_grad(
+        sel(hidden), weight, bias, sel(labels), temperature, logit_scale, softcap, chunk_size, needs, row_grads,
+        grad_mean=sel(grad_mean), mean_weights=w if eps > 0 else None, ignore_index=ignore_index)
     logp, lse = scatter_rows(logp, idx, n), scatter_rows(lse, idx, n)
     mean = scatter_rows(mean, idx, n) if eps > 0 else None
     loss, zl = assemble_cross_entropy(

@@ -20,8 +20,9 @@ namespace {
 
 // Tokens per thread below which a second thread costs more than it saves.
 constexpr int64_t kTokenGrain = 4096;
-constexpr int kTile = 256, kLanes = 64;
-static_assert(kTile % kLanes == 0, "a token's lane must not depend on its tile");
+constexpr int kTile = 256, kLanes = 16;
+static_assert(kTile % kLanes == 0 && (kTile & (kTile - 1)) == 0 && kLanes <= kTile,
+              "a token's lane must not depend on its tile; the tile's tree halves down to kLanes");
 
 // Phase A of one segment (the scalar functions; cheap next to phase B).
 template <typename A, typename R> PYALIGN_HD void seg_phase_a(const PgArgs& a, int64_t s) {
@@ -53,19 +54,18 @@ bool tiled(const PgParams& p) {
          PgType(p.loss_type) != PgType::vespo;
 }
 
-// Adds one tile's `values[0, n)` into the lanes: tiles hold kTile tokens, a multiple of kLanes, so a
-// token's lane is its position in the segment modulo kLanes. The sums run in a local copy (restrict:
-// they stay in registers) and kLanes is several vectors wide, so the adds of one tile do not form
-// one long dependency chain.
+// Adds one tile's `values[0, n)` into the lanes: token j of a segment goes to lane j % kLanes (tiles
+// hold kTile tokens, a multiple of kLanes). Within the tile the lane sums are a fixed pairwise tree
+// (halving strides down to kLanes, each stage one loop without a carried dependency, so it
+// vectorizes); the tile's kLanes partial sums are then added to the lanes in tile order. The order of
+// every addition is fixed by this code, so the bits do not depend on the vector width.
 template <typename A> PYALIGN_HD void add_lanes(A* __restrict lanes, A* __restrict values, int n) {
-  const int padded = (n + kLanes - 1) / kLanes * kLanes;
-  for (int j = n; j < padded; ++j) values[j] = A(0);
-  A acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = lanes[l];
-  for (int j0 = 0; j0 < padded; j0 += kLanes)
+  for (int j = n; j < kTile; ++j) values[j] = A(0);
+  for (int s = kTile / 2; s >= kLanes; s /= 2)
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) acc[l] += values[j0 + l];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l];
+    for (int j = 0; j < s; ++j) values[j] += values[j + s];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) lanes[l] += values[l];
 }
 template <typename A> PYALIGN_HD A lane_total(const A* lanes) {
   A sum = A(0);

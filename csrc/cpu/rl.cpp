@@ -32,20 +32,30 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_a(const PgArgs& a, i
   for (int64_t i = seg.b; i < seg.e; ++i) phase_a_token<A, R>(a, i, g);
 }
 
-// Phase B of one segment, scalar, in token order.
-template <typename A, typename R> PYALIGN_HD void seg_phase_b(const PgArgs& a, int64_t s) {
-  const int64_t S = a.num_segs;
+// What phase B of segment s starts from: its workspace row (the running min / max slots reset),
+// the batch totals, the segment's constants and its tokens.
+template <typename A> struct PhaseB {
+  A* g;
+  const A* tot;
+  SegConst<A> c;
+  PgSeg<A> seg;
+};
+template <typename A> PYALIGN_HD PhaseB<A> phase_b_begin(const PgArgs& a, int64_t s) {
   A* g = a.work.ptr<A>() + s * kSegSlots;
-  const A* tot = a.work.ptr<A>() + S * kSegSlots;
-  const SegConst<A> c = seg_const<A>(a, g);
+  const PhaseB<A> b{g, a.work.ptr<A>() + a.num_segs * kSegSlots, seg_const<A>(a, g), segment<A>(a, s)};
   g[G_ISMIN] = A(INFINITY);
   g[G_ISMAX] = -A(INFINITY);
-  const PgSeg<A> seg = segment<A>(a, s);
+  return b;
+}
+
+// Phase B of one segment, scalar, in token order.
+template <typename A, typename R> PYALIGN_HD void seg_phase_b(const PgArgs& a, int64_t s) {
+  const PhaseB<A> b = phase_b_begin<A>(a, s);
   A G = 0;
-  for (int64_t i = seg.b; i < seg.e; ++i) G += phase_b_token<A, R>(a, i, s, c, tot, g);
+  for (int64_t i = b.seg.b; i < b.seg.e; ++i) G += phase_b_token<A, R>(a, i, s, b.c, b.tot, b.g);
   if (a.p.seq_level)
-    for (int64_t i = seg.b; i < seg.e; ++i) phase_b_seq_grad<A, R>(a, i, c, G);
-  phase_b_seg_metrics<A>(a, s, c, g);
+    for (int64_t i = b.seg.b; i < b.seg.e; ++i) phase_b_seq_grad<A, R>(a, i, b.c, G);
+  phase_b_seg_metrics<A>(a, s, b.c, b.g);
 }
 
 // Whether phase B can run in tiles (token-level ratio, no per-token correction, not VESPO).
@@ -125,13 +135,11 @@ constexpr int kTileSlot[kTileSums] = {G_LOSS, G_KL, G_ENT, G_ENTBONUS, G_LOW, G_
 // Phase B of one segment in tiles: phase_b_token's math, stage by stage.
 template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs& a, int64_t s) {
   const PgParams& p = a.p;
-  const int64_t S = a.num_segs;
-  A* g = a.work.ptr<A>() + s * kSegSlots;
-  const A* tot = a.work.ptr<A>() + S * kSegSlots;
-  const SegConst<A> c = seg_const<A>(a, g);
-  g[G_ISMIN] = A(INFINITY);
-  g[G_ISMAX] = -A(INFINITY);
-  const PgSeg<A> seg = segment<A>(a, s);
+  const PhaseB<A> pb = phase_b_begin<A>(a, s);
+  A* g = pb.g;
+  const A* tot = pb.tot;
+  const SegConst<A>& c = pb.c;
+  const PgSeg<A>& seg = pb.seg;
   const A wf = token_weight<A>(a, c, tot, A(1));  // token_weight is m times this
   const A adv_seg = p.adv_per_token ? A(0) : load<A>(a.adv, s);
   const A beta = A(p.beta), ecoef = A(p.entropy_coef), thr = A(p.entropy_threshold);
@@ -220,21 +228,17 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
       const A ek = (E[j] * m >= thr ? A(1) : A(0)) * keep;
       const A ekeep = emask * ek + (A(1) - emask);
       const A scale = (ADV[j] >= A(0) ? A(1) : lowkl) * ekeep * isr;
-      // with use_bias_correction_kl the KL term is r * kl, differentiated through r too
-      const A r = bias_f * CO[j] + (A(1) - bias_f);
-      const A kl = KL[j] * r;
-      const A loss = L[j] * scale + beta * kl;
-      const A dcoef = DC[j] * scale + bias_f * beta * KL[j];
-      const A dlogp = DL[j] * scale + beta * DK[j] * r;
+      const CoreOut<A> o{L[j], DC[j], DL[j], A(0), A(0), A(0)};
+      const TokenTerms<A> t = token_terms<A>(o, scale, beta, KL[j], DK[j], CO[j], bias_f);
       const A w = m * wf, em = ekeep * m;
-      LO[j] = keep != A(0) ? w * loss : A(0);
-      KC[j] = keep != A(0) ? m * kl : A(0);
+      LO[j] = keep != A(0) ? w * t.loss : A(0);
+      KC[j] = keep != A(0) ? m * t.kl : A(0);
       EC[j] = keep != A(0) ? m * E[j] : A(0);
       BC[j] = keep * bonus_f != A(0) ? em * E[j] / teff : A(0);
       FL[j] = FL[j] * keep * m;
       FH[j] = FH[j] * keep * m;
       FC[j] = FC[j] * keep * m;
-      GL[j] = keep != A(0) ? w * (dlogp + dcoef * CO[j] * IN[j]) : A(0);
+      GL[j] = keep != A(0) ? w * (t.dlogp + t.dcoef * CO[j] * IN[j]) : A(0);
       GE[j] = keep * bonus_f != A(0) ? -ecoef * em / teff : A(0);
     }
 #pragma omp simd

@@ -179,6 +179,20 @@ template <typename A> PYALIGN_HD CoreOut<A> pg_core(const PgParams& p, A coef, A
   }
 }
 
+// A token's terms from its loss-type core scaled by the masks and the rollout correction, plus beta
+// times the KL estimate (TRL's order). With use_bias_correction_kl (bias 1, else 0: a number, so
+// that loops vectorize) the KL term is coef * kl, differentiated through coef too.
+template <typename A> struct TokenTerms {
+  A loss, dcoef, dlogp, kl;
+};
+template <typename A> PYALIGN_HD TokenTerms<A> token_terms(const CoreOut<A>& o, A scale, A beta, A kl, A dk, A coef,
+                                                        A bias) {
+  const A r = bias * coef + (A(1) - bias);
+  const A klr = kl * r;
+  return TokenTerms<A>{o.loss * scale + beta * klr, o.dcoef * scale + bias * beta * kl, o.dlogp * scale + beta * dk * r,
+                       klr};
+}
+
 // VESPO's detached gamma weight from the segment's log weight (TRL's get_gamma_weights).
 template <typename A> PYALIGN_HD A vespo_phi(const PgParams& p, A log_w, A adv) {
   const bool pos = adv >= A(0);
@@ -323,23 +337,12 @@ template <typename A, typename R = AnyTokens> PYALIGN_HD A phase_b_token(const P
   const bool ekeep = entropy_kept<A, R>(a, i, m);
   A scale = (adv >= A(0) ? A(1) : c.lowkl_keep) * (ekeep ? A(1) : A(0));
   if (PgType(p.loss_type) != PgType::vespo) scale *= isr;
-  A loss = o.loss * scale, dcoef = o.dcoef * scale, dlogp = o.dlogp * scale;
-  A kl = A(0);
-  if (p.has_ref) {
-    A dk;
-    kl = kl_value<A>(p.kl, lp - R::template f<A>(a.ref, i), dk);
-    if (p.bias_correction_kl) {
-      dlogp += A(p.beta) * dk * coef;
-      dcoef += A(p.beta) * kl;
-      kl *= coef;
-    } else {
-      dlogp += A(p.beta) * dk;
-    }
-    loss += A(p.beta) * kl;
-  }
+  A kl = A(0), dk = A(0);
+  if (p.has_ref) kl = kl_value<A>(p.kl, lp - R::template f<A>(a.ref, i), dk);
+  const TokenTerms<A> t = token_terms<A>(o, scale, A(p.beta), kl, dk, coef, p.bias_correction_kl ? A(1) : A(0));
   const A w = token_weight<A>(a, c, tot, m);
-  acc[G_LOSS] += w * loss;
-  acc[G_KL] += m * kl;
+  acc[G_LOSS] += w * t.loss;
+  acc[G_KL] += m * t.kl;
   if (a.ent.data) {
     const A e = R::template f<A>(a.ent, i);
     acc[G_ENT] += m * e;
@@ -365,11 +368,11 @@ template <typename A, typename R = AnyTokens> PYALIGN_HD A phase_b_token(const P
   if (PgType(p.loss_type) == PgType::vespo) acc[G_PHI] += m * phi;
   // d coef / d logp: through exp of the clamped log-ratio (token level)
   if (!p.seq_level) {
-    gl[i] = w * (dlogp + dcoef * coef * (inside ? A(1) : A(0)));
+    gl[i] = w * (t.dlogp + t.dcoef * coef * (inside ? A(1) : A(0)));
     return A(0);
   }
-  gl[i] = w * dlogp;
-  return w * dcoef;
+  gl[i] = w * t.dlogp;
+  return w * t.dcoef;
 }
 
 // The sequence-level chain rule: d loss / d logp_i gets G * d coef / d logp_i.

@@ -1,5 +1,5 @@
 """pyalign: fused CPU/CUDA kernels for LLM alignment training."""
-from pyalign import distributed, logprob, losses, plasticity, rl, uncertainty
+from pyalign import distill, distributed, logprob, losses, plasticity, rl, uncertainty
 from pyalign._ext import HAS_CUDA, kernels
 from pyalign._overrides import overrides
 from pyalign._version import __version__
@@ -29,6 +29,7 @@ __all__ = [
     "cuda_available",
     "cpu_isa",
     "overrides",
+    "distill",
     "distributed",
     "logprob",
     "losses",

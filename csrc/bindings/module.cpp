@@ -94,4 +94,5 @@ PYBIND11_MODULE(_pyalign, m) {
   pyalign::bind_uncertainty(m);
   pyalign::bind_plasticity(m);
   pyalign::bind_rl(m);
+  pyalign::bind_distill(m);
 }

@@ -165,5 +165,6 @@ void bind_losses(py::module_& m);
 void bind_uncertainty(py::module_& m);
 void bind_plasticity(py::module_& m);
 void bind_rl(py::module_& m);
+void bind_distill(py::module_& m);
 
 }  // namespace pyalign

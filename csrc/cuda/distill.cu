@@ -1,0 +1,98 @@
+// CUDA driver of the distillation divergences (math in pyalign/distill.h): one block per row,
+// threads striding over the vocabulary in the CPU kernel's three sweeps, every row sum a fixed-order
+// block reduction; the total by one thread in row order. Bitwise reproducible.
+#include "pyalign/distill.h"
+#include "pyalign/labels.h"
+#include "common.cuh"
+
+namespace pyalign {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename A> __device__ A block_sum(A v, A* smem) {
+  return block_reduce(v, [](A x, A y) { return x + y; }, smem);
+}
+
+// The log-sum-exp of a row of x * inv_temp (online statistics, merged across the block).
+template <typename T, typename A> __device__ A row_lse(const T* x, int64_t V, A inv_temp, SoftmaxStats<A, false>* smem) {
+  SoftmaxStats<A, false> st;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) st.push(A(to_float(x[j])) * inv_temp);
+  st = block_merge(st, smem);
+  return st.lse();
+}
+
+template <typename T> __global__ void distill_rows(DistillArgs a) {
+  using A = typename acc_type<T>::type;
+  __shared__ SoftmaxStats<A, false> st_smem[32];
+  __shared__ A smem[32];
+  const DistillParams& p = a.p;
+  const int64_t r = blockIdx.x, V = a.student.shape[1];
+  A* gs = a.grad_student.ptr<A>() + r * V;
+  A* gt = a.grad_teacher.data ? a.grad_teacher.ptr<A>() + r * V : nullptr;
+  if (a.labels.data && read_label(a.labels, r * a.labels.strides[0]) == p.ignore_index) {
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+      gs[j] = A(0);
+      if (gt) gt[j] = A(0);
+    }
+    if (threadIdx.x == 0) a.loss.ptr<A>()[r] = A(0);
+    return;
+  }
+  const T* xs = a.student.ptr<T>() + r * a.student.strides[0];
+  const T* xt = a.teacher.ptr<T>() + r * a.teacher.strides[0];
+  const A it = A(p.inv_temp), beta = A(p.beta);
+  const A lse_s = row_lse<T, A>(xs, V, it, st_smem), lse_t = row_lse<T, A>(xt, V, it, st_smem);
+  const bool jsd = DivMode(p.mode) == DivMode::jsd;
+  const A log1mb = jsd ? A(log1p(-p.beta)) : A(0), logb = jsd ? A(log(p.beta)) : A(0);
+  A ks = 0, kt = 0;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const A ls = A(to_float(xs[j])) * it - lse_s, lt = A(to_float(xt[j])) * it - lse_t;
+    const A lm = jsd ? log_mixture(ls, lt, log1mb, logb) : A(0);
+    const DivParts<A> d = div_parts<A>(p.mode, ls, lt, lm);
+    ks += d.s;
+    kt += d.t;
+  }
+  ks = block_sum(ks, smem);
+  kt = block_sum(kt, smem);
+  const A L = div_total<A>(p.mode, beta, ks, kt);
+  if (threadIdx.x == 0) a.loss.ptr<A>()[r] = L;
+  const A w = a.weight.ptr<A>()[r] * it;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const A ls = A(to_float(xs[j])) * it - lse_s, lt = A(to_float(xt[j])) * it - lse_t;
+    const A lm = jsd ? log_mixture(ls, lt, log1mb, logb) : A(0);
+    const DivParts<A> g = div_grad<A>(p.mode, beta, ls, lt, lm, L, ks, kt);
+    gs[j] = w * g.s;
+    if (gt) gt[j] = w * g.t;
+  }
+}
+
+template <typename A> __global__ void distill_total(DistillArgs a, int64_t N) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  A total = 0;
+  for (int64_t r = 0; r < N; ++r) total += a.weight.ptr<A>()[r] * a.loss.ptr<A>()[r];
+  a.total.ptr<A>()[0] = total;
+}
+
+template <typename T> void launch(const DistillArgs& a, cudaStream_t st) {
+  using A = typename acc_type<T>::type;
+  const int64_t N = a.student.shape[0];
+  if (N > 0) distill_rows<T><<<unsigned(N), kThreads, 0, st>>>(a);
+  distill_total<A><<<1, 1, 0, st>>>(a, N);
+}
+
+}  // namespace
+
+void distill_cuda(const DistillArgs& a, void* stream) {
+  require(a.student.shape[0] < (int64_t(1) << 31), "student_logits: at most 2^31 - 1 rows are supported on CUDA");
+  DeviceGuard guard(a.student.device);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (a.student.dtype) {
+    case DType::f64: launch<double>(a, st); break;
+    case DType::bf16: launch<bf16_t>(a, st); break;
+    case DType::f16: launch<f16_t>(a, st); break;
+    default: launch<float>(a, st);
+  }
+  cuda_check(cudaGetLastError(), "distillation launch");
+}
+
+}  // namespace pyalign

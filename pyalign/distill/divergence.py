@@ -1,0 +1,90 @@
+"""The generalized Jensen-Shannon divergence between student and teacher logits, in one fused
+kernel (``pyalign::distillation_loss``), with the conventions of TRL's
+``GKDTrainer.generalized_jsd_loss``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyalign import _checks
+from pyalign._tensors import acc_dtype
+from pyalign.ops.distill import distillation_op
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                      beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+                      ignore_index: int = -100, num_items_in_batch=None) -> Tensor:
+    """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation of
+    Language Models: Learning from Self-Generated Mistakes", arXiv:2306.13649, Eq. 1) between the
+    softmax of ``student_logits / temperature`` and of ``teacher_logits / temperature``, per position:
+
+    - ``beta = 0``: forward KL, KL(teacher || student);
+    - ``beta = 1``: reverse KL, KL(student || teacher);
+    - otherwise ``beta KL(teacher || m) + (1 - beta) KL(student || m)`` with the mixture
+      ``m = (1 - beta) student + beta teacher``.
+
+    ``student_logits`` and ``teacher_logits``: ``[..., V]`` (at least 2-d), one vocabulary; the teacher
+    is cast to the student's dtype if it differs. ``labels`` ``[...]``: a position whose label is
+    ``ignore_index`` is left out. Reductions as TRL's: ``batchmean`` divides the sum over positions by
+    the number of kept positions (without ``labels``: by the size of the first dimension), ``sum``,
+    ``mean`` (by kept positions times ``V``), ``none`` (the per-position divergence ``[...]``, 0 where
+    ignored; TRL returns per-entry terms there). ``num_items_in_batch`` (a number or a tensor): the sum
+    divided by it, for gradient accumulation, in place of the reduction.
+
+    One fused pass per row forms the divergence and its gradient w.r.t. the student's logits (and the
+    teacher's, when they require grad); the backward scales it. An entry of probability 0 (a logit of
+    ``-inf``) contributes 0, where the eager formula gives NaN. A row without any finite logit, or with a
+    NaN, gives NaN.
+    """
+    _checks.float_tensor(student_logits, "student_logits")
+    _checks.float_tensor(teacher_logits, "teacher_logits")
+    _checks.same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits), ("labels", labels))
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits: expected [..., V] with at least 2 dimensions, got shape "
+                         f"{tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)} "
+                         f"(one vocabulary), got {tuple(teacher_logits.shape)}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    temperature = _checks.positive(temperature, "temperature")
+    _checks.choice(reduction, "reduction", REDUCTIONS)
+    ignore_index = _checks.integer(ignore_index, "ignore_index")
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    if labels is not None:
+        _checks.index_tensor(labels, "labels")
+        if labels.shape != lead:
+            raise ValueError(f"labels: expected shape {tuple(lead)} (the logits' leading dimensions), got "
+                             f"{tuple(labels.shape)}")
+    if teacher_logits.dtype != student_logits.dtype:
+        teacher_logits = teacher_logits.to(student_logits.dtype)
+    s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    weight = _row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
+                          num_items_in_batch, acc_dtype(student_logits), student_logits.device)
+    teacher_grad = teacher_logits.requires_grad and torch.is_grad_enabled()
+    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, float(beta), temperature, ignore_index,
+                                        teacher_grad)
+    if reduction == "none" and num_items_in_batch is None:
+        return rows.reshape(lead)
+    return total
+
+
+def _row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_batch, dtype, device) -> Tensor:
+    """Each row's weight in the reduced loss (its d loss / d row divergence), as TRL reduces."""
+    kept = torch.ones(n, dtype=dtype, device=device) if labels is None else (labels != ignore_index).to(dtype)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return kept / num_items_in_batch.to(device=device, dtype=dtype)
+        return kept / _checks.positive(num_items_in_batch, "num_items_in_batch")
+    if reduction in ("sum", "none"):
+        return kept
+    count = kept.sum().clamp_min(1) if labels is not None else torch.tensor(float(max(first_dim, 1)), dtype=dtype,
+                                                                            device=device)
+    if reduction == "mean":
+        count = (kept.sum() * V).clamp_min(1)
+    return kept / count

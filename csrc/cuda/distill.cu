@@ -1,5 +1,5 @@
 // CUDA driver of the distillation divergences (math in pyalign/distill.h): one block per row,
-// threads striding over the vocabulary in the CPU kernel's three sweeps, every row sum a fixed-order
+// threads striding over the vocabulary (the softmax statistics, the row sums, the gradients), every row sum a fixed-order
 // block reduction; the total by one thread in row order. Bitwise reproducible.
 #include "pyalign/distill.h"
 #include "pyalign/labels.h"
@@ -22,7 +22,7 @@ template <typename T, typename A> __device__ A row_lse(const T* x, int64_t V, A 
   return st.lse();
 }
 
-template <typename T> __global__ void distill_rows(DistillArgs a) {
+template <typename T, DivMode M> __global__ void distill_rows(DistillArgs a) {
   using A = typename acc_type<T>::type;
   __shared__ SoftmaxStats<A, false> st_smem[32];
   __shared__ A smem[32];
@@ -42,25 +42,20 @@ template <typename T> __global__ void distill_rows(DistillArgs a) {
   const T* xt = a.teacher.ptr<T>() + r * a.teacher.strides[0];
   const A it = A(p.inv_temp), beta = A(p.beta);
   const A lse_s = row_lse<T, A>(xs, V, it, st_smem), lse_t = row_lse<T, A>(xt, V, it, st_smem);
-  const bool jsd = DivMode(p.mode) == DivMode::jsd;
-  const A log1mb = jsd ? A(log1p(-p.beta)) : A(0), logb = jsd ? A(log(p.beta)) : A(0);
   A ks = 0, kt = 0;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const A ls = A(to_float(xs[j])) * it - lse_s, lt = A(to_float(xt[j])) * it - lse_t;
-    const A lm = jsd ? log_mixture(ls, lt, log1mb, logb) : A(0);
-    const DivParts<A> d = div_parts<A>(p.mode, ls, lt, lm);
+    const DivParts<A> d = div_parts<M, A>(div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta));
     ks += d.s;
     kt += d.t;
   }
   ks = block_sum(ks, smem);
   kt = block_sum(kt, smem);
-  const A L = div_total<A>(p.mode, beta, ks, kt);
+  const A L = div_total<M, A>(beta, ks, kt);
   if (threadIdx.x == 0) a.loss.ptr<A>()[r] = L;
   const A w = a.weight.ptr<A>()[r] * it;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const A ls = A(to_float(xs[j])) * it - lse_s, lt = A(to_float(xt[j])) * it - lse_t;
-    const A lm = jsd ? log_mixture(ls, lt, log1mb, logb) : A(0);
-    const DivParts<A> g = div_grad<A>(p.mode, beta, ls, lt, lm, L, ks, kt);
+    const DivEntry<A> e = div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta);
+    const DivParts<A> g = div_grad<M, A>(e, beta, L, ks, kt);
     gs[j] = w * g.s;
     if (gt) gt[j] = w * g.t;
   }
@@ -76,7 +71,13 @@ template <typename A> __global__ void distill_total(DistillArgs a, int64_t N) {
 template <typename T> void launch(const DistillArgs& a, cudaStream_t st) {
   using A = typename acc_type<T>::type;
   const int64_t N = a.student.shape[0];
-  if (N > 0) distill_rows<T><<<unsigned(N), kThreads, 0, st>>>(a);
+  if (N > 0) {
+    switch (DivMode(a.p.mode)) {
+      case DivMode::forward_kl: distill_rows<T, DivMode::forward_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
+      case DivMode::reverse_kl: distill_rows<T, DivMode::reverse_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
+      default: distill_rows<T, DivMode::jsd><<<unsigned(N), kThreads, 0, st>>>(a);
+    }
+  }
   distill_total<A><<<1, 1, 0, st>>>(a, N);
 }
 

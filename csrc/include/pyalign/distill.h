@@ -48,39 +48,43 @@ void distill_cpu(const DistillArgs& a);
 void distill_cuda(const DistillArgs& a, void* stream);
 #endif
 
-// log((1 - beta) exp(ls) + beta exp(lt)) from log(1 - beta) and log(beta): a two-term log-sum-exp.
-template <typename A> PYALIGN_HD A log_mixture(A ls, A lt, A log1mb, A logb) {
-  const A x = ls + log1mb, y = lt + logb;
-  const A hi = x > y ? x : y, lo = x > y ? y : x;
-  if (hi == A(-INFINITY)) return hi;
-  return hi + std::log1p(std::exp(lo - hi));
+// One vocabulary entry: its log-probs, probabilities and (JSD) the mixture's log-prob. An entry of
+// both probabilities 0 (to the precision of exp) has lm = -inf and contributes 0 below.
+template <typename A> struct DivEntry {
+  A ls, lt, ps, pt, lm;
+};
+template <DivMode M, typename A> PYALIGN_HD DivEntry<A> div_entry(A ls, A lt, A beta) {
+  const A ps = fast_exp(ls), pt = fast_exp(lt);
+  const A lm = M == DivMode::jsd ? fast_log((A(1) - beta) * ps + beta * pt) : A(0);
+  return DivEntry<A>{ls, lt, ps, pt, lm};
 }
 
-// One entry's parts of the row's divergence: the student's (p_s times its log-ratio) and the
+// An entry's parts of the row's divergence: the student's (p_s times its log-ratio) and the
 // teacher's; the row's divergence is div_total of their row sums.
 template <typename A> struct DivParts {
   A s, t;
 };
-template <typename A> PYALIGN_HD DivParts<A> div_parts(int mode, A ls, A lt, A lm) {
-  const A ps = fast_exp(ls), pt = fast_exp(lt);
-  if (DivMode(mode) == DivMode::forward_kl) return DivParts<A>{A(0), pt > A(0) ? pt * (lt - ls) : A(0)};
-  if (DivMode(mode) == DivMode::reverse_kl) return DivParts<A>{ps > A(0) ? ps * (ls - lt) : A(0), A(0)};
-  return DivParts<A>{ps > A(0) ? ps * (ls - lm) : A(0), pt > A(0) ? pt * (lt - lm) : A(0)};
+template <DivMode M, typename A> PYALIGN_HD DivParts<A> div_parts(const DivEntry<A>& e) {
+  if constexpr (M == DivMode::forward_kl) return DivParts<A>{A(0), e.pt > A(0) ? e.pt * (e.lt - e.ls) : A(0)};
+  else if constexpr (M == DivMode::reverse_kl) return DivParts<A>{e.ps > A(0) ? e.ps * (e.ls - e.lt) : A(0), A(0)};
+  else return DivParts<A>{e.ps > A(0) ? e.ps * (e.ls - e.lm) : A(0), e.pt > A(0) ? e.pt * (e.lt - e.lm) : A(0)};
 }
-template <typename A> PYALIGN_HD A div_total(int mode, A beta, A sum_s, A sum_t) {
-  if (DivMode(mode) == DivMode::forward_kl) return sum_t;
-  if (DivMode(mode) == DivMode::reverse_kl) return sum_s;
-  return beta * sum_t + (A(1) - beta) * sum_s;
+template <DivMode M, typename A> PYALIGN_HD A div_total(A beta, A sum_s, A sum_t) {
+  if constexpr (M == DivMode::forward_kl) return sum_t;
+  else if constexpr (M == DivMode::reverse_kl) return sum_s;
+  else return beta * sum_t + (A(1) - beta) * sum_s;
 }
 
-// One entry's gradients w.r.t. the scaled student and teacher logits (see the header comment);
-// L the row's divergence, K_s, K_t the row sums of the parts.
-template <typename A> PYALIGN_HD DivParts<A> div_grad(int mode, A beta, A ls, A lt, A lm, A L, A ks, A kt) {
-  const A ps = fast_exp(ls), pt = fast_exp(lt);
-  if (DivMode(mode) == DivMode::forward_kl) return DivParts<A>{ps - pt, pt > A(0) ? pt * (lt - ls - L) : A(0)};
-  if (DivMode(mode) == DivMode::reverse_kl) return DivParts<A>{ps > A(0) ? ps * (ls - lt - L) : A(0), pt - ps};
-  return DivParts<A>{ps > A(0) ? (A(1) - beta) * ps * (ls - lm - ks) : A(0),
-                     pt > A(0) ? beta * pt * (lt - lm - kt) : A(0)};
+// An entry's gradients w.r.t. the scaled student and teacher logits (see the header comment); L the
+// row's divergence, ks, kt the row sums of the parts.
+template <DivMode M, typename A> PYALIGN_HD DivParts<A> div_grad(const DivEntry<A>& e, A beta, A L, A ks, A kt) {
+  if constexpr (M == DivMode::forward_kl)
+    return DivParts<A>{e.ps - e.pt, e.pt > A(0) ? e.pt * (e.lt - e.ls - L) : A(0)};
+  else if constexpr (M == DivMode::reverse_kl)
+    return DivParts<A>{e.ps > A(0) ? e.ps * (e.ls - e.lt - L) : A(0), e.pt - e.ps};
+  else
+    return DivParts<A>{e.ps > A(0) ? (A(1) - beta) * e.ps * (e.ls - e.lm - ks) : A(0),
+                       e.pt > A(0) ? beta * e.pt * (e.lt - e.lm - kt) : A(0)};
 }
 
 }  // namespace pyalign

@@ -74,7 +74,7 @@ if '$dev' == 'cuda' and not pyalign.cuda_available():
 cat "$OUT/import.log"
 
 # Every family's tests parametrized over devices, on the checked device (the CPU half runs in CI).
-FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_uncertainty.py tests/test_plasticity.py"
+FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_distill.py tests/test_uncertainty.py tests/test_plasticity.py"
 step "tests_$dev" 240 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" \
   $FAMILIES tests/test_ops.py tests/test_regressions.py tests/test_reliability.py tests/test_distributed.py
 # The bench suite: quick set, then (GPU only) the real sizes of the bandwidth/GEMM-bound kernels.
@@ -98,6 +98,6 @@ if command -v compute-sanitizer > /dev/null; then
 else
   note "memcheck/racecheck" skipped "compute-sanitizer is not on PATH"
 fi
-step bench_full 200 python -m pyalign.bench --device cuda --full --only logprob,linear,rl \
+step bench_full 200 python -m pyalign.bench --device cuda --full --only logprob,linear,rl,distill \
   --json "$OUT/bench_full.json" --markdown "$OUT/bench_full.md" --plot "$OUT/bench_full.png"
 finish

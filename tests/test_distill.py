@@ -70,6 +70,22 @@ def test_matches_reference(B, T, V, beta, temperature, reduction, seed):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("beta", BETAS)
+def test_kernel_on_each_device(device, beta):
+    """The kernel of each device (CPU; CUDA where present) against the float64 reference: fp64 and
+    fp32 inputs, ignored rows, a temperature, the teacher's gradient, a row of V wider than a chunk
+    of the CPU kernel and than a CUDA block's threads."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        s, t, y = batch(B=3, T=5, V=1500, dtype=dtype, seed=7, device=device)
+        s[0, 0, :7] = t[0, 0, :7] = -math.inf  # entries of probability 0 in both
+        got = run(distill.distillation_loss, s, t, y, beta=beta, temperature=1.3)
+        want = run(R.distillation_loss, s.double().cpu().clamp_min(-1e300), t.double().cpu().clamp_min(-1e300),
+                   y.cpu(), beta=beta, temperature=1.3)
+        for g, w in zip(got, want):
+            assert g.device.type == device
+            torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * 1e-2)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float16, 2e-5)])
 def test_low_precision_inputs(dtype, tol):
     """fp32 accumulation whatever the input dtype: equal to the float64 reference of the same

@@ -1,0 +1,66 @@
+"""Distillation suite: pyalign.distill.distillation_loss (one fused kernel: divergence and the student's
+gradient) against the eager formula TRL's ``GKDTrainer.generalized_jsd_loss`` writes (log_softmax of
+both, the mixture, ``F.kl_div``) and ``torch.compile`` of it, forward + backward (the gradient w.r.t.
+the student's logits), for the forward KL (beta 0), the JSD (beta 0.5) and the reverse KL (beta 1),
+with labels masking about 10% of the positions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pyalign import distill
+from pyalign.bench.common import compiled, record
+
+
+def _eager(student, teacher, labels, beta):
+    ls, lt = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    if beta == 0:
+        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
+    else:
+        lm = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), 0)
+        jsd = beta * F.kl_div(lm, lt, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+            lm, ls, reduction="none", log_target=True)
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum().clamp_min(1)
+
+
+def _ours(student, teacher, labels, beta):
+    return distill.distillation_loss(student, teacher, labels, beta=beta)
+
+
+def _fwd_bwd(impl, s, t, y, beta):
+    def run():
+        x = s.detach().requires_grad_()
+        impl(x, t, y, beta).backward()
+        return x.grad
+    return run
+
+
+def sizes(device: str, quick: bool):
+    if device == "cuda":
+        return [(8192, 151936, torch.bfloat16)] if not quick else [(4096, 32000, torch.bfloat16)]
+    return [(256, 32000, torch.float32)] if quick else [(2048, 32000, torch.float32)]
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    for n, v, dtype in sizes(device, quick):
+        g = torch.Generator().manual_seed(0)
+        s = (torch.randn(n, v, generator=g) * 2).to(device, dtype)
+        t = (torch.randn(n, v, generator=g) * 2).to(device, dtype)
+        y = torch.randint(0, v, (n,), generator=g)
+        y[torch.rand(n, generator=g) < 0.1] = -100
+        y = y.to(device)
+        size = f"{n} x {v} {str(dtype).replace('torch.', '')}"
+        moved = 2 * n * v * s.element_size() + n * v * 4  # both logits read, the fp32 gradient written
+        for beta in (0.0, 0.5, 1.0):
+            op = f"distillation_loss beta {beta:g} fwd+bwd"
+            impls = [("pyalign", _ours), ("eager", _eager), ("compile", compiled(_eager, dynamic=False))]
+            for name, impl in impls:
+                rows.append(record("distill", op, size, name, _fwd_bwd(impl, s, t, y, beta), device,
+                                   bytes_moved=moved, reps=3))
+    return rows

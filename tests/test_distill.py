@@ -138,6 +138,24 @@ def test_probability_zero_entries_and_extreme_logits():
         torch.testing.assert_close(got[0].double(), want, rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("caps", [(30.0, None), (None, 20.0), (15.0, 25.0)])
+def test_softcapping(device, caps):
+    """Softcapping of either side's logits inside the kernel equals capping them first (the
+    reference), with the chain rule through tanh; fp64 and fp32 (logits up to ~25 after the
+    transform: fp32 rounding of them moves the gradients by up to ~1e-5)."""
+    kw = dict(student_softcap=caps[0], teacher_softcap=caps[1], temperature=0.8)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-3)):
+        s, t, y = batch(V=700, dtype=dtype, device=device, scale=20.0)
+        for beta in BETAS:
+            got = run(distill.distillation_loss, s, t, y, beta=beta, **kw)
+            want = run(R.distillation_loss, s.double().cpu(), t.double().cpu(), y.cpu(), beta=beta, **kw)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * 1e-2)
+    s, t, y = batch(B=1, T=3, V=6, scale=20.0)
+    torch.autograd.gradcheck(lambda a, b: distill.distillation_loss(a, b, y, beta=0.4, **kw),
+                             (s.clone().requires_grad_(), t.clone().requires_grad_()))
+
+
 def test_all_ignored_batch_is_zero():
     s, t, y = batch()
     y[:] = -100
@@ -165,7 +183,7 @@ def test_opcheck_and_compile():
     s2, t2, y2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1)
     w = torch.rand(s2.shape[0])
     torch.library.opcheck(distillation_op.op, (s2.clone().requires_grad_(), t2.clone().requires_grad_(), y2, w, 0.5,
-                                               1.0, -100, True))
+                                               1.0, 30.0, 0.0, -100, True))
     fn = torch.compile(lambda a, b: distill.distillation_loss(a, b, y, beta=0.3), fullgraph=True)
     eager = run(lambda a, b, _: distill.distillation_loss(a, b, y, beta=0.3), s, t, None)
     compiled = run(lambda a, b, _: fn(a, b), s, t, None)
@@ -200,6 +218,8 @@ def test_bad_input():
         (TypeError, "student_logits", dict(student_logits=s.long())),
         (ValueError, "student_logits", dict(student_logits=s[0, 0], teacher_logits=t[0, 0], labels=None)),
         (ValueError, "num_items_in_batch", dict(num_items_in_batch=0)),
+        (ValueError, "student_softcap", dict(student_softcap=0.0)),
+        (ValueError, "teacher_softcap", dict(teacher_softcap=-1.0)),
     ]
     for exc, name, kw in cases:
         args = dict(student_logits=s, teacher_logits=t, labels=y)

@@ -3,13 +3,14 @@
 #include "pyalign/distill.h"
 
 #include <cmath>
+#include <utility>
 
 namespace pyalign {
 namespace {
 
 void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg weight, TensorArg loss, TensorArg total,
-             TensorArg grad_student, TensorArg grad_teacher, double beta, double temperature, int64_t ignore_index,
-             uintptr_t stream) {
+             TensorArg grad_student, TensorArg grad_teacher, double beta, double temperature, double student_softcap,
+             double teacher_softcap, int64_t ignore_index, uintptr_t stream) {
   require_tensor(student, "student_logits", "a float tensor [N, V]");
   require_tensor(teacher, "teacher_logits", "a float tensor [N, V]");
   check_float(student);
@@ -28,6 +29,10 @@ void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg w
   require(std::isfinite(beta) && beta >= 0 && beta <= 1, "beta: expected a value in [0, 1], got " + num_str(beta));
   require(std::isfinite(temperature) && temperature > 0,
           "temperature: expected a finite value > 0, got " + num_str(temperature));
+  require(std::isfinite(student_softcap) && student_softcap >= 0,
+          "student_softcap: expected a finite value > 0 (0: none), got " + num_str(student_softcap));
+  require(std::isfinite(teacher_softcap) && teacher_softcap >= 0,
+          "teacher_softcap: expected a finite value > 0 (0: none), got " + num_str(teacher_softcap));
   const DType adt = accumulation_dtype(student.dtype);
   require_contiguous(weight, "weight", {N}, adt);
   require_contiguous(loss, "loss", {N}, adt);
@@ -37,7 +42,11 @@ void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg w
   DistillParams p;
   p.mode = int(beta == 0 ? DivMode::forward_kl : beta == 1 ? DivMode::reverse_kl : DivMode::jsd);
   p.beta = beta;
-  p.inv_temp = 1.0 / temperature;
+  for (auto [tf, cap] : {std::pair<LogitTransform*, double>{&p.ts, student_softcap}, {&p.tt, teacher_softcap}}) {
+    tf->inv_temp = 1.0 / temperature;
+    tf->scale_over_temp = 1.0 / temperature;
+    tf->softcap = cap;
+  }
   p.ignore_index = ignore_index;
   const DistillArgs a{student, teacher, labels, weight, loss, total, grad_student, grad_teacher, p};
   const int dev = common_device({&student, &teacher, &labels, &weight, &loss, &total, &grad_student, &grad_teacher});

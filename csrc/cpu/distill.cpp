@@ -17,17 +17,18 @@ namespace {
 constexpr int64_t kRowGrain = 4;  // rows per thread below which a second thread costs more than it saves
 constexpr int64_t kChunk = 512;   // a chunk of a row stays in L1
 
-// The log-sum-exp of a row of x * inv_temp, in one read: per chunk its max, then its sum of exps
+// The log-sum-exp of a row of transformed logits, in one read: per chunk its max, then its sum of exps
 // relative to the running max (the earlier chunks' sum rescaled when the max grows). -inf for a row
 // without a finite logit; NaN for a row holding NaN.
-template <typename T, typename A> PYALIGN_HD A row_lse(const T* x, int64_t V, A it) {
+template <typename T, bool SC, typename A = typename acc_type<T>::type>
+PYALIGN_HD A row_lse(const T* x, int64_t V, const LogitTransform& tf) {
   A m = -INFINITY, s = 0;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
     A cm = -INFINITY;
 #pragma omp simd reduction(max : cm)
     for (int64_t j = 0; j < n; ++j) {
-      const A z = A(to_float(x[j0 + j])) * it;
+      const A z = tf.apply_t<SC>(A(to_float(x[j0 + j])));
       cm = z > cm ? z : cm;
     }
     if (cm > m) {
@@ -37,13 +38,14 @@ template <typename T, typename A> PYALIGN_HD A row_lse(const T* x, int64_t V, A 
     if (m == A(-INFINITY)) continue;
     A cs = 0;
 #pragma omp simd reduction(+ : cs)
-    for (int64_t j = 0; j < n; ++j) cs += fast_exp(A(to_float(x[j0 + j])) * it - m);
+    for (int64_t j = 0; j < n; ++j) cs += fast_exp(tf.apply_t<SC>(A(to_float(x[j0 + j]))) - m);
     s += cs;
   }
   return m == A(-INFINITY) ? m : m + std::log(s);
 }
 
-template <typename T, DivMode M> PYALIGN_HD void distill_row(const DistillArgs& a, int64_t r) {
+// SS, ST: softcapping of the student's, the teacher's logits.
+template <typename T, DivMode M, bool SS, bool ST> PYALIGN_HD void distill_row(const DistillArgs& a, int64_t r) {
   using A = typename acc_type<T>::type;
   const DistillParams& p = a.p;
   const int64_t V = a.student.shape[1];
@@ -57,42 +59,55 @@ template <typename T, DivMode M> PYALIGN_HD void distill_row(const DistillArgs& 
   }
   const T* xs = a.student.ptr<T>() + r * a.student.strides[0];
   const T* xt = a.teacher.ptr<T>() + r * a.teacher.strides[0];
-  const A it = A(p.inv_temp), beta = A(p.beta);
-  const A lse_s = row_lse<T, A>(xs, V, it), lse_t = row_lse<T, A>(xt, V, it);
-  const A w = a.weight.ptr<A>()[r] * it;
+  const A beta = A(p.beta);
+  const LogitTransform ts = p.ts, tt = p.tt;
+  const A lse_s = row_lse<T, SS>(xs, V, ts), lse_t = row_lse<T, ST>(xt, V, tt);
+  const A w = a.weight.ptr<A>()[r];
   // the forward KL's student gradient, p_s - p_t, needs no row sum: written in the same sweep
   const bool fused_student = M == DivMode::forward_kl;
   A ks = 0, kt = 0;
 #pragma omp simd reduction(+ : ks, kt)
   for (int64_t j = 0; j < V; ++j) {
-    const DivEntry<A> e = div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta);
+    const A x = A(to_float(xs[j]));
+    const DivEntry<A> e = div_entry<M, A>(ts.apply_t<SS>(x) - lse_s, tt.apply_t<ST>(A(to_float(xt[j]))) - lse_t, beta);
     const DivParts<A> d = div_parts<M, A>(e);
     ks += d.s;
     kt += d.t;
-    if (fused_student) gs[j] = w * (e.ps - e.pt);
+    if (fused_student) gs[j] = w * (e.ps - e.pt) * ts.grad_t<SS>(x);
   }
   const A L = div_total<M, A>(beta, ks, kt);
   a.loss.ptr<A>()[r] = L;
   if (fused_student && !gt) return;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const DivEntry<A> e = div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta);
+    const A x = A(to_float(xs[j])), y = A(to_float(xt[j]));
+    const DivEntry<A> e = div_entry<M, A>(ts.apply_t<SS>(x) - lse_s, tt.apply_t<ST>(y) - lse_t, beta);
     const DivParts<A> g = div_grad<M, A>(e, beta, L, ks, kt);
-    if (!fused_student) gs[j] = w * g.s;
-    if (gt) gt[j] = w * g.t;
+    if (!fused_student) gs[j] = w * g.s * ts.grad_t<SS>(x);
+    if (gt) gt[j] = w * g.t * tt.grad_t<ST>(y);
   }
 }
 
-PYALIGN_CPU_CLONES(distill_rows, distill_row, DistillArgs, typename T COMMA DivMode M, T COMMA M)
+PYALIGN_CPU_CLONES(distill_rows, distill_row, DistillArgs, typename T COMMA DivMode M COMMA bool SS COMMA bool ST,
+                   T COMMA M COMMA SS COMMA ST)
+
+// distill_rows with the divergence and the two softcapping switches as template arguments.
+template <typename T, DivMode M> void distill_rows_for(const DistillArgs& a, int64_t r0, int64_t r1) {
+  const bool ss = a.p.ts.softcap > 0, st = a.p.tt.softcap > 0;
+  if (ss && st) distill_rows<T, M, true, true>(a, r0, r1);
+  else if (ss) distill_rows<T, M, true, false>(a, r0, r1);
+  else if (st) distill_rows<T, M, false, true>(a, r0, r1);
+  else distill_rows<T, M, false, false>(a, r0, r1);
+}
 
 template <typename T> void run(const DistillArgs& a) {
   using A = typename acc_type<T>::type;
   const int64_t N = a.student.shape[0];
   parallel_rows(N, kRowGrain, [&](int64_t r0, int64_t r1) {
     switch (DivMode(a.p.mode)) {
-      case DivMode::forward_kl: return distill_rows<T, DivMode::forward_kl>(a, r0, r1);
-      case DivMode::reverse_kl: return distill_rows<T, DivMode::reverse_kl>(a, r0, r1);
-      default: return distill_rows<T, DivMode::jsd>(a, r0, r1);
+      case DivMode::forward_kl: return distill_rows_for<T, DivMode::forward_kl>(a, r0, r1);
+      case DivMode::reverse_kl: return distill_rows_for<T, DivMode::reverse_kl>(a, r0, r1);
+      default: return distill_rows_for<T, DivMode::jsd>(a, r0, r1);
     }
   });
   A total = 0;

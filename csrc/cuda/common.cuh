@@ -51,6 +51,11 @@ __device__ V block_reduce(V v, Merge merge, V* smem /* [32] */) {
   return smem[0];
 }
 
+// Block-wide sum, in block_reduce's fixed order.
+template <typename A> __device__ A block_sum(A v, A* smem /* [32] */) {
+  return block_reduce(v, [](A x, A y) { return x + y; }, smem);
+}
+
 // Block-wide merge of each thread's softmax statistics, in block_reduce's fixed order.
 template <typename A, bool SQ>
 __device__ __forceinline__ SoftmaxStats<A, SQ> block_merge(SoftmaxStats<A, SQ> st, SoftmaxStats<A, SQ>* smem /* [32] */) {

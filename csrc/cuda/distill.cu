@@ -10,14 +10,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A> __device__ A block_sum(A v, A* smem) {
-  return block_reduce(v, [](A x, A y) { return x + y; }, smem);
-}
-
-// The log-sum-exp of a row of x * inv_temp (online statistics, merged across the block).
-template <typename T, typename A> __device__ A row_lse(const T* x, int64_t V, A inv_temp, SoftmaxStats<A, false>* smem) {
+// The log-sum-exp of a row of transformed logits (online statistics, merged across the block).
+template <typename T, typename A> __device__ A row_lse(const T* x, int64_t V, const LogitTransform& tf,
+                                                       SoftmaxStats<A, false>* smem) {
   SoftmaxStats<A, false> st;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) st.push(A(to_float(x[j])) * inv_temp);
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) st.push(tf.apply(A(to_float(x[j]))));
   st = block_merge(st, smem);
   return st.lse();
 }
@@ -40,11 +37,13 @@ template <typename T, DivMode M> __global__ void distill_rows(DistillArgs a) {
   }
   const T* xs = a.student.ptr<T>() + r * a.student.strides[0];
   const T* xt = a.teacher.ptr<T>() + r * a.teacher.strides[0];
-  const A it = A(p.inv_temp), beta = A(p.beta);
-  const A lse_s = row_lse<T, A>(xs, V, it, st_smem), lse_t = row_lse<T, A>(xt, V, it, st_smem);
+  const A beta = A(p.beta);
+  const LogitTransform ts = p.ts, tt = p.tt;
+  const A lse_s = row_lse<T, A>(xs, V, ts, st_smem), lse_t = row_lse<T, A>(xt, V, tt, st_smem);
   A ks = 0, kt = 0;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const DivParts<A> d = div_parts<M, A>(div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta));
+    const A zs = ts.apply(A(to_float(xs[j]))), zt = tt.apply(A(to_float(xt[j])));
+    const DivParts<A> d = div_parts<M, A>(div_entry<M, A>(zs - lse_s, zt - lse_t, beta));
     ks += d.s;
     kt += d.t;
   }
@@ -52,12 +51,13 @@ template <typename T, DivMode M> __global__ void distill_rows(DistillArgs a) {
   kt = block_sum(kt, smem);
   const A L = div_total<M, A>(beta, ks, kt);
   if (threadIdx.x == 0) a.loss.ptr<A>()[r] = L;
-  const A w = a.weight.ptr<A>()[r] * it;
+  const A w = a.weight.ptr<A>()[r];
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const DivEntry<A> e = div_entry<M, A>(A(to_float(xs[j])) * it - lse_s, A(to_float(xt[j])) * it - lse_t, beta);
+    const A x = A(to_float(xs[j])), y = A(to_float(xt[j]));
+    const DivEntry<A> e = div_entry<M, A>(ts.apply(x) - lse_s, tt.apply(y) - lse_t, beta);
     const DivParts<A> g = div_grad<M, A>(e, beta, L, ks, kt);
-    gs[j] = w * g.s;
-    if (gt) gt[j] = w * g.t;
+    gs[j] = w * g.s * ts.grad(x);
+    if (gt) gt[j] = w * g.t * tt.grad(y);
   }
 }
 

@@ -88,7 +88,7 @@ __global__ void forward_kernel(KernelArgs k) {
     push(st, z, mw ? z * mw[i] : z, zsum, am, x, i);
   }
   st = block_merge(st, smem);
-  zsum = block_reduce(zsum, [](A x, A y) { return x + y; }, smem_x);
+  zsum = block_sum(zsum, smem_x);
   am = block_reduce(am, [](ArgMax<A> x, const ArgMax<A>& y) { x.merge(y); return x; }, smem_am);
   if (threadIdx.x == 0) {
     const A zl = in_slice ? tf.apply(A(to_float(row[label]))) : A(-INFINITY);

@@ -30,7 +30,7 @@ __global__ void update_kernel(PlasticArgs a) {
       A v = plastic_value<A>(k, A(to_float(w[j])), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
       ss += v * v;
     }
-    ss = block_reduce(ss, [](A x, A y) { return x + y; }, smem);
+    ss = block_sum(ss, smem);
     scale = norm_scale<A>(k.norm_mode, A(k.norm), ss);
   }
   const A lo = A(k.w_min), hi = A(k.w_max);
@@ -67,7 +67,7 @@ template <typename T, bool GRAD> __global__ void penalty_kernel(PenaltyArgs a, i
     s += penalty_term<A>(A(to_float(p[j])), A(to_float(anc[j])), imp[j], coef, &gj);
     if (GRAD) grad[j] = to_storage<T, A>(A(to_float(grad[j])) + gj);
   }
-  s = block_reduce(s, [](A x, A y) { return x + y; }, smem);
+  s = block_sum(s, smem);
   if (threadIdx.x == 0) a.partial.ptr<A>()[blockIdx.x] = s;
 }
 

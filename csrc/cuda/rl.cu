@@ -10,10 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A> __device__ A block_sum(A v, A* smem) {
-  return block_reduce(v, [](A x, A y) { return x + y; }, smem);
-}
-
 // min (or max, with `max`) over the block; identity +inf (-inf), fixed order.
 template <typename A> __device__ A block_extreme(A v, bool max, A* smem) {
   for (int o = 16; o > 0; o >>= 1) {

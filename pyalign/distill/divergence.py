@@ -17,7 +17,8 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                       beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
-                      ignore_index: int = -100, num_items_in_batch=None) -> Tensor:
+                      ignore_index: int = -100, num_items_in_batch=None, student_softcap: Optional[float] = None,
+                      teacher_softcap: Optional[float] = None) -> Tensor:
     """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation of
     Language Models: Learning from Self-Generated Mistakes", arXiv:2306.13649, Eq. 1) between the
     softmax of ``student_logits / temperature`` and of ``teacher_logits / temperature``, per position:
@@ -33,7 +34,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     the number of kept positions (without ``labels``: by the size of the first dimension), ``sum``,
     ``mean`` (by kept positions times ``V``), ``none`` (the per-position divergence ``[...]``, 0 where
     ignored; TRL returns per-entry terms there). ``num_items_in_batch`` (a number or a tensor): the sum
-    divided by it, for gradient accumulation, in place of the reduction.
+    divided by it, for gradient accumulation, in place of the reduction. ``student_softcap``,
+    ``teacher_softcap``: logit softcapping ``c tanh(x / c)`` applied to that side's logits before the
+    temperature (as Gemma-style models cap their final logits), inside the kernel.
 
     One fused pass per row forms the divergence and its gradient w.r.t. the student's logits (and the
     teacher's, when they require grad); the backward scales it. An entry of probability 0 (a logit of
@@ -52,6 +55,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
     temperature = _checks.positive(temperature, "temperature")
+    caps = [0.0 if c is None else _checks.positive(c, name)
+            for c, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap"))]
     _checks.choice(reduction, "reduction", REDUCTIONS)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
@@ -67,7 +72,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     weight = _row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
                           num_items_in_batch, acc_dtype(student_logits), student_logits.device)
     teacher_grad = teacher_logits.requires_grad and torch.is_grad_enabled()
-    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, float(beta), temperature, ignore_index,
+    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, float(beta), temperature, *caps, ignore_index,
                                         teacher_grad)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)

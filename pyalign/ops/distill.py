@@ -19,10 +19,11 @@ from pyalign.ops._op import kernel_op
 
 @kernel_op("distillation_loss")
 def distillation_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], weight: Tensor, beta: float,
-                    temperature: float, ignore_index: int, teacher_grad: bool
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    temperature: float, student_softcap: float, teacher_softcap: float, ignore_index: int,
+                    teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(total [], per-row divergences [N], grad_student [N, V], grad_teacher [N, V] or [0])`` of rows
-    ``[N, V]`` of student and teacher logits; the gradients are those of ``total = sum weight * rows``."""
+    ``[N, V]`` of student and teacher logits (softcap 0: none); the gradients are those of
+    ``total = sum weight * rows``."""
     n, v = student.shape
     acc, dev = acc_dtype(student), student.device
     total = torch.empty((), dtype=acc, device=dev)
@@ -32,12 +33,13 @@ def distillation_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], 
     kernels.distill_forward(desc(student, "student_logits"), desc(teacher, "teacher_logits"),
                             desc(labels, "labels"), desc(weight, "weight"), desc(rows, "loss"), desc(total, "total"),
                             desc(grad_s, "grad_student"), desc(grad_t, "grad_teacher") if teacher_grad else None,
-                            beta, temperature, ignore_index, stream_of(student))
+                            beta, temperature, student_softcap, teacher_softcap, ignore_index, stream_of(student))
     return total, rows, grad_s, grad_t
 
 
 @distillation_op.register_fake
-def _(student, teacher, labels, weight, beta, temperature, ignore_index, teacher_grad):
+def _(student, teacher, labels, weight, beta, temperature, student_softcap, teacher_softcap, ignore_index,
+      teacher_grad):
     acc = acc_dtype(student)
     n, v = student.shape
     return (student.new_empty((), dtype=acc), student.new_empty(n, dtype=acc), student.new_empty(n, v, dtype=acc),
@@ -53,7 +55,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_total, g_rows, g_gs, g_gt):
-    out = [None] * 8
+    out = [None] * 10
     if g_total is None and g_rows is None:
         return tuple(out)
     grad_s, grad_t, weight = ctx.saved_tensors

@@ -12,10 +12,15 @@ def _xlogy_ratio(p, log_p, log_q):
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
 
 
-def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0):
+def _capped(x, cap):
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, student_softcap=None,
+                    teacher_softcap=None):
     """The per-position divergence ``[...]`` (no masking, no reduction)."""
-    ls = torch.log_softmax(student_logits.double() / temperature, -1)
-    lt = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    ls = torch.log_softmax(_capped(student_logits.double(), student_softcap) / temperature, -1)
+    lt = torch.log_softmax(_capped(teacher_logits.double(), teacher_softcap) / temperature, -1)
     ps, pt = ls.exp(), lt.exp()
     if beta == 0:
         return _xlogy_ratio(pt, lt, ls).sum(-1)
@@ -26,8 +31,10 @@ def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
 
 
 def distillation_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
-                      reduction="batchmean", ignore_index=-100, num_items_in_batch=None):
-    rows = divergence_rows(student_logits, teacher_logits, beta=beta, temperature=temperature)
+                      reduction="batchmean", ignore_index=-100, num_items_in_batch=None, student_softcap=None,
+                      teacher_softcap=None):
+    rows = divergence_rows(student_logits, teacher_logits, beta=beta, temperature=temperature,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
     rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
     if num_items_in_batch is not None:

@@ -2,7 +2,7 @@
 // per row of logits: the per-entry math shared by the CPU (csrc/cpu/distill.cpp) and CUDA
 // (csrc/cuda/distill.cu) kernels, and their interface.
 //
-// With l_s, l_t the log-softmax of the temperature-scaled student and teacher logits and p_s, p_t
+// With l_s, l_t the log-softmax of the transformed student and teacher logits z and p_s, p_t
 // their probabilities, a row's divergence is (the generalized Jensen-Shannon divergence of GKD,
 // Agarwal et al. 2024, arXiv:2306.13649, with TRL's conventions):
 //   beta = 0:  KL(p_t || p_s) = sum p_t (l_t - l_s)                        (forward KL)
@@ -10,7 +10,8 @@
 //   else:      beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = (1 - beta) p_s + beta p_t
 // An entry with probability 0 contributes 0 (0 log 0 = 0), not NaN.
 //
-// Gradients w.r.t. the scaled logits (multiplied by 1 / temperature for the raw ones), with
+// The logits z are the transformed ones (z = softcap tanh(x / softcap) / temperature, or x / temperature).
+// Gradients w.r.t. z (multiplied by dz/dx for the raw logits x), with
 // K_s = sum p_s (l_s - l_m), K_t = sum p_t (l_t - l_m) (dL/dp_s = (1 - beta) (l_s - l_m), through
 // the softmax):
 //   forward KL: d/ds = p_s - p_t,                       d/dt = p_t (l_t - l_s - L)
@@ -18,6 +19,7 @@
 //   JSD:        d/ds = (1 - beta) p_s (l_s - l_m - K_s), d/dt = beta p_t (l_t - l_m - K_t)
 #pragma once
 #include "pyalign/common.h"
+#include "pyalign/logprob.h"  // LogitTransform
 #include "pyalign/tensor.h"
 
 #include <cmath>
@@ -26,9 +28,12 @@ namespace pyalign {
 
 enum class DivMode : int { forward_kl = 0, reverse_kl, jsd };
 
+// ts, tt: the student's and the teacher's logits transform (temperature, optional softcapping; the
+// scale stays 1).
 struct DistillParams {
   int mode = int(DivMode::jsd);
-  double beta = 0.5, inv_temp = 1;
+  double beta = 0.5;
+  LogitTransform ts, tt;
   int64_t ignore_index = -100;
 };
 
@@ -36,7 +41,7 @@ struct DistillParams {
 // int64 or absent (no row ignored); weight: [N] (accumulation dtype), each row's weight in the
 // reduced loss. Outputs (accumulation dtype, contiguous): loss [N] (each row's divergence, 0 where
 // ignored), total [] = sum_r weight_r loss_r in row order, grad_student [N, V] and grad_teacher
-// [N, V] (absent: not formed) = weight_r times the row's gradient w.r.t. the raw logits.
+// [N, V] (absent: not formed) = weight_r times the row's gradient w.r.t. the raw logits x.
 struct DistillArgs {
   TensorArg student, teacher, labels, weight;
   TensorArg loss, total, grad_student, grad_teacher;
@@ -75,7 +80,7 @@ template <DivMode M, typename A> PYALIGN_HD A div_total(A beta, A sum_s, A sum_t
   else return beta * sum_t + (A(1) - beta) * sum_s;
 }
 
-// An entry's gradients w.r.t. the scaled student and teacher logits (see the header comment); L the
+// An entry's gradients w.r.t. the transformed student and teacher logits (see the header comment); L the
 // row's divergence, ks, kt the row sums of the parts.
 template <DivMode M, typename A> PYALIGN_HD DivParts<A> div_grad(const DivEntry<A>& e, A beta, A L, A ks, A kt) {
   if constexpr (M == DivMode::forward_kl)

@@ -116,35 +116,35 @@ def chunk_size(x, name: str = "chunk_size"):
 
 
 def head(hidden, weight, bias, labels, *, shift: bool, weight_name: str = "weight",
-         bias_name: str = "bias") -> None:
+         bias_name: str = "bias", hidden_name: str = "hidden") -> None:
     """Shape/dtype/device checks of an LM head ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``
     and ``labels`` of ``hidden``'s leading shape. fp32/bf16/fp16 tensors may differ in dtype (the
     GEMMs run in the promoted or autocast dtype); fp64 must not be mixed with other dtypes."""
-    float_tensor(hidden, "hidden")
+    float_tensor(hidden, hidden_name)
     float_tensor(weight, weight_name)
     index_tensor(labels, "labels")
     if bias is not None:
         float_tensor(bias, bias_name)
-    same_device(("hidden", hidden), (weight_name, weight), (bias_name, bias), ("labels", labels))
+    same_device((hidden_name, hidden), (weight_name, weight), (bias_name, bias), ("labels", labels))
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+        raise ValueError(f"{hidden_name}: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] < 1:
         raise ValueError(f"{weight_name}: expected shape [V, H] with V >= 1, got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{weight_name}: expected shape [V, {hidden.shape[-1]}] (H of hidden), "
+        raise ValueError(f"{weight_name}: expected shape [V, {hidden.shape[-1]}] (H of {hidden_name}), "
                          f"got {tuple(weight.shape)}")
     for t, name in ((weight, weight_name), (bias, bias_name)):
         if t is not None and t.dtype != hidden.dtype and torch.float64 in (t.dtype, hidden.dtype):
-            raise TypeError(f"{name}: expected dtype {hidden.dtype} like hidden (fp64 cannot be mixed with "
+            raise TypeError(f"{name}: expected dtype {hidden.dtype} like {hidden_name} (fp64 cannot be mixed with "
                             f"other dtypes), got {t.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{bias_name}: expected shape [{weight.shape[0]}] (V of {weight_name}), "
                          f"got {tuple(bias.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (the leading shape of hidden), "
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (the leading shape of {hidden_name}), "
                          f"got {tuple(labels.shape)}")
     if shift and hidden.dim() < 2:
-        raise ValueError(f"shift=True: hidden needs a sequence dimension [..., T, H], got {tuple(hidden.shape)}")
+        raise ValueError(f"shift=True: {hidden_name} needs a sequence dimension [..., T, H], got {tuple(hidden.shape)}")
 
 
 def cross_entropy_options(reduction, label_smoothing, z_loss_scale, class_weights, vocab_size, like,

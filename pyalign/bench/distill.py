@@ -2,7 +2,11 @@
 gradient) against the eager formula TRL's ``GKDTrainer.generalized_jsd_loss`` writes (log_softmax of
 both, the mixture, ``F.kl_div``) and ``torch.compile`` of it, forward + backward (the gradient w.r.t.
 the student's logits), for the forward KL (beta 0), the JSD (beta 0.5) and the reverse KL (beta 1),
-with labels masking about 10% of the positions."""
+with labels masking about 10% of the positions.
+
+``linear_distillation_loss`` (the JSD from both models' hidden states and LM heads) against eager: both
+full logits, then the same eager formula; forward + backward with the gradients of the student's hidden
+states and LM head."""
 from __future__ import annotations
 
 import math
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pyalign import distill
-from pyalign.bench.common import compiled, record
+from pyalign.bench.common import compiled, installed, record
 
 
 def _eager(student, teacher, labels, beta):
@@ -40,6 +44,52 @@ def _fwd_bwd(impl, s, t, y, beta):
     return run
 
 
+def _linear_ours(hs, ws, ht, wt, y):
+    return distill.linear_distillation_loss(hs, ws, ht, wt, y, beta=0.5)
+
+
+def _linear_eager(hs, ws, ht, wt, y):
+    return _eager(hs @ ws.t(), ht @ wt.t(), y.reshape(-1), 0.5)
+
+
+def _linear_liger(device: str):
+    """Liger-Kernel's fused linear JSD (Triton: CUDA only) at beta 0.5, where it symmetrizes as ours
+    does, or None."""
+    if device != "cuda" or not installed("liger_kernel"):
+        return None
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    loss = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
+    return lambda hs, ws, ht, wt, y: loss(hs, ws, ht, wt, y.reshape(-1))
+
+
+def _linear_rows(device: str, quick: bool) -> list[dict]:
+    rows = []
+    n, H, V = (256, 256, 8000) if quick else (2048, 1024, 32000)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(1)
+    hs = (torch.randn(n, H, generator=g) / H ** 0.5).to(device, dtype)
+    ws = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype)
+    ht = (torch.randn(n, H, generator=g) / H ** 0.5).to(device, dtype)
+    wt = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype)
+    y = torch.randint(0, V, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = -100
+    y = y.to(device)
+    size = f"{n} tokens, H {H} (both), V {V} {str(dtype).replace('torch.', '')}"
+
+    def fwd_bwd(impl):
+        def run():
+            a, b = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+            impl(a, b, ht, wt, y).backward()
+            return a.grad, b.grad
+        return run
+    liger = _linear_liger(device)
+    for name, impl in (("pyalign", _linear_ours), ("eager", _linear_eager), ("liger", liger)):
+        if impl is not None:
+            rows.append(record("distill", "linear_distillation_loss jsd fwd+bwd", size, name, fwd_bwd(impl),
+                               device, reps=3))
+    return rows
+
+
 def sizes(device: str, quick: bool):
     if device == "cuda":
         return [(8192, 151936, torch.bfloat16)] if not quick else [(4096, 32000, torch.bfloat16)]
@@ -63,4 +113,4 @@ def run(device: str, quick: bool) -> list[dict]:
             for name, impl in impls:
                 rows.append(record("distill", op, size, name, _fwd_bwd(impl, s, t, y, beta), device,
                                    bytes_moved=moved, reps=3))
-    return rows
+    return rows + _linear_rows(device, quick)

@@ -52,13 +52,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)} "
                          f"(one vocabulary), got {tuple(teacher_logits.shape)}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
-    temperature = _checks.positive(temperature, "temperature")
-    caps = [0.0 if c is None else _checks.positive(c, name)
-            for c, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap"))]
-    _checks.choice(reduction, "reduction", REDUCTIONS)
-    ignore_index = _checks.integer(ignore_index, "ignore_index")
+    beta, temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
+                                                            student_softcap, teacher_softcap)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     if labels is not None:
         _checks.index_tensor(labels, "labels")
@@ -69,17 +64,28 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         teacher_logits = teacher_logits.to(student_logits.dtype)
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     flat_labels = None if labels is None else labels.reshape(-1)
-    weight = _row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
+    weight = row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
                           num_items_in_batch, acc_dtype(student_logits), student_logits.device)
     teacher_grad = teacher_logits.requires_grad and torch.is_grad_enabled()
-    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, float(beta), temperature, *caps, ignore_index,
+    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, beta, temperature, *caps, ignore_index,
                                         teacher_grad)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)
     return total
 
 
-def _row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_batch, dtype, device) -> Tensor:
+def checked_options(beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap):
+    """``(beta, temperature, (student_softcap, teacher_softcap) with 0 for none, ignore_index)``, checked."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    temperature = _checks.positive(temperature, "temperature")
+    _checks.choice(reduction, "reduction", REDUCTIONS)
+    caps = tuple(0.0 if c is None else _checks.positive(c, name)
+                 for c, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap")))
+    return float(beta), temperature, caps, _checks.integer(ignore_index, "ignore_index")
+
+
+def row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_batch, dtype, device) -> Tensor:
     """Each row's weight in the reduced loss (its d loss / d row divergence), as TRL reduces."""
     kept = torch.ones(n, dtype=dtype, device=device) if labels is None else (labels != ignore_index).to(dtype)
     if num_items_in_batch is not None:

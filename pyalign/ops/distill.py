@@ -54,20 +54,22 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
+def row_scale(weight: Tensor, g_total: Optional[Tensor], g_rows: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[N, 1]`` factors that turn gradients saved as ``weight_r`` times each row's into those of the
+    upstream gradients of the total (``g_total``) and of the per-row values (``g_rows``)."""
+    scale = None if g_total is None else g_total.expand(weight.shape)
+    if g_rows is not None:  # rows of weight 0 carry no gradient either way
+        per_row = torch.where(weight != 0, g_rows / torch.where(weight != 0, weight, 1), 0)
+        scale = per_row if scale is None else scale + per_row
+    return scale.to(dtype).unsqueeze(-1)
+
+
 def _backward(ctx, g_total, g_rows, g_gs, g_gt):
     out = [None] * 10
     if g_total is None and g_rows is None:
         return tuple(out)
     grad_s, grad_t, weight = ctx.saved_tensors
-    # the saved gradients are weight_r times each row's: a per-row upstream gradient divides it out
-    # (rows of weight 0 carry no gradient either way)
-    scale = None
-    if g_total is not None:
-        scale = g_total.expand(weight.shape)
-    if g_rows is not None:
-        per_row = torch.where(weight != 0, g_rows / torch.where(weight != 0, weight, 1), 0)
-        scale = per_row if scale is None else scale + per_row
-    scale = scale.to(grad_s.dtype).unsqueeze(-1)
+    scale = row_scale(weight, g_total, g_rows, grad_s.dtype)
     if ctx.needs_input_grad[0]:
         out[0] = (grad_s * scale).to(ctx.dtypes[0])
     if ctx.needs_input_grad[1] and grad_t.numel():

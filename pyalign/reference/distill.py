@@ -46,3 +46,35 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, 
     if reduction == "mean":
         return rows.sum() / max(float(kept.sum()) * student_logits.shape[-1], 1.0)
     return rows.sum() / (max(float(kept.sum()), 1.0) if labels is not None else max(student_logits.shape[0], 1))
+
+
+def topk_distillation_loss(student_logits, teacher_topk_logprobs, teacher_topk_ids, labels=None, *,
+                           divergence="forward_kl", tail="bucket", temperature=1.0, reduction="batchmean",
+                           ignore_index=-100, num_items_in_batch=None):
+    """The divergence on the reduced distributions (the K ids, plus the rest as one outcome with
+    ``tail="bucket"``), from the student's full softmax, written directly."""
+    ls = torch.log_softmax(student_logits.double() / temperature, -1)
+    a = ls.gather(-1, teacher_topk_ids.long())
+    b = teacher_topk_logprobs.double()
+    if tail == "renormalize":
+        a, b = a - torch.logsumexp(a, -1, keepdim=True), b - torch.logsumexp(b, -1, keepdim=True)
+    elif a.shape[-1] < ls.shape[-1]:  # K = V: no entry outside the ids, no tail outcome
+        # the student's mass outside the ids, summed directly over those entries
+        outside = torch.ones_like(ls, dtype=torch.bool).scatter(-1, teacher_topk_ids.long(), False)
+        a_tail = torch.logsumexp(ls.masked_fill(~outside, -math.inf), -1, keepdim=True)
+        b_tail = torch.log((1 - b.exp().sum(-1, keepdim=True)).clamp_min(0))
+        a, b = torch.cat([a, a_tail], -1), torch.cat([b, b_tail], -1)
+    p, q = (b.exp(), a.exp()) if divergence == "forward_kl" else (a.exp(), b.exp())
+    lp, lq = (b, a) if divergence == "forward_kl" else (a, b)
+    rows = _xlogy_ratio(p, lp, lq).sum(-1)
+    kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
+    rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
+    if num_items_in_batch is not None:
+        return rows.sum() / num_items_in_batch
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(float(kept.sum()) * student_logits.shape[-1], 1.0)
+    return rows.sum() / (max(float(kept.sum()), 1.0) if labels is not None else max(student_logits.shape[0], 1))

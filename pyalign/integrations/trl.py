@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 
 import pyalign.logprob as _logprob
+from pyalign.integrations import _trl_distill as _distill
 from pyalign.integrations import _trl_online as _online
 
 __all__ = ["PyalignChunkedLogProb", "patch_fused_lm_head", "patch_trainer"]
@@ -176,7 +177,9 @@ def patch_trainer(trainer):
     """Routes ``trainer``'s log-prob head through pyalign and its loss too: for a ``DPOTrainer``
     through :func:`pyalign.losses.dpo_loss`, for a ``GRPOTrainer`` or an ``RLOOTrainer`` through
     :func:`pyalign.rl.policy_loss` (the GRPO configurations it does not cover keep TRL's loss: vLLM's
-    importance-sampling correction, adaptive entropy control, loss types pyalign does not know).
+    importance-sampling correction, adaptive entropy control, loss types pyalign does not know), for
+    TRL's experimental ``GKDTrainer`` through :mod:`pyalign.distill` (from both models' hidden states
+    where their heads are reachable, else from the logits).
 
     Returns the trainer. Call it after constructing the trainer (which installs TRL's fused head).
     """
@@ -191,4 +194,17 @@ def patch_trainer(trainer):
             trainer._compute_loss = types.MethodType(compute_loss, trainer)
             if cls is DPOTrainer:
                 trainer._pyalign_log_metrics = types.MethodType(_log_metrics, trainer)
+    gkd = _gkd_trainer_class()
+    if gkd is not None and isinstance(trainer, gkd) and not hasattr(trainer, "_pyalign_original_compute_loss"):
+        trainer._pyalign_original_compute_loss = trainer.compute_loss
+        trainer.generalized_jsd_loss = _distill.generalized_jsd_loss  # for the logits path
+        trainer.compute_loss = types.MethodType(_distill.gkd_compute_loss, trainer)
     return trainer
+
+
+def _gkd_trainer_class():
+    """TRL's GKDTrainer class where this TRL has it (``trl.experimental.gkd``), else None; imported only
+    when the trainer at hand comes from that module (the import warns that the API is experimental)."""
+    import sys
+    module = sys.modules.get("trl.experimental.gkd.gkd_trainer")
+    return getattr(module, "GKDTrainer", None)

@@ -24,20 +24,32 @@ Labels must be the same on every rank. Collectives take a process group, which n
 carry, so the ops behind these functions (:mod:`pyalign.ops.vocab_parallel`) are
 ``torch.autograd.Function``s: eager only, not traced by ``torch.compile``. A composite over the
 log-prob kernels (vocabulary-slice mode) and, for the linear variant, the fused head's chunk loops.
+
+Vocab-parallel distillation (:func:`vocab_parallel_distillation_loss`): each rank holds the same
+columns of the student's and the teacher's logits; one ``all_gather`` of each row's two local
+log-sum-exps gives the global normalizers, one ``all_reduce`` of each row's local parts of the
+divergence gives the divergence, and each rank forms its shard's gradients
+(:mod:`pyalign.ops.vocab_parallel_distill`).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from pyalign import _checks
 from pyalign._outputs import package, requested
 from pyalign._tensors import cast_head
 from pyalign.ops.linear import auto_chunk_size
+from pyalign._tensors import acc_dtype
+from pyalign.distill.divergence import checked_options, row_weights
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
+from pyalign.ops.vocab_parallel_distill import VocabParallelDistillation
 
-__all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs"]
+__all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs",
+           "vocab_parallel_distillation_loss"]
 
 
 def vocab_parallel_token_logprobs(
@@ -145,3 +157,61 @@ def vocab_parallel_linear_token_logprobs(
                                      (temperature, logit_scale, softcap), flags, int(chunk_size), bool(validate))
     logp, lse, ent, lss, mean, top1 = res
     return package((logp, ent, lss, mean, top1, lse), out_shape, wanted, outputs, return_entropy)
+
+
+def vocab_parallel_distillation_loss(
+    student_shard: Tensor,
+    teacher_shard: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    group=None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+) -> Tensor:
+    """:func:`pyalign.distill.distillation_loss` over a vocabulary split across the ranks of ``group``.
+
+    ``student_shard`` and ``teacher_shard`` are ``[..., V_local]``: this rank's columns of the full
+    student and teacher logits (the same columns of both; any split, in any order, as long as the
+    ranks' columns tile the vocabulary together). ``labels`` and the options are those of
+    ``distillation_loss`` and must be the same on every rank; ``reduction="none"`` gives the
+    per-position divergence (no gradient through it). The result is the same on every rank; the
+    gradient flows to each rank's shards (the teacher's when it requires grad).
+    """
+    _checks.float_tensor(student_shard, "student_shard")
+    _checks.float_tensor(teacher_shard, "teacher_shard")
+    _checks.same_device(("student_shard", student_shard), ("teacher_shard", teacher_shard), ("labels", labels))
+    if student_shard.dim() < 2 or student_shard.shape[-1] < 1:
+        raise ValueError(f"student_shard: expected [..., V_local] with at least 2 dimensions and V_local >= 1, "
+                         f"got {tuple(student_shard.shape)}")
+    if teacher_shard.shape != student_shard.shape:
+        raise ValueError(f"teacher_shard: expected the shape of student_shard {tuple(student_shard.shape)}, got "
+                         f"{tuple(teacher_shard.shape)}")
+    beta, temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
+                                                            student_softcap, teacher_softcap)
+    lead, v_local = student_shard.shape[:-1], student_shard.shape[-1]
+    if labels is not None:
+        _checks.index_tensor(labels, "labels")
+        if labels.shape != lead:
+            raise ValueError(f"labels: expected shape {tuple(lead)} (the shards' leading dimensions), got "
+                             f"{tuple(labels.shape)}")
+    group_info(group)
+    if teacher_shard.dtype != student_shard.dtype:
+        teacher_shard = teacher_shard.to(student_shard.dtype)
+    s2, t2 = student_shard.reshape(-1, v_local), teacher_shard.reshape(-1, v_local)
+    flat = None if labels is None else labels.reshape(-1)
+    V = torch.tensor(v_local, device=student_shard.device)
+    dist.all_reduce(V, group=group)  # the whole vocabulary's size, for reduction="mean"
+    acc = acc_dtype(student_shard)
+    weight = row_weights(flat, s2.shape[0], int(V), student_shard.shape[0], reduction, ignore_index,
+                         num_items_in_batch, acc, student_shard.device)
+    kept = torch.ones(s2.shape[0], dtype=torch.bool, device=s2.device) if flat is None else flat != ignore_index
+    teacher_grad = teacher_shard.requires_grad and torch.is_grad_enabled()
+    total, rows = VocabParallelDistillation.apply(s2, t2, weight, kept, group, beta, temperature, caps, teacher_grad)
+    if reduction == "none" and num_items_in_batch is None:
+        return rows.reshape(lead)
+    return total

@@ -1,5 +1,5 @@
-"""Vocab-parallel log-probs (pyalign.distributed) on 2 and 4 gloo processes (loopback file store),
-compared with the single-process results, forward and backward."""
+"""Vocab-parallel log-probs and distillation (pyalign.distributed) on 2 and 4 gloo processes (loopback
+file store), compared with the single-process results, forward and backward."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,9 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 import pyalign
-from pyalign.distributed import vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs
+from pyalign import distill
+from pyalign.distributed import (vocab_parallel_distillation_loss, vocab_parallel_linear_token_logprobs,
+                                 vocab_parallel_token_logprobs)
 from pyalign.logprob import linear_token_logprobs, token_logprobs
 
 STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
@@ -213,6 +215,32 @@ def _case_fsdp_head(rank, world):
         _close(gh, torch.autograd.grad(loss_fn(hw, w0, b0, y, old, adv), hw)[0], 1e-10, f"{name}: hidden gradient")
 
 
+def _case_distill(rank, world, dtype, *, uneven, opts, teacher_grad):
+    """vocab_parallel_distillation_loss on each rank's columns against distillation_loss on the whole
+    logits: the loss, and the gradients sliced (the student's, and the teacher's when asked for)."""
+    g = torch.Generator().manual_seed(13)
+    V = 31
+    s = (torch.randn(3, 4, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(3, 4, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, V, (3, 4), generator=g)
+    labels[0, 1] = labels[2, :2] = -100
+    starts, sizes = _bounds(V, world, uneven)
+    s0, n = starts[rank], sizes[rank]
+    tol = TOL[dtype]
+    fs, ft = s.clone().requires_grad_(), t.clone().requires_grad_(teacher_grad)
+    ref = distill.distillation_loss(fs, ft, labels, **opts)
+    ref.backward()
+    ss, ts = s[..., s0:s0 + n].clone().requires_grad_(), t[..., s0:s0 + n].clone().requires_grad_(teacher_grad)
+    got = vocab_parallel_distillation_loss(ss, ts, labels, **opts)
+    _close(got.detach(), ref.detach(), tol, f"distill loss (rank {rank}/{world}, {opts})")
+    got.backward()
+    _close(ss.grad, fs.grad[..., s0:s0 + n], tol, f"distill student grad (rank {rank}/{world}, {opts})")
+    if teacher_grad:
+        _close(ts.grad, ft.grad[..., s0:s0 + n], tol, f"distill teacher grad (rank {rank}/{world}, {opts})")
+    rows = vocab_parallel_distillation_loss(ss.detach(), ts.detach(), labels, **{**opts, "reduction": "none"})
+    _close(rows, distill.distillation_loss(s, t, labels, **{**opts, "reduction": "none"}), tol, "distill rows")
+
+
 def _all_cases(rank, world):
     torch.set_num_threads(1)
     opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": 0.5}]
@@ -231,6 +259,10 @@ def _all_cases(rank, world):
     _case_linear(rank, world, torch.bfloat16, bias=True, shift=False, opts={})  # bf16 head: vocab-blocked
     # mixed dtypes: promoted like linear_token_logprobs, gradients in each input's dtype
     _case_linear(rank, world, torch.float32, bias=True, shift=False, opts={}, weight_dtype=torch.bfloat16)
+    for beta, opts in ((0.0, {}), (0.5, {"temperature": 0.8, "reduction": "sum"}), (1.0, {"student_softcap": 5.0}),
+                       (0.3, {"reduction": "mean", "teacher_softcap": 4.0})):
+        for dtype in (torch.float64, torch.float32):
+            _case_distill(rank, world, dtype, uneven=beta > 0.4, opts={"beta": beta, **opts}, teacher_grad=beta == 0.3)
     _bad_inputs(rank, world)
     _case_fsdp_head(rank, world)
 

@@ -1,0 +1,116 @@
+"""The vocab-parallel distillation divergence (method: :mod:`pyalign.distributed`): each rank holds
+the same columns of the student's and the teacher's logits; one ``all_gather`` of the rows' local
+log-sum-exps gives both global softmax normalizers, one ``all_reduce`` of the rows' local parts gives
+the divergence (the math of ``csrc/include/pyalign/distill.h``, here in torch over row chunks of the
+shards), and each rank forms its shard's gradients in the forward; the backward scales them.
+
+Collectives take a process group, which no op schema can carry, so this is a
+``torch.autograd.Function`` (eager only, not traced by ``torch.compile``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pyalign._tensors import acc_dtype
+from pyalign.ops.distill import row_scale
+from pyalign.ops.vocab_parallel import _all_gather
+
+# Rows per chunk: chunk * V_local entries of each temporary.
+CHUNK_ENTRIES = 1 << 22
+
+
+def _transform(x: Tensor, temperature: float, softcap: float):
+    """``(z, dz/dx)`` of the logits transform (softcap, then the temperature)."""
+    if softcap > 0:
+        t = torch.tanh(x / softcap)
+        return softcap * t / temperature, (1 - t * t) / temperature
+    return x / temperature, None
+
+
+def _xlogy(p: Tensor, lp: Tensor, lq: Tensor) -> Tensor:
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+
+
+class VocabParallelDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, weight: Tensor, kept: Tensor, group, beta: float,
+                temperature: float, caps: tuple, teacher_grad: bool):
+        acc = acc_dtype(student)
+        n, v = student.shape
+        world = dist.get_world_size(group)
+        chunk = max(1, CHUNK_ENTRIES // max(1, v))
+        mode = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+
+        def z(c0, c1):
+            zs, ds = _transform(student[c0:c1].to(acc), temperature, caps[0])
+            zt, dt = _transform(teacher[c0:c1].to(acc), temperature, caps[1])
+            return zs, ds, zt, dt
+
+        lse_local = torch.empty(2, n, dtype=acc, device=student.device)
+        for c0 in range(0, n, chunk):
+            zs, _, zt, _ = z(c0, c0 + chunk)
+            lse_local[0, c0:c0 + chunk], lse_local[1, c0:c0 + chunk] = zs.logsumexp(-1), zt.logsumexp(-1)
+        gathered = torch.empty(world * 2, n, dtype=acc, device=student.device)
+        _all_gather(gathered, lse_local, group)
+        lse = gathered.view(world, 2, n).logsumexp(0)  # [2, n]: the student's and the teacher's global lse
+        log1mb, logb = (math.log1p(-beta), math.log(beta)) if mode == "jsd" else (0.0, 0.0)
+
+        def entries(c0, c1):
+            zs, ds, zt, dt = z(c0, c1)
+            ls, lt = zs - lse[0, c0:c1, None], zt - lse[1, c0:c1, None]
+            lm = torch.logaddexp(ls + log1mb, lt + logb) if mode == "jsd" else None
+            return ls, lt, lm, ds, dt
+
+        parts = torch.zeros(2, n, dtype=acc, device=student.device)  # the student's and the teacher's
+        for c0 in range(0, n, chunk):
+            ls, lt, lm, _, _ = entries(c0, c0 + chunk)
+            ps, pt = ls.exp(), lt.exp()
+            if mode == "forward_kl":
+                parts[1, c0:c0 + chunk] = _xlogy(pt, lt, ls).sum(-1)
+            elif mode == "reverse_kl":
+                parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lt).sum(-1)
+            else:
+                parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lm).sum(-1)
+                parts[1, c0:c0 + chunk] = _xlogy(pt, lt, lm).sum(-1)
+        dist.all_reduce(parts, group=group)
+        ks, kt = parts[0], parts[1]
+        rows = {"forward_kl": kt, "reverse_kl": ks, "jsd": beta * kt + (1 - beta) * ks}[mode]
+        rows = torch.where(kept, rows, torch.zeros_like(rows))
+        w = torch.where(kept, weight, torch.zeros_like(weight))
+
+        grad_s = torch.empty(n, v, dtype=acc, device=student.device)
+        grad_t = torch.empty(n, v, dtype=acc, device=student.device) if teacher_grad else None
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            ls, lt, lm, ds, dt = entries(c0, c1)
+            ps, pt = ls.exp(), lt.exp()
+            L, a, b = rows[c0:c1, None], ks[c0:c1, None], kt[c0:c1, None]
+            zero = torch.zeros_like(ps)
+            if mode == "forward_kl":
+                gs, gt = ps - pt, torch.where(pt > 0, pt * (lt - ls - L), zero)
+            elif mode == "reverse_kl":
+                gs, gt = torch.where(ps > 0, ps * (ls - lt - L), zero), pt - ps
+            else:
+                gs = torch.where(ps > 0, (1 - beta) * ps * (ls - lm - a), zero)
+                gt = torch.where(pt > 0, beta * pt * (lt - lm - b), zero)
+            scale = w[c0:c1, None]
+            grad_s[c0:c1] = gs * scale * (ds if ds is not None else 1 / temperature)
+            if grad_t is not None:
+                grad_t[c0:c1] = gt * scale * (dt if dt is not None else 1 / temperature)
+        ctx.save_for_backward(grad_s, grad_t, w)
+        ctx.dtypes = (student.dtype, teacher.dtype)
+        ctx.mark_non_differentiable(rows)
+        return (w * rows).sum(), rows
+
+    @staticmethod
+    def backward(ctx, g_total, g_rows):
+        grad_s, grad_t, w = ctx.saved_tensors
+        scale = row_scale(w, g_total, None, grad_s.dtype)
+        gs = (grad_s * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gt = (grad_t * scale).to(ctx.dtypes[1]) if (grad_t is not None and ctx.needs_input_grad[1]) else None
+        return gs, gt, None, None, None, None, None, None, None

@@ -191,8 +191,8 @@ def vocab_parallel_distillation_loss(
     if teacher_shard.shape != student_shard.shape:
         raise ValueError(f"teacher_shard: expected the shape of student_shard {tuple(student_shard.shape)}, got "
                          f"{tuple(teacher_shard.shape)}")
-    beta, temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
-                                                            student_softcap, teacher_softcap)
+    (_, beta), temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
+                                                                 student_softcap, teacher_softcap)
     lead, v_local = student_shard.shape[:-1], student_shard.shape[-1]
     if labels is not None:
         _checks.index_tensor(labels, "labels")

@@ -23,12 +23,12 @@ LAYERS = [
                         "pyalign._overrides", "pyalign._numpy", "pyalign._metrics", "pyalign.reference")),
     ("ops", ("pyalign.ops",)),
     ("families", ("pyalign.logprob", "pyalign.losses", "pyalign.uncertainty", "pyalign.plasticity",
-                  "pyalign.distributed", "pyalign.rl")),
+                  "pyalign.distributed", "pyalign.rl", "pyalign.distill")),
     ("public package", ("pyalign",)),
     ("consumers", ("pyalign.integrations", "pyalign.bench")),
 ]
 PUBLIC = ["pyalign", "pyalign.logprob", "pyalign.losses", "pyalign.uncertainty", "pyalign.plasticity",
-          "pyalign.distributed", "pyalign.rl", "pyalign.integrations.trl"]
+          "pyalign.distributed", "pyalign.rl", "pyalign.distill", "pyalign.integrations.trl"]
 
 
 def _modules() -> dict[str, Path]:

@@ -79,6 +79,16 @@ def test_without_biases_and_softcaps():
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("divergence", ["tvd", "skew_kl", "skew_reverse_kl"])
+def test_other_divergences(divergence):
+    ins, y = heads()
+    kw = dict(divergence=divergence, skew_alpha=0.2, chunk_size=4)
+    got, want = grads(fused, ins, y, True, **kw), grads(eager, ins, y, True, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for name, g, w in zip(NAMES, got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_low_precision(device, dtype, tol):
     """fp32: to fp32 rounding; bf16 (the logits GEMMs in bf16, the kernel in fp32, dW accumulated in
@@ -119,7 +129,7 @@ def test_opcheck_and_compile():
     hs, ws, bs, ht, wt, bt = ins
     w = torch.rand(y.numel())
     args = (hs.reshape(-1, hs.shape[-1]).clone().requires_grad_(), ws.clone().requires_grad_(), bs, ht.reshape(-1, ht.shape[-1]),
-            wt, bt, y.reshape(-1), w, 0.5, 1.0, 0.0, 0.0, -100, 4, NEED_HIDDEN | NEED_WEIGHT, 0)
+            wt, bt, y.reshape(-1), w, "jsd", 0.5, 1.0, 0.0, 0.0, -100, 4, NEED_HIDDEN | NEED_WEIGHT, 0)
     torch.library.opcheck(linear_distillation_op.op, args)
     fn = torch.compile(lambda a, b: distill.linear_distillation_loss(a, b, ht, wt, y, student_bias=bs, teacher_bias=bt,
                                                                      beta=0.5, chunk_size=4), fullgraph=True)

@@ -3,13 +3,15 @@
 #include "pyalign/distill.h"
 
 #include <cmath>
+#include <iterator>
 #include <utility>
 
 namespace pyalign {
 namespace {
 
 void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg weight, TensorArg loss, TensorArg total,
-             TensorArg grad_student, TensorArg grad_teacher, double beta, double temperature, double student_softcap,
+             TensorArg grad_student, TensorArg grad_teacher, const std::string& divergence, double beta,
+             double temperature, double student_softcap,
              double teacher_softcap, int64_t ignore_index, uintptr_t stream) {
   require_tensor(student, "student_logits", "a float tensor [N, V]");
   require_tensor(teacher, "teacher_logits", "a float tensor [N, V]");
@@ -27,6 +29,12 @@ void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg w
     require(labels.ndim == 1 && labels.shape[0] == N && (labels.dtype == DType::i64 || labels.dtype == DType::i32),
             labels.describe() + ": expected an int32 or int64 tensor [" + std::to_string(N) + "] (one label per row)");
   require(std::isfinite(beta) && beta >= 0 && beta <= 1, "beta: expected a value in [0, 1], got " + num_str(beta));
+  int named = -1;
+  for (int k = 0; k < int(std::size(kDivModeNames)); ++k)
+    if (divergence == kDivModeNames[k]) named = k;
+  require(named >= 0 && DivMode(named) != DivMode::forward_kl && DivMode(named) != DivMode::reverse_kl,
+          "divergence: expected 'jsd' (forward / reverse KL at beta 0 / 1), 'tvd', 'skew_kl' or 'skew_reverse_kl', "
+          "got '" + divergence + "'");
   require(std::isfinite(temperature) && temperature > 0,
           "temperature: expected a finite value > 0, got " + num_str(temperature));
   require(std::isfinite(student_softcap) && student_softcap >= 0,
@@ -40,7 +48,9 @@ void forward(TensorArg student, TensorArg teacher, TensorArg labels, TensorArg w
   require_contiguous(grad_student, "grad_student", {N, V}, adt);
   check_contiguous(grad_teacher, {N, V}, adt);
   DistillParams p;
-  p.mode = int(beta == 0 ? DivMode::forward_kl : beta == 1 ? DivMode::reverse_kl : DivMode::jsd);
+  // the JSD is the forward / reverse KL at its ends; beta is the mixture weight of the others
+  p.mode = DivMode(named) != DivMode::jsd ? named
+                                          : int(beta == 0 ? DivMode::forward_kl : beta == 1 ? DivMode::reverse_kl : DivMode::jsd);
   p.beta = beta;
   for (auto [tf, cap] : {std::pair<LogitTransform*, double>{&p.ts, student_softcap}, {&p.tt, teacher_softcap}}) {
     tf->inv_temp = 1.0 / temperature;

@@ -107,6 +107,9 @@ template <typename T> void run(const DistillArgs& a) {
     switch (DivMode(a.p.mode)) {
       case DivMode::forward_kl: return distill_rows_for<T, DivMode::forward_kl>(a, r0, r1);
       case DivMode::reverse_kl: return distill_rows_for<T, DivMode::reverse_kl>(a, r0, r1);
+      case DivMode::tvd: return distill_rows_for<T, DivMode::tvd>(a, r0, r1);
+      case DivMode::skew_kl: return distill_rows_for<T, DivMode::skew_kl>(a, r0, r1);
+      case DivMode::skew_reverse_kl: return distill_rows_for<T, DivMode::skew_reverse_kl>(a, r0, r1);
       default: return distill_rows_for<T, DivMode::jsd>(a, r0, r1);
     }
   });

@@ -75,6 +75,11 @@ template <typename T> void launch(const DistillArgs& a, cudaStream_t st) {
     switch (DivMode(a.p.mode)) {
       case DivMode::forward_kl: distill_rows<T, DivMode::forward_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
       case DivMode::reverse_kl: distill_rows<T, DivMode::reverse_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
+      case DivMode::tvd: distill_rows<T, DivMode::tvd><<<unsigned(N), kThreads, 0, st>>>(a); break;
+      case DivMode::skew_kl: distill_rows<T, DivMode::skew_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
+      case DivMode::skew_reverse_kl:
+        distill_rows<T, DivMode::skew_reverse_kl><<<unsigned(N), kThreads, 0, st>>>(a);
+        break;
       default: distill_rows<T, DivMode::jsd><<<unsigned(N), kThreads, 0, st>>>(a);
     }
   }

@@ -12,13 +12,17 @@ from pyalign import _checks
 from pyalign._tensors import acc_dtype
 from pyalign.ops.distill import distillation_op
 
+__all__ = ["distillation_loss", "REDUCTIONS", "DIVERGENCES"]
+
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+DIVERGENCES = ("jsd", "tvd", "skew_kl", "skew_reverse_kl")
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                       beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                       ignore_index: int = -100, num_items_in_batch=None, student_softcap: Optional[float] = None,
-                      teacher_softcap: Optional[float] = None) -> Tensor:
+                      teacher_softcap: Optional[float] = None, divergence: str = "jsd",
+                      skew_alpha: float = 0.1) -> Tensor:
     """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation of
     Language Models: Learning from Self-Generated Mistakes", arXiv:2306.13649, Eq. 1) between the
     softmax of ``student_logits / temperature`` and of ``teacher_logits / temperature``, per position:
@@ -38,6 +42,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     ``teacher_softcap``: logit softcapping ``c tanh(x / c)`` applied to that side's logits before the
     temperature (as Gemma-style models cap their final logits), inside the kernel.
 
+    ``divergence``: ``"jsd"`` (the above), ``"tvd"`` (the total variation ``0.5 sum |student - teacher|``),
+    ``"skew_kl"`` (``KL(teacher || a teacher + (1 - a) student)``) or ``"skew_reverse_kl"``
+    (``KL(student || a student + (1 - a) teacher)``), the skew KL divergences of DistiLLM (Ko et al.
+    2024, arXiv:2402.03898) with ``a = skew_alpha``; ``beta`` belongs to ``"jsd"`` alone.
+
     One fused pass per row forms the divergence and its gradient w.r.t. the student's logits (and the
     teacher's, when they require grad); the backward scales it. An entry of probability 0 (a logit of
     ``-inf``) contributes 0, where the eager formula gives NaN. A row without any finite logit, or with a
@@ -52,8 +61,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)} "
                          f"(one vocabulary), got {tuple(teacher_logits.shape)}")
-    beta, temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
-                                                            student_softcap, teacher_softcap)
+    (divergence, mix), temperature, caps, ignore_index = checked_options(
+        beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap, divergence, skew_alpha)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     if labels is not None:
         _checks.index_tensor(labels, "labels")
@@ -67,22 +76,29 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     weight = row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
                           num_items_in_batch, acc_dtype(student_logits), student_logits.device)
     teacher_grad = teacher_logits.requires_grad and torch.is_grad_enabled()
-    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, beta, temperature, *caps, ignore_index,
-                                        teacher_grad)
+    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, divergence, mix, temperature, *caps,
+                                        ignore_index, teacher_grad)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)
     return total
 
 
-def checked_options(beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap):
-    """``(beta, temperature, (student_softcap, teacher_softcap) with 0 for none, ignore_index)``, checked."""
+def checked_options(beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap, divergence="jsd",
+                    skew_alpha=0.1):
+    """``((divergence, its mixture weight), temperature, (student_softcap, teacher_softcap) with 0 for none,
+    ignore_index)``, checked. The mixture weight is the teacher's in ``(1 - w) student + w teacher``:
+    ``beta`` for the JSD, ``skew_alpha`` for the skew KL, ``1 - skew_alpha`` for the skew reverse KL."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    _checks.choice(divergence, "divergence", DIVERGENCES)
+    if isinstance(skew_alpha, bool) or not isinstance(skew_alpha, (int, float)) or not 0 <= skew_alpha < 1:
+        raise ValueError(f"skew_alpha: expected a number in [0, 1), got {skew_alpha!r}")
+    mix = {"jsd": float(beta), "tvd": 0.0, "skew_kl": float(skew_alpha), "skew_reverse_kl": 1.0 - skew_alpha}
     temperature = _checks.positive(temperature, "temperature")
     _checks.choice(reduction, "reduction", REDUCTIONS)
     caps = tuple(0.0 if c is None else _checks.positive(c, name)
                  for c, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap")))
-    return float(beta), temperature, caps, _checks.integer(ignore_index, "ignore_index")
+    return (divergence, mix[divergence]), temperature, caps, _checks.integer(ignore_index, "ignore_index")
 
 
 def row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_batch, dtype, device) -> Tensor:

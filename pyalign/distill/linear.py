@@ -13,6 +13,8 @@ from pyalign.distill.divergence import checked_options, row_weights
 from pyalign.ops.linear.chunks import NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, auto_chunk_size
 from pyalign.ops.linear_distill import linear_distillation_op
 
+__all__ = ["linear_distillation_loss"]
+
 
 def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
     if not torch.is_grad_enabled():
@@ -27,7 +29,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
                              beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                              ignore_index: int = -100, num_items_in_batch=None,
                              student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                             chunk_size: Optional[int] = None) -> Tensor:
+                             chunk_size: Optional[int] = None, divergence: str = "jsd",
+                             skew_alpha: float = 0.1) -> Tensor:
     """:func:`pyalign.distill.distillation_loss` of the logits ``student_hidden @ student_weight.T +
     student_bias`` and ``teacher_hidden @ teacher_weight.T + teacher_bias``, neither formed whole.
 
@@ -60,8 +63,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         raise ValueError(f"teacher_weight: expected {student_weight.shape[0]} rows (the student's vocabulary), "
                          f"got {teacher_weight.shape[0]}")
     _checks.same_device(("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden))
-    beta, temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
-                                                            student_softcap, teacher_softcap)
+    (divergence, mix), temperature, caps, ignore_index = checked_options(
+        beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap, divergence, skew_alpha)
     if reduction == "none":
         raise ValueError("reduction: 'none' has no fused gradient from hidden states; expected 'batchmean', "
                          "'sum' or 'mean' (or use distillation_loss on the logits)")
@@ -78,6 +81,6 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         chunk_size = auto_chunk_size(max(1, n), V, hs.dtype, hs.device, max(hs2.shape[1], ht2.shape[1]))
     weight = row_weights(flat_labels, n, V, student_hidden.shape[0] if student_hidden.dim() > 1 else n, reduction,
                          ignore_index, num_items_in_batch, acc_dtype(hs), hs.device)
-    out = linear_distillation_op(hs2, ws, bs, ht2, wt, bt, flat_labels, weight, beta, temperature, *caps,
+    out = linear_distillation_op(hs2, ws, bs, ht2, wt, bt, flat_labels, weight, divergence, mix, temperature, *caps,
                                  ignore_index, int(chunk_size), _needs(hs, ws, bs), _needs(ht, wt, bt))
     return out[0]

@@ -11,7 +11,9 @@ from torch import Tensor
 from pyalign import _checks
 from pyalign._tensors import acc_dtype
 from pyalign.distill.divergence import checked_options, row_weights
-from pyalign.ops.distill_topk import DIVERGENCES, IGNORE, TAILS, topk_distillation_op
+from pyalign.ops.distill_topk import DIVERGENCES as TOPK_DIVERGENCES, IGNORE, TAILS, topk_distillation_op
+
+__all__ = ["topk_distillation_loss", "MASS_TOLERANCE"]
 
 # How far past 1 the teacher's top-k probabilities may sum (stored log-probs are rounded).
 MASS_TOLERANCE = 1e-3
@@ -52,7 +54,7 @@ def topk_distillation_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor
     _checks.index_tensor(teacher_topk_ids, "teacher_topk_ids")
     _checks.same_device(("student_logits", student_logits), ("teacher_topk_logprobs", teacher_topk_logprobs),
                         ("teacher_topk_ids", teacher_topk_ids), ("labels", labels))
-    _checks.choice(divergence, "divergence", DIVERGENCES)
+    _checks.choice(divergence, "divergence", TOPK_DIVERGENCES)
     _checks.choice(tail, "tail", TAILS)
     _, temperature, _, ignore_index = checked_options(0.0, temperature, reduction, ignore_index, None, None)
     if student_logits.dim() < 2:

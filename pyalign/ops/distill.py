@@ -18,12 +18,14 @@ from pyalign.ops._op import kernel_op
 
 
 @kernel_op("distillation_loss")
-def distillation_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], weight: Tensor, beta: float,
+def distillation_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], weight: Tensor, divergence: str,
+                    beta: float,
                     temperature: float, student_softcap: float, teacher_softcap: float, ignore_index: int,
                     teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(total [], per-row divergences [N], grad_student [N, V], grad_teacher [N, V] or [0])`` of rows
     ``[N, V]`` of student and teacher logits (softcap 0: none); the gradients are those of
-    ``total = sum weight * rows``."""
+    ``total = sum weight * rows``. ``divergence``: ``"jsd"`` (the forward / reverse KL at ``beta`` 0 / 1),
+    ``"tvd"``, ``"skew_kl"`` or ``"skew_reverse_kl"`` (``beta``: the teacher's weight in the mixture)."""
     n, v = student.shape
     acc, dev = acc_dtype(student), student.device
     total = torch.empty((), dtype=acc, device=dev)
@@ -33,12 +35,12 @@ def distillation_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], 
     kernels.distill_forward(desc(student, "student_logits"), desc(teacher, "teacher_logits"),
                             desc(labels, "labels"), desc(weight, "weight"), desc(rows, "loss"), desc(total, "total"),
                             desc(grad_s, "grad_student"), desc(grad_t, "grad_teacher") if teacher_grad else None,
-                            beta, temperature, student_softcap, teacher_softcap, ignore_index, stream_of(student))
+                            divergence, beta, temperature, student_softcap, teacher_softcap, ignore_index, stream_of(student))
     return total, rows, grad_s, grad_t
 
 
 @distillation_op.register_fake
-def _(student, teacher, labels, weight, beta, temperature, student_softcap, teacher_softcap, ignore_index,
+def _(student, teacher, labels, weight, divergence, beta, temperature, student_softcap, teacher_softcap, ignore_index,
       teacher_grad):
     acc = acc_dtype(student)
     n, v = student.shape
@@ -65,7 +67,7 @@ def row_scale(weight: Tensor, g_total: Optional[Tensor], g_rows: Optional[Tensor
 
 
 def _backward(ctx, g_total, g_rows, g_gs, g_gt):
-    out = [None] * 10
+    out = [None] * 11
     if g_total is None and g_rows is None:
         return tuple(out)
     grad_s, grad_t, weight = ctx.saved_tensors

@@ -64,7 +64,8 @@ class _HeadGrads:
 @kernel_op("linear_distillation_loss")
 def linear_distillation_op(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_hidden: Tensor,
-    teacher_weight: Tensor, teacher_bias: Optional[Tensor], labels: Optional[Tensor], weight: Tensor, beta: float,
+    teacher_weight: Tensor, teacher_bias: Optional[Tensor], labels: Optional[Tensor], weight: Tensor, divergence: str,
+    beta: float,
     temperature: float, student_softcap: float, teacher_softcap: float, ignore_index: int, chunk_size: int,
     student_needs: int, teacher_needs: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -88,7 +89,7 @@ def linear_distillation_op(
             rows = s.stop - s.start
             zs = logits_into(None if buf_s is None else buf_s[:rows], hs[s], student_weight, student_bias)
             zt = logits_into(None if buf_t is None else buf_t[:rows], ht[s], teacher_weight, teacher_bias)
-            part, _, gs, gt = distillation_op.impl(zs, zt, None, w[s], beta, temperature, student_softcap,
+            part, _, gs, gt = distillation_op.impl(zs, zt, None, w[s], divergence, beta, temperature, student_softcap,
                                                    teacher_softcap, ignore_index, bool(teacher.any))
             total += part  # chunk order: the same bits on every run
             if student.any:
@@ -101,7 +102,7 @@ def linear_distillation_op(
 
 @linear_distillation_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, weight,
-      beta, temperature, student_softcap, teacher_softcap, ignore_index, chunk_size, student_needs, teacher_needs):
+      divergence, beta, temperature, student_softcap, teacher_softcap, ignore_index, chunk_size, student_needs, teacher_needs):
     def grads(needs, h, w, b):
         g = lambda bit, like: torch.empty_like(like) if (needs & bit and like is not None) else h.new_empty(0)
         return g(NEED_HIDDEN, h), g(NEED_WEIGHT, w), g(NEED_BIAS, b)
@@ -111,25 +112,26 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 
 # (input position, needs argument position, bit) of each saved gradient, in output order
-_GRADS = ((0, 14, NEED_HIDDEN), (1, 14, NEED_WEIGHT), (2, 14, NEED_BIAS),
-          (3, 15, NEED_HIDDEN), (4, 15, NEED_WEIGHT), (5, 15, NEED_BIAS))
+_NEEDS = 15  # the position of student_needs (teacher_needs follows)
+_GRADS = ((0, 0, NEED_HIDDEN), (1, 0, NEED_WEIGHT), (2, 0, NEED_BIAS),
+          (3, 1, NEED_HIDDEN), (4, 1, NEED_WEIGHT), (5, 1, NEED_BIAS))
 _NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.needs = (inputs[14], inputs[15])
+    ctx.needs = (inputs[_NEEDS], inputs[_NEEDS + 1])
     ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, g_total, *_):
-    out = [None] * 16
+    out = [None] * 17
     if g_total is None:
         return tuple(out)
     for (i, k, bit), grad, name in zip(_GRADS, ctx.saved_tensors, _NAMES):
         if ctx.needs_input_grad[i]:
-            if not ctx.needs[k - 14] & bit:
+            if not ctx.needs[k] & bit:
                 raise RuntimeError(f"pyalign::linear_distillation_loss: {name} requires grad but the forward "
                                    f"was called without its gradient")
             out[i] = grad * g_total.to(grad.dtype)

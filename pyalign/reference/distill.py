@@ -17,11 +17,18 @@ def _capped(x, cap):
 
 
 def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, student_softcap=None,
-                    teacher_softcap=None):
+                    teacher_softcap=None, divergence="jsd", skew_alpha=0.1):
     """The per-position divergence ``[...]`` (no masking, no reduction)."""
     ls = torch.log_softmax(_capped(student_logits.double(), student_softcap) / temperature, -1)
     lt = torch.log_softmax(_capped(teacher_logits.double(), teacher_softcap) / temperature, -1)
     ps, pt = ls.exp(), lt.exp()
+    if divergence == "tvd":
+        return 0.5 * (ps - pt).abs().sum(-1)
+    if divergence in ("skew_kl", "skew_reverse_kl"):  # DistiLLM's skew KL divergences
+        a = skew_alpha
+        p, lp, lq = (pt, lt, ls) if divergence == "skew_kl" else (ps, ls, lt)
+        lm = torch.logaddexp(lp + math.log(a) if a > 0 else torch.full_like(lp, -math.inf), lq + math.log1p(-a))
+        return _xlogy_ratio(p, lp, lm).sum(-1)
     if beta == 0:
         return _xlogy_ratio(pt, lt, ls).sum(-1)
     if beta == 1:
@@ -32,9 +39,10 @@ def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0
 
 def distillation_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
                       reduction="batchmean", ignore_index=-100, num_items_in_batch=None, student_softcap=None,
-                      teacher_softcap=None):
+                      teacher_softcap=None, divergence="jsd", skew_alpha=0.1):
     rows = divergence_rows(student_logits, teacher_logits, beta=beta, temperature=temperature,
-                           student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap, divergence=divergence,
+                           skew_alpha=skew_alpha)
     kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
     rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
     if num_items_in_batch is not None:

@@ -44,7 +44,7 @@ from pyalign._outputs import package, requested
 from pyalign._tensors import cast_head
 from pyalign.ops.linear import auto_chunk_size
 from pyalign._tensors import acc_dtype
-from pyalign.distill.divergence import checked_options, row_weights
+from pyalign.distill.divergence import checked_labels, checked_options, row_weights
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
 from pyalign.ops.vocab_parallel_distill import VocabParallelDistillation
 
@@ -194,11 +194,7 @@ def vocab_parallel_distillation_loss(
     (_, beta), temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
                                                                  student_softcap, teacher_softcap)
     lead, v_local = student_shard.shape[:-1], student_shard.shape[-1]
-    if labels is not None:
-        _checks.index_tensor(labels, "labels")
-        if labels.shape != lead:
-            raise ValueError(f"labels: expected shape {tuple(lead)} (the shards' leading dimensions), got "
-                             f"{tuple(labels.shape)}")
+    checked_labels(labels, lead)
     group_info(group)
     if teacher_shard.dtype != student_shard.dtype:
         teacher_shard = teacher_shard.to(student_shard.dtype)

@@ -64,11 +64,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     (divergence, mix), temperature, caps, ignore_index = checked_options(
         beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap, divergence, skew_alpha)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
-    if labels is not None:
-        _checks.index_tensor(labels, "labels")
-        if labels.shape != lead:
-            raise ValueError(f"labels: expected shape {tuple(lead)} (the logits' leading dimensions), got "
-                             f"{tuple(labels.shape)}")
+    checked_labels(labels, lead)
     if teacher_logits.dtype != student_logits.dtype:
         teacher_logits = teacher_logits.to(student_logits.dtype)
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
@@ -99,6 +95,15 @@ def checked_options(beta, temperature, reduction, ignore_index, student_softcap,
     caps = tuple(0.0 if c is None else _checks.positive(c, name)
                  for c, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap")))
     return (divergence, mix[divergence]), temperature, caps, _checks.integer(ignore_index, "ignore_index")
+
+
+def checked_labels(labels: Optional[Tensor], lead) -> None:
+    """``labels``, when given, must be integers of the logits' leading shape ``lead``."""
+    if labels is not None:
+        _checks.index_tensor(labels, "labels")
+        if labels.shape != lead:
+            raise ValueError(f"labels: expected shape {tuple(lead)} (the logits' leading dimensions), got "
+                             f"{tuple(labels.shape)}")
 
 
 def row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_batch, dtype, device) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign._tensors import acc_dtype
-from pyalign.distill.divergence import checked_options, row_weights
+from pyalign.distill.divergence import checked_labels, checked_options, row_weights
 from pyalign.ops.distill_topk import DIVERGENCES as TOPK_DIVERGENCES, IGNORE, TAILS, topk_distillation_op
 
 __all__ = ["topk_distillation_loss", "MASS_TOLERANCE"]
@@ -70,11 +70,7 @@ def topk_distillation_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor
                          f"{tuple(teacher_topk_logprobs.shape)}, got {tuple(teacher_topk_ids.shape)}")
     if not 1 <= K <= V:
         raise ValueError(f"teacher_topk_logprobs: expected 1 <= K <= V = {V} entries per position, got K = {K}")
-    if labels is not None:
-        _checks.index_tensor(labels, "labels")
-        if labels.shape != lead:
-            raise ValueError(f"labels: expected shape {tuple(lead)} (the logits' leading dimensions), got "
-                             f"{tuple(labels.shape)}")
+    checked_labels(labels, lead)
     ids, b = teacher_topk_ids.reshape(-1, K), teacher_topk_logprobs.reshape(-1, K)
     flat_labels = None if labels is None else labels.reshape(-1)
     if validate is None:

@@ -16,6 +16,21 @@ def _capped(x, cap):
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
+def _reduced(rows, labels, ignore_index, reduction, num_items_in_batch, logits_shape):
+    """TRL's reductions of the per-position divergences (ignored positions left out)."""
+    kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
+    rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
+    if num_items_in_batch is not None:
+        return rows.sum() / num_items_in_batch
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(float(kept.sum()) * logits_shape[-1], 1.0)
+    return rows.sum() / (max(float(kept.sum()), 1.0) if labels is not None else max(logits_shape[0], 1))
+
+
 def divergence_rows(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, student_softcap=None,
                     teacher_softcap=None, divergence="jsd", skew_alpha=0.1):
     """The per-position divergence ``[...]`` (no masking, no reduction)."""
@@ -43,17 +58,7 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *, beta=0.5, 
     rows = divergence_rows(student_logits, teacher_logits, beta=beta, temperature=temperature,
                            student_softcap=student_softcap, teacher_softcap=teacher_softcap, divergence=divergence,
                            skew_alpha=skew_alpha)
-    kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
-    rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
-    if num_items_in_batch is not None:
-        return rows.sum() / num_items_in_batch
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / max(float(kept.sum()) * student_logits.shape[-1], 1.0)
-    return rows.sum() / (max(float(kept.sum()), 1.0) if labels is not None else max(student_logits.shape[0], 1))
+    return _reduced(rows, labels, ignore_index, reduction, num_items_in_batch, student_logits.shape)
 
 
 def topk_distillation_loss(student_logits, teacher_topk_logprobs, teacher_topk_ids, labels=None, *,
@@ -75,14 +80,4 @@ def topk_distillation_loss(student_logits, teacher_topk_logprobs, teacher_topk_i
     p, q = (b.exp(), a.exp()) if divergence == "forward_kl" else (a.exp(), b.exp())
     lp, lq = (b, a) if divergence == "forward_kl" else (a, b)
     rows = _xlogy_ratio(p, lp, lq).sum(-1)
-    kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).double()
-    rows = torch.where(kept > 0, rows, torch.zeros_like(rows))
-    if num_items_in_batch is not None:
-        return rows.sum() / num_items_in_batch
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / max(float(kept.sum()) * student_logits.shape[-1], 1.0)
-    return rows.sum() / (max(float(kept.sum()), 1.0) if labels is not None else max(student_logits.shape[0], 1))
+    return _reduced(rows, labels, ignore_index, reduction, num_items_in_batch, student_logits.shape)

@@ -1,5 +1,7 @@
 """Advantages of critic-free RL from sampled groups of completions: GRPO's group normalization (as
-TRL computes it), RLOO's leave-one-out baseline, REINFORCE++'s batch normalization."""
+TRL computes it), RLOO's leave-one-out baseline, REINFORCE++'s batch normalization; and the same
+from a reward ensemble, penalized by its uncertainty (a composite over
+:func:`pyalign.uncertainty.aggregate_rewards`)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,8 +10,9 @@ import torch
 from torch import Tensor
 
 from pyalign import _checks
+from pyalign.uncertainty.ensembles import aggregate_rewards
 
-__all__ = ["group_advantages", "ESTIMATORS"]
+__all__ = ["group_advantages", "ensemble_advantages", "ESTIMATORS"]
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
@@ -99,3 +102,58 @@ def group_advantages(
     else:
         std = (_nanstd(g, 1).expand_as(g).reshape(-1) if group_size > 1 else torch.zeros_like(total))
     return torch.nan_to_num(centered / (std + 1e-4), nan=0.0)
+
+
+def ensemble_advantages(
+    member_rewards: Tensor,
+    group_size: int,
+    *,
+    method: str = "uwo",
+    lam: float = 1.0,
+    q: float = 0.1,
+    member_weights: Optional[Tensor] = None,
+    reward_variance: Optional[Tensor] = None,
+    variance_coef: float = 0.0,
+    **group_advantages_options,
+) -> Tensor:
+    """Group advantages ``[N]`` from a reward ensemble's rewards ``[M, N]``, penalized by the
+    ensemble's disagreement: ``group_advantages(aggregate_rewards(member_rewards, method=method,
+    lam=lam).reward, group_size, **group_advantages_options)``.
+
+    ``method`` is any of :data:`pyalign.uncertainty.METHODS`: ``mean``; ``uwo`` (mean - lam *
+    variance, uncertainty-weighted optimization) and ``min`` (worst case) of Coste et al. 2023,
+    arXiv:2310.02743; ``lcb`` (mean - lam * std); ``median``; ``quantile`` (``q``). Reward-model
+    ensembles mitigate but do not remove over-optimization (Eisenstein et al. 2023,
+    arXiv:2312.09244); the penalty keeps the policy where the members agree.
+
+    ``reward_variance`` ``[N]`` (optional): a per-sequence predictive variance of the reward, e.g.
+    from a last-layer Laplace head (:meth:`pyalign.uncertainty.LaplaceRewardHead.predict`);
+    ``variance_coef * sqrt(reward_variance)`` is subtracted from the aggregated reward first, the
+    lower confidence bound that adversarial policy optimization with lightweight uncertainty uses
+    (AdvPO, Zhang et al. 2024, arXiv:2403.05171). A single reward model with that variance is
+    ``member_rewards`` of shape ``[1, N]`` with ``method="mean"``.
+
+    NaN marks an unscorable completion as in :func:`group_advantages` (a NaN in any member's
+    reward makes that completion's aggregate NaN). Not differentiable (rewards are data).
+    """
+    _checks.float_tensor(member_rewards, "member_rewards")
+    if member_rewards.dim() != 2 or member_rewards.shape[0] < 1:
+        raise ValueError(f"member_rewards: expected shape [M, N] with M >= 1 members, got {list(member_rewards.shape)}")
+    reward = aggregate_rewards(member_rewards.detach(), method=method, lam=lam, q=q,
+                               member_weights=member_weights).reward
+    coef = _checks.finite(variance_coef, "variance_coef")
+    if coef < 0:
+        raise ValueError(f"variance_coef: expected a number >= 0, got {variance_coef!r}")
+    if reward_variance is not None:
+        _checks.float_tensor(reward_variance, "reward_variance")
+        _checks.same_device(("member_rewards", member_rewards), ("reward_variance", reward_variance))
+        if tuple(reward_variance.shape) != tuple(reward.shape):
+            raise ValueError(f"reward_variance: expected shape {list(reward.shape)} (one variance per completion), "
+                             f"got {list(reward_variance.shape)}")
+        var = reward_variance.detach().to(reward.dtype)
+        if bool((var < 0).any()):
+            raise ValueError("reward_variance: expected non-negative variances")
+        reward = reward - coef * var.sqrt()
+    elif coef:
+        raise ValueError("variance_coef: given without reward_variance (the per-sequence variance it scales)")
+    return group_advantages(reward, group_size, **group_advantages_options)

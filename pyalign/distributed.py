@@ -29,7 +29,9 @@ Vocab-parallel distillation (:func:`vocab_parallel_distillation_loss`): each ran
 columns of the student's and the teacher's logits; one ``all_gather`` of each row's two local
 log-sum-exps gives the global normalizers, one ``all_reduce`` of each row's local parts of the
 divergence gives the divergence, and each rank forms its shard's gradients
-(:mod:`pyalign.ops.vocab_parallel_distill`).
+(:mod:`pyalign.ops.vocab_parallel_distill`). To a top-k teacher
+(:func:`vocab_parallel_topk_distillation_loss`): one ``all_gather`` of the student's local
+log-sum-exps and one ``all_reduce`` of its logits at the teacher's ids.
 """
 from __future__ import annotations
 
@@ -46,10 +48,12 @@ from pyalign.ops.linear import auto_chunk_size
 from pyalign._tensors import acc_dtype
 from pyalign.distill.divergence import checked_labels, checked_options, row_weights
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
-from pyalign.ops.vocab_parallel_distill import VocabParallelDistillation
+from pyalign.distill.topk import _check_teacher
+from pyalign.ops.distill_topk import DIVERGENCES as TOPK_DIVERGENCES, TAILS
+from pyalign.ops.vocab_parallel_distill import VocabParallelDistillation, VocabParallelTopkDistillation, shard_layout
 
 __all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs",
-           "vocab_parallel_distillation_loss"]
+           "vocab_parallel_distillation_loss", "vocab_parallel_topk_distillation_loss"]
 
 
 def vocab_parallel_token_logprobs(
@@ -208,6 +212,77 @@ def vocab_parallel_distillation_loss(
     kept = torch.ones(s2.shape[0], dtype=torch.bool, device=s2.device) if flat is None else flat != ignore_index
     teacher_grad = teacher_shard.requires_grad and torch.is_grad_enabled()
     total, rows = VocabParallelDistillation.apply(s2, t2, weight, kept, group, beta, temperature, caps, teacher_grad)
+    if reduction == "none" and num_items_in_batch is None:
+        return rows.reshape(lead)
+    return total
+
+
+def vocab_parallel_topk_distillation_loss(
+    student_shard: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_ids: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    divergence: str = "forward_kl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+    validate: Optional[bool] = None,
+) -> Tensor:
+    """:func:`pyalign.distill.topk_distillation_loss` with the student's logits split by vocabulary
+    columns across the ranks of ``group``.
+
+    ``student_shard`` is ``[..., V_local]``: this rank's columns ``[vocab_start, vocab_start +
+    V_local)`` of the student's logits (``vocab_start=None``: the shards in rank order). The teacher's
+    ``teacher_topk_logprobs`` / ``teacher_topk_ids`` (``[..., K]``, ids into the whole vocabulary),
+    ``labels`` and the options are those of ``topk_distillation_loss`` and the same on every rank. The
+    result is the same on every rank; the gradient flows to each rank's shard. Raises ValueError on
+    every rank when the shards do not tile ``[0, V)``, and (with ``validate``, default on CPU) when
+    the teacher's ids or log-probs are not a sub-distribution over distinct ids in ``[0, V)``.
+    """
+    _checks.float_tensor(student_shard, "student_shard")
+    _checks.float_tensor(teacher_topk_logprobs, "teacher_topk_logprobs")
+    _checks.index_tensor(teacher_topk_ids, "teacher_topk_ids")
+    _checks.same_device(("student_shard", student_shard), ("teacher_topk_logprobs", teacher_topk_logprobs),
+                        ("teacher_topk_ids", teacher_topk_ids), ("labels", labels))
+    _checks.choice(divergence, "divergence", TOPK_DIVERGENCES)
+    _checks.choice(tail, "tail", TAILS)
+    _, temperature, _, ignore_index = checked_options(0.0, temperature, reduction, ignore_index, None, None)
+    if student_shard.dim() < 2 or student_shard.shape[-1] < 1:
+        raise ValueError(f"student_shard: expected [..., V_local] with at least 2 dimensions and V_local >= 1, "
+                         f"got {tuple(student_shard.shape)}")
+    lead, v_local = student_shard.shape[:-1], student_shard.shape[-1]
+    if teacher_topk_logprobs.dim() != student_shard.dim() or teacher_topk_logprobs.shape[:-1] != lead:
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(lead)} + [K], got "
+                         f"{tuple(teacher_topk_logprobs.shape)}")
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(f"teacher_topk_ids: expected the shape of teacher_topk_logprobs "
+                         f"{tuple(teacher_topk_logprobs.shape)}, got {tuple(teacher_topk_ids.shape)}")
+    checked_labels(labels, lead)
+    group_info(group)
+    start = resolve_start(vocab_start, v_local, group, student_shard.device)
+    V = shard_layout(start, v_local, group, student_shard.device)
+    K = teacher_topk_logprobs.shape[-1]
+    if not 1 <= K <= V:
+        raise ValueError(f"teacher_topk_logprobs: expected 1 <= K <= V = {V} entries per position, got K = {K}")
+    ids, b = teacher_topk_ids.reshape(-1, K).long(), teacher_topk_logprobs.reshape(-1, K)
+    flat = None if labels is None else labels.reshape(-1)
+    kept = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device) if flat is None else flat != ignore_index
+    if validate is None:
+        validate = student_shard.device.type == "cpu"
+    if validate:
+        _check_teacher(ids, b, V, None if flat is None else kept)
+    s2 = student_shard.reshape(-1, v_local)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    weight = row_weights(flat, s2.shape[0], V, student_shard.shape[0], reduction, ignore_index, num_items_in_batch,
+                         acc_dtype(student_shard), student_shard.device)
+    total, rows = VocabParallelTopkDistillation.apply(s2, b, ids, weight, kept, group, start, V, divergence, tail,
+                                                      temperature)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)
     return total

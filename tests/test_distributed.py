@@ -17,7 +17,7 @@ from torch.multiprocessing.spawn import ProcessException
 import pyalign
 from pyalign import distill
 from pyalign.distributed import (vocab_parallel_distillation_loss, vocab_parallel_linear_token_logprobs,
-                                 vocab_parallel_token_logprobs)
+                                 vocab_parallel_token_logprobs, vocab_parallel_topk_distillation_loss)
 from pyalign.logprob import linear_token_logprobs, token_logprobs
 
 STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
@@ -170,6 +170,17 @@ def _bad_inputs(rank, world):
         vocab_parallel_linear_token_logprobs(torch.randn(4, 8), torch.randn(n, 7), labels, vocab_start=s0)
     with pytest.raises(ValueError, match="vocab_start"):
         vocab_parallel_token_logprobs(shard, labels, vocab_start=-1)
+    # the top-k teacher: shards that do not tile, an id outside [0, V), a repeated id
+    lp, ids = torch.log_softmax(logits, -1).topk(3, dim=-1)
+    _expect_error(lambda: vocab_parallel_topk_distillation_loss(shard, lp, ids, vocab_start=0), "do not tile")
+    out_of_range = ids.clone()
+    out_of_range[1, 0] = V
+    _expect_error(lambda: vocab_parallel_topk_distillation_loss(shard, lp, out_of_range, vocab_start=s0), "ids in")
+    repeated = ids.clone()
+    repeated[0, 1] = repeated[0, 0]
+    _expect_error(lambda: vocab_parallel_topk_distillation_loss(shard, lp, repeated, vocab_start=s0), "distinct")
+    with pytest.raises(ValueError, match="teacher_topk_ids: expected the shape"):
+        vocab_parallel_topk_distillation_loss(shard, lp, ids[:, :2], vocab_start=s0)
 
 
 def _case_fsdp_head(rank, world):
@@ -241,6 +252,33 @@ def _case_distill(rank, world, dtype, *, uneven, opts, teacher_grad):
     _close(rows, distill.distillation_loss(s, t, labels, **{**opts, "reduction": "none"}), tol, "distill rows")
 
 
+def _case_distill_topk(rank, world, dtype, *, uneven, opts, k=5, give_start=True):
+    """vocab_parallel_topk_distillation_loss on each rank's columns against topk_distillation_loss on the
+    whole logits: the loss, the per-position rows and the student gradient sliced. The teacher's ids
+    fall in several ranks' shards (and K = V once: no tail)."""
+    g = torch.Generator().manual_seed(17)
+    V = 23
+    s = (torch.randn(3, 4, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    teacher = torch.log_softmax(torch.randn(3, 4, V, generator=g, dtype=torch.float64) * 2, -1)
+    lp, ids = teacher.topk(k, dim=-1)
+    lp = lp.to(dtype)
+    labels = torch.randint(0, V, (3, 4), generator=g)
+    labels[1, 2] = labels[2, 0] = -100
+    starts, sizes = _bounds(V, world, uneven)
+    s0, n = starts[rank], sizes[rank]
+    tol = TOL[dtype]
+    full = s.clone().requires_grad_()
+    ref = distill.topk_distillation_loss(full, lp, ids, labels, **opts)
+    ref.backward()
+    shard = s[..., s0:s0 + n].clone().requires_grad_()
+    got = vocab_parallel_topk_distillation_loss(shard, lp, ids, labels, vocab_start=s0 if give_start else None, **opts)
+    _close(got.detach(), ref.detach(), tol, f"topk loss (rank {rank}/{world}, {opts})")
+    got.backward()
+    _close(shard.grad, full.grad[..., s0:s0 + n], tol, f"topk student grad (rank {rank}/{world}, {opts})")
+    rows = vocab_parallel_topk_distillation_loss(shard.detach(), lp, ids, labels, **{**opts, "reduction": "none"})
+    _close(rows, distill.topk_distillation_loss(s, lp, ids, labels, **{**opts, "reduction": "none"}), tol, "topk rows")
+
+
 def _all_cases(rank, world):
     torch.set_num_threads(1)
     opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": 0.5}]
@@ -263,6 +301,10 @@ def _all_cases(rank, world):
                        (0.3, {"reduction": "mean", "teacher_softcap": 4.0})):
         for dtype in (torch.float64, torch.float32):
             _case_distill(rank, world, dtype, uneven=beta > 0.4, opts={"beta": beta, **opts}, teacher_grad=beta == 0.3)
+    for k, opts in ((5, {}), (5, {"divergence": "reverse_kl", "temperature": 0.7, "reduction": "sum"}),
+                    (3, {"tail": "renormalize", "reduction": "mean"}), (23, {"divergence": "reverse_kl"})):
+        for dtype in (torch.float64, torch.float32):
+            _case_distill_topk(rank, world, dtype, uneven=k != 5, opts=opts, k=k, give_start=dtype == torch.float64)
     _bad_inputs(rank, world)
     _case_fsdp_head(rank, world)
 

@@ -4,6 +4,9 @@ log-sum-exps gives both global softmax normalizers, one ``all_reduce`` of the ro
 the divergence (the math of ``csrc/include/pyalign/distill.h``, here in torch over row chunks of the
 shards), and each rank forms its shard's gradients in the forward; the backward scales them.
 
+The top-k variant (:class:`VocabParallelTopkDistillation`) needs the student's lse and its logits at
+the teacher's ids: one all_gather and one ``[N, K]`` all_reduce.
+
 Collectives take a process group, which no op schema can carry, so this is a
 ``torch.autograd.Function`` (eager only, not traced by ``torch.compile``).
 """
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from pyalign._tensors import acc_dtype
 from pyalign.ops.distill import row_scale
+from pyalign.ops.distill_topk import reduced_divergence
 from pyalign.ops.vocab_parallel import _all_gather
 
 # Rows per chunk: chunk * V_local entries of each temporary.
@@ -114,3 +118,70 @@ class VocabParallelDistillation(torch.autograd.Function):
         gs = (grad_s * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         gt = (grad_t * scale).to(ctx.dtypes[1]) if (grad_t is not None and ctx.needs_input_grad[1]) else None
         return gs, gt, None, None, None, None, None, None, None
+
+
+def shard_layout(start: int, v_local: int, group, device) -> int:
+    """The whole vocabulary's size, after checking (on every rank alike) that the ranks' column ranges
+    ``[start, start + v_local)`` tile ``[0, V)``; one small all_gather."""
+    world = dist.get_world_size(group)
+    every = torch.empty(world * 2, dtype=torch.int64, device=device)
+    _all_gather(every, torch.tensor([start, v_local], dtype=torch.int64, device=device), group)
+    spans = sorted(tuple(int(x) for x in pair) for pair in every.view(world, 2).tolist())
+    end = 0
+    for s0, n in spans:
+        if s0 != end:
+            raise ValueError(f"vocab_start: the ranks' shards [start, start + V_local) = {spans} do not tile "
+                             "[0, V) (a gap or an overlap)")
+        end = s0 + n
+    return end
+
+
+class VocabParallelTopkDistillation(torch.autograd.Function):
+    """The divergence to a top-k teacher (:mod:`pyalign.ops.distill_topk`) over the student's logits
+    split by vocabulary columns: one all_gather of the rows' local log-sum-exps, one all_reduce of the
+    student's raw logits at the teacher's ids (each rank contributes the ids in its columns), the
+    ``[N, K]`` reduced divergence on every rank alike, and each rank's shard gradient (the dense
+    ``c p_j`` part plus the corrections at its ids) formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher_logprobs: Tensor, ids: Tensor, weight: Tensor, kept: Tensor, group,
+                start: int, vocab: int, divergence: str, tail: str, temperature: float):
+        acc = acc_dtype(student)
+        n, v = student.shape
+        world = dist.get_world_size(group)
+        chunk = max(1, CHUNK_ENTRIES // max(1, v))
+        lse_local = torch.empty(n, dtype=acc, device=student.device)
+        for c0 in range(0, n, chunk):
+            lse_local[c0:c0 + chunk] = (student[c0:c0 + chunk].to(acc) / temperature).logsumexp(-1)
+        gathered = torch.empty(world * n, dtype=acc, device=student.device)
+        _all_gather(gathered, lse_local, group)
+        lse = gathered.view(world, n).logsumexp(0)
+        local = ids - start
+        inside = (local >= 0) & (local < v)
+        local = torch.where(inside, local, torch.zeros_like(local))
+        z_ids = torch.where(inside, student.gather(1, local).to(acc), torch.zeros((), dtype=acc, device=student.device))
+        dist.all_reduce(z_ids, group=group)  # each id lies in exactly one rank's columns
+        a = z_ids / temperature - lse.unsqueeze(-1)
+        rows, g_ids, c = reduced_divergence(a, teacher_logprobs.to(acc), divergence, tail, vocab)
+        zero = torch.zeros_like(rows)
+        rows = torch.where(kept, rows, zero)
+        w = torch.where(kept, weight, zero)
+        grad = torch.empty(n, v, dtype=acc, device=student.device)
+        dense = w * c / temperature
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            p = (student[c0:c1].to(acc) / temperature - lse[c0:c1, None]).exp()
+            grad[c0:c1] = p * dense[c0:c1, None]
+        corr = (g_ids - c.unsqueeze(-1) * a.exp()) * (w / temperature).unsqueeze(-1)
+        corr = torch.where(inside & kept.unsqueeze(-1), corr, torch.zeros_like(corr))
+        grad.scatter_add_(1, local, corr)
+        ctx.save_for_backward(grad, w)
+        ctx.dtype = student.dtype
+        ctx.mark_non_differentiable(rows)
+        return (w * rows).sum(), rows
+
+    @staticmethod
+    def backward(ctx, g_total, g_rows):
+        grad, w = ctx.saved_tensors
+        gs = (grad * row_scale(w, g_total, None, grad.dtype)).to(ctx.dtype) if ctx.needs_input_grad[0] else None
+        return (gs,) + (None,) * 10

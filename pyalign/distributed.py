@@ -29,7 +29,8 @@ Vocab-parallel distillation (:func:`vocab_parallel_distillation_loss`): each ran
 columns of the student's and the teacher's logits; one ``all_gather`` of each row's two local
 log-sum-exps gives the global normalizers, one ``all_reduce`` of each row's local parts of the
 divergence gives the divergence, and each rank forms its shard's gradients
-(:mod:`pyalign.ops.vocab_parallel_distill`). To a top-k teacher
+(:mod:`pyalign.ops.vocab_parallel_distill`); from both models' hidden states and their heads split by
+vocabulary rows (:func:`vocab_parallel_linear_distillation_loss`), the same per token chunk. To a top-k teacher
 (:func:`vocab_parallel_topk_distillation_loss`): one ``all_gather`` of the student's local
 log-sum-exps and one ``all_reduce`` of its logits at the teacher's ids.
 """
@@ -50,10 +51,12 @@ from pyalign.distill.divergence import checked_labels, checked_options, row_weig
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
 from pyalign.distill.topk import _check_teacher
 from pyalign.ops.distill_topk import DIVERGENCES as TOPK_DIVERGENCES, TAILS
-from pyalign.ops.vocab_parallel_distill import VocabParallelDistillation, VocabParallelTopkDistillation, shard_layout
+from pyalign.ops.vocab_parallel_distill import (VocabParallelDistillation, VocabParallelLinearDistillation,
+                                                VocabParallelTopkDistillation, shard_layout)
 
 __all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs",
-           "vocab_parallel_distillation_loss", "vocab_parallel_topk_distillation_loss"]
+           "vocab_parallel_distillation_loss", "vocab_parallel_linear_distillation_loss",
+           "vocab_parallel_topk_distillation_loss"]
 
 
 def vocab_parallel_token_logprobs(
@@ -214,6 +217,78 @@ def vocab_parallel_distillation_loss(
     total, rows = VocabParallelDistillation.apply(s2, t2, weight, kept, group, beta, temperature, caps, teacher_grad)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)
+    return total
+
+
+def vocab_parallel_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight_shard: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    student_bias_shard: Optional[Tensor] = None,
+    teacher_bias_shard: Optional[Tensor] = None,
+    group=None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """:func:`pyalign.distill.linear_distillation_loss` with both LM heads split by vocabulary rows.
+
+    ``student_hidden [..., Hs]`` and ``teacher_hidden [..., Ht]`` (the same on every rank), this
+    rank's rows of the student's head ``student_weight_shard [V_local, Hs]`` and of the teacher's
+    ``teacher_weight_shard [V_local, Ht]`` (the same vocabulary rows of both, any split), biases
+    ``[V_local]``. Options as :func:`vocab_parallel_distillation_loss` (reductions other than
+    ``"none"``). Per chunk of ``chunk_size`` tokens each rank forms its columns of both logits three
+    times (for the local log-sum-exps, gathered; for the local parts of the divergence, reduced; for
+    the gradients), never all ``[tokens, V_local]`` at once. The hidden states' gradients are
+    all-reduced (the full gradient on every rank); each head shard gets its own. Gradients flow to
+    every input that requires grad.
+    """
+    for side, h, w, b in (("student", student_hidden, student_weight_shard, student_bias_shard),
+                          ("teacher", teacher_hidden, teacher_weight_shard, teacher_bias_shard)):
+        _checks.float_tensor(h, f"{side}_hidden")
+        lab = labels if labels is not None else torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
+        _checks.head(h, w, b, lab, shift=False, hidden_name=f"{side}_hidden", weight_name=f"{side}_weight_shard",
+                     bias_name=f"{side}_bias_shard")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden: expected the leading shape of student_hidden "
+                         f"{tuple(student_hidden.shape[:-1])}, got {tuple(teacher_hidden.shape[:-1])}")
+    if teacher_weight_shard.shape[0] != student_weight_shard.shape[0]:
+        raise ValueError(f"teacher_weight_shard: expected {student_weight_shard.shape[0]} rows (the student's "
+                         f"shard of the vocabulary), got {teacher_weight_shard.shape[0]}")
+    (_, beta), temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
+                                                                 student_softcap, teacher_softcap)
+    if reduction == "none":
+        raise ValueError("reduction: 'none' has no fused gradient from hidden states; expected 'batchmean', "
+                         "'sum' or 'mean' (or use vocab_parallel_distillation_loss on the logits)")
+    _checks.chunk_size(chunk_size)
+    group_info(group)
+    hs, ws, bs = cast_head(student_hidden, student_weight_shard, student_bias_shard)
+    ht, wt, bt = cast_head(teacher_hidden, teacher_weight_shard, teacher_bias_shard)
+    v_local = ws.shape[0]
+    hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+    n = hs2.shape[0]
+    flat = None if labels is None else labels.reshape(-1)
+    V = torch.tensor(v_local, device=hs.device)
+    dist.all_reduce(V, group=group)
+    acc = acc_dtype(hs)
+    weight = row_weights(flat, n, int(V), student_hidden.shape[0] if student_hidden.dim() > 1 else n, reduction,
+                         ignore_index, num_items_in_batch, acc, hs.device)
+    kept = torch.ones(n, dtype=torch.bool, device=hs.device) if flat is None else flat != ignore_index
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(max(1, n), v_local, hs.dtype, hs.device, max(hs2.shape[1], ht2.shape[1]))
+    grad_on = torch.is_grad_enabled()
+    needs = [tuple(grad_on and x is not None and x.requires_grad for x in side) for side in ((hs2, ws, bs),
+                                                                                             (ht2, wt, bt))]
+    total, _ = VocabParallelLinearDistillation.apply(hs2, ws, bs, ht2, wt, bt, weight, kept, group, beta, temperature,
+                                                     caps, int(chunk_size), needs[0], needs[1])
     return total
 
 

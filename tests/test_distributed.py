@@ -17,7 +17,8 @@ from torch.multiprocessing.spawn import ProcessException
 import pyalign
 from pyalign import distill
 from pyalign.distributed import (vocab_parallel_distillation_loss, vocab_parallel_linear_token_logprobs,
-                                 vocab_parallel_token_logprobs, vocab_parallel_topk_distillation_loss)
+                                 vocab_parallel_linear_distillation_loss, vocab_parallel_token_logprobs,
+                                 vocab_parallel_topk_distillation_loss)
 from pyalign.logprob import linear_token_logprobs, token_logprobs
 
 STATS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1", "lse")
@@ -279,6 +280,40 @@ def _case_distill_topk(rank, world, dtype, *, uneven, opts, k=5, give_start=True
     _close(rows, distill.topk_distillation_loss(s, lp, ids, labels, **{**opts, "reduction": "none"}), tol, "topk rows")
 
 
+def _case_distill_linear(rank, world, dtype, *, uneven, opts, teacher_grad, chunk_size=None):
+    """vocab_parallel_linear_distillation_loss with each rank's rows of both heads against
+    linear_distillation_loss on the whole heads: the loss, the hidden states' gradients (whole on
+    every rank) and each head's gradient sliced (the teacher's when asked for)."""
+    g = torch.Generator().manual_seed(19)
+    V, Hs, Ht = 29, 6, 9
+    hs = torch.randn(3, 4, Hs, generator=g, dtype=torch.float64).to(dtype)
+    ht = torch.randn(3, 4, Ht, generator=g, dtype=torch.float64).to(dtype)
+    ws, bs = (torch.randn(V, Hs, generator=g, dtype=torch.float64) * 0.8).to(dtype), torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    wt, bt = (torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.8).to(dtype), torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, V, (3, 4), generator=g)
+    labels[0, 0] = labels[2, 3] = -100
+    starts, sizes = _bounds(V, world, uneven)
+    sl = slice(starts[rank], starts[rank] + sizes[rank])
+    tol = TOL[dtype]
+    full = [x.clone().requires_grad_(i < 3 or teacher_grad) for i, x in enumerate((hs, ws, bs, ht, wt, bt))]
+    ref = distill.linear_distillation_loss(full[0], full[1], full[3], full[4], labels, student_bias=full[2],
+                                           teacher_bias=full[5], **opts)
+    ref.backward()
+    mine = [x.clone().requires_grad_(i < 3 or teacher_grad) for i, x in
+            enumerate((hs, ws[sl], bs[sl], ht, wt[sl], bt[sl]))]
+    got = vocab_parallel_linear_distillation_loss(mine[0], mine[1], mine[3], mine[4], labels, student_bias_shard=mine[2],
+                                                  teacher_bias_shard=mine[5], chunk_size=chunk_size, **opts)
+    _close(got.detach(), ref.detach(), tol, f"linear distill loss (rank {rank}/{world}, {opts})")
+    got.backward()
+    for i, name in enumerate(("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
+                              "teacher_bias")):
+        if i >= 3 and not teacher_grad:
+            assert mine[i].grad is None
+            continue
+        want = full[i].grad if name.endswith("hidden") else full[i].grad[sl]
+        _close(mine[i].grad, want, tol, f"linear distill {name} grad (rank {rank}/{world}, {opts})")
+
+
 def _all_cases(rank, world):
     torch.set_num_threads(1)
     opts_list = [{}, {"temperature": 0.7, "softcap": 4.0}, {"logit_scale": 0.5}]
@@ -305,6 +340,11 @@ def _all_cases(rank, world):
                     (3, {"tail": "renormalize", "reduction": "mean"}), (23, {"divergence": "reverse_kl"})):
         for dtype in (torch.float64, torch.float32):
             _case_distill_topk(rank, world, dtype, uneven=k != 5, opts=opts, k=k, give_start=dtype == torch.float64)
+    for beta, opts, chunk in ((0.0, {}, None), (0.5, {"temperature": 0.8, "reduction": "sum"}, 5),
+                              (1.0, {"student_softcap": 5.0, "reduction": "mean"}, 7)):
+        for dtype in (torch.float64, torch.float32):
+            _case_distill_linear(rank, world, dtype, uneven=beta > 0.4, opts={"beta": beta, **opts},
+                                 teacher_grad=beta == 0.5, chunk_size=chunk)
     _bad_inputs(rank, world)
     _case_fsdp_head(rank, world)
 

@@ -40,76 +40,94 @@ def _xlogy(p: Tensor, lp: Tensor, lq: Tensor) -> Tensor:
     return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
 
 
+def divergence_passes(n: int, chunk: int, logits, acc, device, group, beta: float, temperature: float, caps: tuple,
+                      weight: Tensor, kept: Tensor, teacher_grad: bool, on_grad) -> tuple[Tensor, Tensor]:
+    """The vocab-parallel generalized JSD over row chunks of this rank's columns: ``logits(c0, c1)``
+    gives a chunk's raw student and teacher logits (acc dtype); three sweeps (the local lse, gathered;
+    the local parts of the divergence, reduced; the gradients). ``on_grad(c0, c1, gs, gt)`` receives each
+    chunk's gradient w.r.t. the raw logits of the total (``gt`` None unless ``teacher_grad``).
+    Returns ``(total, rows, weights)`` (the weights zeroed at ignored rows)."""
+    world = dist.get_world_size(group)
+    mode = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+
+    def z(c0, c1):
+        s_raw, t_raw = logits(c0, c1)
+        zs, ds = _transform(s_raw, temperature, caps[0])
+        zt, dt = _transform(t_raw, temperature, caps[1])
+        return zs, ds, zt, dt
+
+    lse_local = torch.empty(2, n, dtype=acc, device=device)
+    for c0 in range(0, n, chunk):
+        zs, _, zt, _ = z(c0, c0 + chunk)
+        lse_local[0, c0:c0 + chunk], lse_local[1, c0:c0 + chunk] = zs.logsumexp(-1), zt.logsumexp(-1)
+    gathered = torch.empty(world * 2, n, dtype=acc, device=device)
+    _all_gather(gathered, lse_local, group)
+    lse = gathered.view(world, 2, n).logsumexp(0)  # [2, n]: the student's and the teacher's global lse
+    log1mb, logb = (math.log1p(-beta), math.log(beta)) if mode == "jsd" else (0.0, 0.0)
+
+    def entries(c0, c1):
+        zs, ds, zt, dt = z(c0, c1)
+        ls, lt = zs - lse[0, c0:c1, None], zt - lse[1, c0:c1, None]
+        lm = torch.logaddexp(ls + log1mb, lt + logb) if mode == "jsd" else None
+        return ls, lt, lm, ds, dt
+
+    parts = torch.zeros(2, n, dtype=acc, device=device)  # the student's and the teacher's
+    for c0 in range(0, n, chunk):
+        ls, lt, lm, _, _ = entries(c0, c0 + chunk)
+        ps, pt = ls.exp(), lt.exp()
+        if mode == "forward_kl":
+            parts[1, c0:c0 + chunk] = _xlogy(pt, lt, ls).sum(-1)
+        elif mode == "reverse_kl":
+            parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lt).sum(-1)
+        else:
+            parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lm).sum(-1)
+            parts[1, c0:c0 + chunk] = _xlogy(pt, lt, lm).sum(-1)
+    dist.all_reduce(parts, group=group)
+    ks, kt = parts[0], parts[1]
+    rows = {"forward_kl": kt, "reverse_kl": ks, "jsd": beta * kt + (1 - beta) * ks}[mode]
+    rows = torch.where(kept, rows, torch.zeros_like(rows))
+    w = torch.where(kept, weight, torch.zeros_like(weight))
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        ls, lt, lm, ds, dt = entries(c0, c1)
+        ps, pt = ls.exp(), lt.exp()
+        L, a, b = rows[c0:c1, None], ks[c0:c1, None], kt[c0:c1, None]
+        zero = torch.zeros_like(ps)
+        if mode == "forward_kl":
+            gs, gt = ps - pt, torch.where(pt > 0, pt * (lt - ls - L), zero)
+        elif mode == "reverse_kl":
+            gs, gt = torch.where(ps > 0, ps * (ls - lt - L), zero), pt - ps
+        else:
+            gs = torch.where(ps > 0, (1 - beta) * ps * (ls - lm - a), zero)
+            gt = torch.where(pt > 0, beta * pt * (lt - lm - b), zero)
+        scale = w[c0:c1, None]
+        gs = gs * scale * (ds if ds is not None else 1 / temperature)
+        gt = gt * scale * (dt if dt is not None else 1 / temperature) if teacher_grad else None
+        on_grad(c0, c1, gs, gt)
+    return (w * rows).sum(), rows, w
+
+
 class VocabParallelDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, weight: Tensor, kept: Tensor, group, beta: float,
                 temperature: float, caps: tuple, teacher_grad: bool):
         acc = acc_dtype(student)
         n, v = student.shape
-        world = dist.get_world_size(group)
-        chunk = max(1, CHUNK_ENTRIES // max(1, v))
-        mode = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
-
-        def z(c0, c1):
-            zs, ds = _transform(student[c0:c1].to(acc), temperature, caps[0])
-            zt, dt = _transform(teacher[c0:c1].to(acc), temperature, caps[1])
-            return zs, ds, zt, dt
-
-        lse_local = torch.empty(2, n, dtype=acc, device=student.device)
-        for c0 in range(0, n, chunk):
-            zs, _, zt, _ = z(c0, c0 + chunk)
-            lse_local[0, c0:c0 + chunk], lse_local[1, c0:c0 + chunk] = zs.logsumexp(-1), zt.logsumexp(-1)
-        gathered = torch.empty(world * 2, n, dtype=acc, device=student.device)
-        _all_gather(gathered, lse_local, group)
-        lse = gathered.view(world, 2, n).logsumexp(0)  # [2, n]: the student's and the teacher's global lse
-        log1mb, logb = (math.log1p(-beta), math.log(beta)) if mode == "jsd" else (0.0, 0.0)
-
-        def entries(c0, c1):
-            zs, ds, zt, dt = z(c0, c1)
-            ls, lt = zs - lse[0, c0:c1, None], zt - lse[1, c0:c1, None]
-            lm = torch.logaddexp(ls + log1mb, lt + logb) if mode == "jsd" else None
-            return ls, lt, lm, ds, dt
-
-        parts = torch.zeros(2, n, dtype=acc, device=student.device)  # the student's and the teacher's
-        for c0 in range(0, n, chunk):
-            ls, lt, lm, _, _ = entries(c0, c0 + chunk)
-            ps, pt = ls.exp(), lt.exp()
-            if mode == "forward_kl":
-                parts[1, c0:c0 + chunk] = _xlogy(pt, lt, ls).sum(-1)
-            elif mode == "reverse_kl":
-                parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lt).sum(-1)
-            else:
-                parts[0, c0:c0 + chunk] = _xlogy(ps, ls, lm).sum(-1)
-                parts[1, c0:c0 + chunk] = _xlogy(pt, lt, lm).sum(-1)
-        dist.all_reduce(parts, group=group)
-        ks, kt = parts[0], parts[1]
-        rows = {"forward_kl": kt, "reverse_kl": ks, "jsd": beta * kt + (1 - beta) * ks}[mode]
-        rows = torch.where(kept, rows, torch.zeros_like(rows))
-        w = torch.where(kept, weight, torch.zeros_like(weight))
-
         grad_s = torch.empty(n, v, dtype=acc, device=student.device)
         grad_t = torch.empty(n, v, dtype=acc, device=student.device) if teacher_grad else None
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            ls, lt, lm, ds, dt = entries(c0, c1)
-            ps, pt = ls.exp(), lt.exp()
-            L, a, b = rows[c0:c1, None], ks[c0:c1, None], kt[c0:c1, None]
-            zero = torch.zeros_like(ps)
-            if mode == "forward_kl":
-                gs, gt = ps - pt, torch.where(pt > 0, pt * (lt - ls - L), zero)
-            elif mode == "reverse_kl":
-                gs, gt = torch.where(ps > 0, ps * (ls - lt - L), zero), pt - ps
-            else:
-                gs = torch.where(ps > 0, (1 - beta) * ps * (ls - lm - a), zero)
-                gt = torch.where(pt > 0, beta * pt * (lt - lm - b), zero)
-            scale = w[c0:c1, None]
-            grad_s[c0:c1] = gs * scale * (ds if ds is not None else 1 / temperature)
-            if grad_t is not None:
-                grad_t[c0:c1] = gt * scale * (dt if dt is not None else 1 / temperature)
+
+        def store(c0, c1, gs, gt):
+            grad_s[c0:c1] = gs
+            if gt is not None:
+                grad_t[c0:c1] = gt
+
+        total, rows, w = divergence_passes(
+            n, max(1, CHUNK_ENTRIES // max(1, v)), lambda c0, c1: (student[c0:c1].to(acc), teacher[c0:c1].to(acc)),
+            acc, student.device, group, beta, temperature, caps, weight, kept, teacher_grad, store)
         ctx.save_for_backward(grad_s, grad_t, w)
         ctx.dtypes = (student.dtype, teacher.dtype)
         ctx.mark_non_differentiable(rows)
-        return (w * rows).sum(), rows
+        return total, rows
 
     @staticmethod
     def backward(ctx, g_total, g_rows):
@@ -118,6 +136,59 @@ class VocabParallelDistillation(torch.autograd.Function):
         gs = (grad_s * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         gt = (grad_t * scale).to(ctx.dtypes[1]) if (grad_t is not None and ctx.needs_input_grad[1]) else None
         return gs, gt, None, None, None, None, None, None, None
+
+
+class VocabParallelLinearDistillation(torch.autograd.Function):
+    """The same divergence from both models' hidden states and their LM heads split by vocabulary
+    rows (each rank the same rows of both heads): each chunk's logits are recomputed in each of the
+    three sweeps (two GEMMs per sweep, four more per head with gradients in the last), so no
+    ``[N, V_local]`` logits are held; ``dhidden`` (a sum over the shards) is all-reduced once."""
+
+    @staticmethod
+    def forward(ctx, hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
+                weight: Tensor, kept: Tensor, group, beta: float, temperature: float, caps: tuple, chunk: int,
+                needs_s: tuple, needs_t: tuple):
+        acc = acc_dtype(hs)
+        n, v = hs.shape[0], ws.shape[0]
+        heads = [tuple(None if x is None else x.to(acc) for x in side) for side in ((hs, ws, bs), (ht, wt, bt))]
+
+        def logits(c0, c1):
+            return tuple(torch.addmm(b, h[c0:c1], w.t()) if b is not None else h[c0:c1] @ w.t()
+                         for h, w, b in heads)
+
+        grads = [[torch.zeros_like(x) if (x is not None and need) else None for x, need in zip(side, needs)]
+                 for side, needs in zip(heads, (needs_s, needs_t))]
+
+        def accumulate(c0, c1, gs, gt):
+            for (h, w, _), (dh, dw, db), g in zip(heads, grads, (gs, gt)):
+                if g is None:
+                    continue
+                if dh is not None:
+                    dh[c0:c1] = g @ w
+                if dw is not None:
+                    dw.addmm_(g.t(), h[c0:c1])
+                if db is not None:
+                    db += g.sum(0)
+
+        teacher_grad = any(needs_t)
+        total, rows, w = divergence_passes(n, chunk, logits, acc, hs.device, group, beta, temperature, caps, weight,
+                                           kept, teacher_grad, accumulate)
+        for dh in (grads[0][0], grads[1][0]):
+            if dh is not None:
+                dist.all_reduce(dh, group=group)  # each shard's partial product
+        flat = [g for side in grads for g in side]
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in flat))
+        ctx.present = [g is not None for g in flat]
+        ctx.dtypes = [x.dtype if x is not None else None for x in (hs, ws, bs, ht, wt, bt)]
+        ctx.mark_non_differentiable(rows)
+        return total, rows
+
+    @staticmethod
+    def backward(ctx, g_total, g_rows):
+        out = []
+        for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes):
+            out.append((g * g_total).to(dtype) if present and g_total is not None else None)
+        return (*out,) + (None,) * 9
 
 
 def shard_layout(start: int, v_local: int, group, device) -> int:

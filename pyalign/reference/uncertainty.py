@@ -84,3 +84,112 @@ def calibration(probs, targets, *, n_bins=15):
         ece += int(sel.sum()) / n * gap
         mce = max(mce, gap)
     return ece, mce
+
+
+def aggregate_objectives(rewards, *, method="sum", weights=None, temperature=1.0, disagreement=0.0,
+                         dtype=torch.float64):
+    """[K, N] -> [N] by the plain formulas, one objective at a time (float64)."""
+    import math
+    r = rewards.to(dtype)
+    k = r.shape[0]
+    w = [1.0] * k if weights is None else [float(v) for v in weights]
+    d = disagreement.to(dtype) if isinstance(disagreement, torch.Tensor) else torch.full_like(r, disagreement)
+    if d.dim() == 1 and r.dim() > 1:
+        d = d.reshape(k, *([1] * (r.dim() - 1))).expand(r.shape)
+    d = d.expand(r.shape)
+    out = torch.zeros_like(r[0])
+    if method == "sum":
+        for i in range(k):
+            out = out + w[i] * r[i]
+        return out
+    if method == "min":
+        rows = [r[i] for i in range(k) if w[i] > 0]
+        out = rows[0]
+        for row in rows[1:]:
+            out = torch.minimum(out, row)
+        return out
+    if method == "softmin":
+        total = sum(w)
+        shift = r.amin(0)  # exp(-(r - min) / T) <= 1
+        acc = torch.zeros_like(out)
+        for i in range(k):
+            acc = acc + (w[i] / total) * torch.exp(-(r[i] - shift) / temperature)
+        return shift - temperature * torch.log(acc)
+    if method == "nash":
+        for i in range(k):
+            if w[i] > 0:
+                out = out + w[i] * torch.log(r[i] - d[i])
+        return out
+    raise ValueError(method)
+
+
+def ensemble_head_rewards(features, weight, bias=None, hidden_weight=None, hidden_bias=None, activation="relu",
+                          dtype=torch.float64):
+    """[M, ...] rewards of M heads, one member at a time: w_m . x (+ b_m), or w_m . act(x U_m + c_m) (+ b_m)."""
+    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh,
+            "silu": torch.nn.functional.silu}
+    x = features.to(dtype)
+    outs = []
+    for m in range(weight.shape[0]):
+        h = x if hidden_weight is None else acts[activation](x @ hidden_weight[m].to(dtype) + hidden_bias[m].to(dtype))
+        r = h @ weight[m].to(dtype)
+        outs.append(r if bias is None else r + bias[m].to(dtype))
+    return torch.stack(outs)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def bootstrap_weights(seed, members, example_ids, *, method, p=0.5):
+    """[M, P] float64 bootstrap weights with Python integers: key_m = s(s(seed + 2 golden) ^ m),
+    u = (s(key_m ^ id) >> 11) / 2^53 (s = splitmix64, golden = 0x9E3779B97F4A7C15, all mod 2^64);
+    "bernoulli": 1[u < p] / p, "poisson": the smallest k with P(Poisson(1) <= k) > u."""
+    import math
+    base = _splitmix64((seed + 2 * 0x9E3779B97F4A7C15) & _M64)
+    rows = []
+    for m in range(members):
+        key = _splitmix64(base ^ m)
+        row = []
+        for i in example_ids.tolist():
+            u = (_splitmix64(key ^ (i & _M64)) >> 11) / 2.0 ** 53
+            if method == "bernoulli":
+                row.append((1.0 if u < p else 0.0) / p)
+            else:
+                k, term = 0, math.exp(-1.0)
+                cdf = term
+                while u >= cdf:
+                    k += 1
+                    term /= k
+                    cdf += term
+                row.append(float(k))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def ensemble_bt_loss(r_chosen, r_rejected, weights=None, *, margin=0.0, center=0.0, dtype=torch.float64):
+    """sum_m (1/P) sum_i w_mi (-log sigmoid(r_c - r_r - margin) + center (r_c + r_r)^2) of [M, P] rewards."""
+    rc, rr = r_chosen.to(dtype), r_rejected.to(dtype)
+    m, p = rc.shape
+    w = torch.ones(m, p, dtype=dtype) if weights is None else weights.to(dtype)
+    total = 0.0
+    for k in range(m):
+        x = rc[k] - rr[k] - (margin.to(dtype) if isinstance(margin, torch.Tensor) else margin)
+        per = -torch.nn.functional.logsigmoid(x) + center * (rc[k] + rr[k]) ** 2
+        total = total + (w[k] * per).sum() / p
+    return total
+
+
+def temperature_nll(logits, targets, temperature, dtype=torch.float64):
+    """Mean NLL of logits / temperature: binary [N] (targets 0/1 or probabilities) or [N, C] (class ids)."""
+    z = logits.to(dtype) / temperature
+    if z.dim() == 1:
+        t = targets.to(dtype)
+        return -(t * torch.nn.functional.logsigmoid(z) + (1 - t) * torch.nn.functional.logsigmoid(-z)).mean()
+    return -torch.log_softmax(z, dim=1).gather(1, targets.long().unsqueeze(1)).mean()

@@ -1,11 +1,19 @@
 // CPU driver of the preference losses (math in pyalign/losses.h). Batches hold one value per
 // sequence; the pre-pass and the aot sort run sequentially, the per-element phase in fixed
 // blocks (threads for large batches). Deterministic whatever the thread count.
+//
+// fp32 calls of a paired family with one loss type (DPO's types except aot with the reverse-KL
+// score, CPO/SimPO, ORPO, the reward model) run the element phase in tiles of kTile elements: the
+// inputs converted into float tiles, then one loop over the tile with the family and type fixed at
+// compile time, which vectorizes (ISA clones), and each sum in kLanes fixed lanes (the same bits
+// on every ISA). Other calls run process_element in element order.
 #include "pyalign/losses.h"
 #include "pyalign/cpu_dispatch.h"
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace pyalign {
@@ -34,6 +42,136 @@ template <typename A> void compute_ranks(const LossArgs& s) {
 // Elements are processed in fixed blocks whose partial sums are added in block order, so the
 // result does not depend on the number of threads; large batches spread the blocks over threads.
 constexpr int64_t kBlock = 2048;
+static_assert(kBlock % kTile == 0, "blocks hold whole tiles");
+static_assert(int(DpoType::aot) == 9 && int(DpoType::aot_unpaired) == 10 && int(DpoType::sft) == 14,
+              "tiled_fn lists the DPO types by number");
+
+// `n` values of t from element b into `out` (float), `dflt` for an absent input.
+PYALIGN_CPU_INLINE void load_tile(const TensorArg& t, int64_t b, int n, float* __restrict out, float dflt) {
+  if (!t.data) {
+    for (int j = 0; j < n; ++j) out[j] = dflt;
+    return;
+  }
+  if (t.ndim == 1 && t.strides[0] == 1) {
+    switch (t.dtype) {
+      case DType::f32: {
+        const float* p = t.ptr<float>() + b;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) out[j] = p[j];
+        return;
+      }
+      case DType::bf16: {
+        const bf16_t* p = t.ptr<bf16_t>() + b;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) out[j] = to_float(p[j]);
+        return;
+      }
+      default: break;
+    }
+  }
+  for (int j = 0; j < n; ++j) out[j] = load<float>(t, b + j);
+}
+
+// The sums of a tiled block, in the order of their SumSlot.
+constexpr int kTiledSums = 9;
+constexpr int kTiledSlot[kTiledSums] = {S_LOSS, S_RC, S_RR, S_ACC, S_LC, S_LR, S_X0, S_X1, S_X2};
+
+struct TiledCtx {
+  const LossArgs* s;
+  float scale;
+  float* partial;  // [blocks, kSums]
+};
+
+// One block [blk * kBlock, ...) of a tiled configuration: process_element's math and writes.
+template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(const TiledCtx& c, int64_t blk) {
+  const LossArgs& s = *c.s;
+  const int64_t n = s.a.shape[0];
+  const int64_t b0 = blk * kBlock, b1 = std::min(n, b0 + kBlock);
+  const float scale = c.scale;
+  const bool has_w = s.w.data != nullptr, per_elem = Reduction(s.p.reduction) == Reduction::none;
+  float* g = s.grads.ptr<float>();
+  float lanes[kTiledSums][kLanes] = {};
+  float TA[kTile], TB[kTile], TC[kTile], TD[kTile], LA[kTile], LB[kTile], W[kTile];
+  float V[kTiledSums][kTile], LU[kTile];
+  for (int64_t b = b0; b < b1; b += kTile) {
+    const int m = int(std::min<int64_t>(kTile, b1 - b));
+    load_tile(s.a, b, m, TA, 0.0f);
+    load_tile(s.b, b, m, TB, 0.0f);
+    load_tile(s.c, b, m, TC, 0.0f);
+    load_tile(s.d, b, m, TD, 0.0f);
+    load_tile(s.la, b, m, LA, 1.0f);
+    load_tile(s.lb, b, m, LB, 1.0f);
+    load_tile(s.w, b, m, W, 1.0f);
+    float* g0 = g + b;
+    float* g1 = g + n + b;
+    float* g2 = g + 2 * n + b;
+    float* g3 = g + 3 * n + b;
+    float* g4 = g + 4 * n + b;
+#pragma omp simd
+    for (int j = 0; j < m; ++j) {
+      Elem<float> e;
+      e.a = TA[j]; e.b = TB[j]; e.c = TC[j]; e.d = TD[j];
+      e.la = LA[j] > 1.0f ? LA[j] : 1.0f;  // load_len's clamp
+      e.lb = LB[j] > 1.0f ? LB[j] : 1.0f;
+      e.w = W[j];
+      e.label = false;
+      const ElemOut<float> o = element_math<float, kFam, kType, kFDiv>(s, e, b + j, 0.0f);
+      g0[j] = scale * (e.w * o.pg.g[0]);
+      g1[j] = scale * (e.w * o.pg.g[1]);
+      g2[j] = scale * (e.w * o.pg.g[2]);
+      g3[j] = scale * (e.w * o.pg.g[3]);
+      LU[j] = o.pg.loss;
+      V[0][j] = e.w * o.pg.loss;
+      V[1][j] = o.reward_c; V[2][j] = o.reward_r;
+      V[3][j] = o.reward_c > o.reward_r ? 1.0f : 0.0f;
+      V[4][j] = e.a; V[5][j] = e.b;
+      V[6][j] = o.x0; V[7][j] = o.x1; V[8][j] = o.x2;
+    }
+    // d loss / d weight (kept out of the loop above: a select on a bool stops it vectorizing)
+    if (has_w) {
+#pragma omp simd
+      for (int j = 0; j < m; ++j) g4[j] = scale * LU[j];
+    } else {
+      std::fill(g4, g4 + m, 0.0f);
+    }
+    if (per_elem) std::copy(V[0], V[0] + m, s.loss.ptr<float>() + b);
+    for (int k = 0; k < kTiledSums; ++k) add_lanes(lanes[k], V[k], m);
+  }
+  float* part = c.partial + blk * kSums;
+  for (int k = 0; k < kSums; ++k) part[k] = 0.0f;
+  for (int k = 0; k < kTiledSums; ++k) part[kTiledSlot[k]] = lane_total(lanes[k]);
+}
+
+template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_row(const TiledCtx& c, int64_t blk) {
+  tiled_block<kFam, kType, kFDiv>(c, blk);
+}
+PYALIGN_CPU_CLONES(tiled_blocks, tiled_row, TiledCtx, int kFam COMMA int kType COMMA int kFDiv,
+                   kFam COMMA kType COMMA kFDiv)
+
+using BlocksFn = void (*)(const TiledCtx&, int64_t, int64_t);
+
+template <int kFam, int... kTypes> BlocksFn pick(int type, std::integer_sequence<int, kTypes...>) {
+  BlocksFn fn = nullptr;
+  ((type == kTypes ? (fn = &tiled_blocks<kFam, kTypes, int(FDiv::reverse_kl)>, 0) : 0), ...);
+  return fn;
+}
+
+// The tiled block function of a configuration, or nullptr where the element loop runs.
+BlocksFn tiled_fn(const LossParams& p) {
+  if (p.n_types != 1) return nullptr;
+  const int t = p.types[0];
+  switch (LossFamily(p.family)) {
+    case LossFamily::dpo:  // every type but the aot pair (its ranks couple elements)
+      if (p.fdiv != int(FDiv::reverse_kl)) return nullptr;
+      return pick<int(LossFamily::dpo)>(t, std::integer_sequence<int, 0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14>{});
+    case LossFamily::cpo:
+      return pick<int(LossFamily::cpo)>(t, std::make_integer_sequence<int, int(CpoType::simpo) + 1>{});
+    case LossFamily::orpo: return &tiled_blocks<int(LossFamily::orpo), 0, 0>;
+    case LossFamily::rm: return &tiled_blocks<int(LossFamily::rm), 0, 0>;
+    default: return nullptr;
+  }
+}
+
 
 template <typename A> void run(const LossArgs& s) {
   const int64_t n = s.a.shape[0];
@@ -45,7 +183,11 @@ template <typename A> void run(const LossArgs& s) {
   const A scale = reduction_scale<A>(s);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<A> partial(size_t(nblocks) * kSums, A(0));
-  parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) {
+  BlocksFn tiled = std::is_same<A, float>::value ? tiled_fn(s.p) : nullptr;
+  if (tiled) {
+    const TiledCtx ctx{&s, float(scale), reinterpret_cast<float*>(partial.data())};
+    parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { tiled(ctx, b0, b1); });
+  } else parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       // A local accumulator: the compiler can keep it in registers (a pointer into `partial`
       // might alias the gradient rows written for every element).

@@ -20,9 +20,6 @@ namespace {
 
 // Tokens per thread below which a second thread costs more than it saves.
 constexpr int64_t kTokenGrain = 4096;
-constexpr int kTile = 256, kLanes = 16;
-static_assert(kTile % kLanes == 0 && (kTile & (kTile - 1)) == 0 && kLanes <= kTile,
-              "a token's lane must not depend on its tile; the tile's tree halves down to kLanes");
 
 // Phase A of one segment (the scalar functions; cheap next to phase B).
 template <typename A, typename R> PYALIGN_HD void seg_phase_a(const PgArgs& a, int64_t s) {
@@ -62,25 +59,6 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b(const PgArgs& a, i
 bool tiled(const PgParams& p) {
   return !p.seq_level && p.is_mode != int(IsMode::token_truncate) && p.is_mode != int(IsMode::token_mask) &&
          PgType(p.loss_type) != PgType::vespo;
-}
-
-// Adds one tile's `values[0, n)` into the lanes: token j of a segment goes to lane j % kLanes (tiles
-// hold kTile tokens, a multiple of kLanes). Within the tile the lane sums are a fixed pairwise tree
-// (halving strides down to kLanes, each stage one loop without a carried dependency, so it
-// vectorizes); the tile's kLanes partial sums are then added to the lanes in tile order. The order of
-// every addition is fixed by this code, so the bits do not depend on the vector width.
-template <typename A> PYALIGN_HD void add_lanes(A* __restrict lanes, A* __restrict values, int n) {
-  for (int j = n; j < kTile; ++j) values[j] = A(0);
-  for (int s = kTile / 2; s >= kLanes; s /= 2)
-#pragma omp simd
-    for (int j = 0; j < s; ++j) values[j] += values[j + s];
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) lanes[l] += values[l];
-}
-template <typename A> PYALIGN_HD A lane_total(const A* lanes) {
-  A sum = A(0);
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
 }
 
 // Phase A of one segment in tiles, for the tiled configurations: the token counts, OPSM's and the

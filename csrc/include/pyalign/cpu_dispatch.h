@@ -15,6 +15,8 @@
 
 namespace pyalign {
 
+#define PYALIGN_CPU_INLINE inline __attribute__((always_inline))
+
 enum class Isa { base, avx2, avx512 };
 
 inline const char* isa_name(Isa i) {
@@ -84,6 +86,31 @@ inline Isa cpu_isa() {
       default: NAME##_base<TARGS>(c, b, e);                                           \
     }                                                                                 \
   }
+
+// Fixed-lane sums of the tiled CPU loops (rl.cpp, losses.cpp): a loop handles kTile elements at a
+// time and each sum is kept in kLanes lanes, element j of a segment in lane j % kLanes.
+constexpr int kTile = 256, kLanes = 16;
+static_assert(kTile % kLanes == 0 && (kTile & (kTile - 1)) == 0 && kLanes <= kTile,
+              "a token's lane must not depend on its tile; the tile's tree halves down to kLanes");
+
+// Adds one tile's `values[0, n)` into the lanes: token j of a segment goes to lane j % kLanes (tiles
+// hold kTile tokens, a multiple of kLanes). Within the tile the lane sums are a fixed pairwise tree
+// (halving strides down to kLanes, each stage one loop without a carried dependency, so it
+// vectorizes); the tile's kLanes partial sums are then added to the lanes in tile order. The order of
+// every addition is fixed by this code, so the bits do not depend on the vector width.
+template <typename A> PYALIGN_CPU_INLINE void add_lanes(A* __restrict lanes, A* __restrict values, int n) {
+  for (int j = n; j < kTile; ++j) values[j] = A(0);
+  for (int s = kTile / 2; s >= kLanes; s /= 2)
+#pragma omp simd
+    for (int j = 0; j < s; ++j) values[j] += values[j + s];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) lanes[l] += values[l];
+}
+template <typename A> PYALIGN_CPU_INLINE A lane_total(const A* lanes) {
+  A sum = A(0);
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
 
 // Runs fn(begin, end) over [0, n) in contiguous static chunks across OpenMP threads. Each index
 // is processed entirely by one thread, so results never depend on the thread count. The first

@@ -100,8 +100,8 @@ template <typename A> PYALIGN_HD Elem<A> load_elem(const LossArgs& s, int64_t i)
 
 // exp(min(x, cap)) and its derivative (0 above the cap, as for a clamp).
 template <typename A> PYALIGN_HD A capped_exp(A x, A& dx) {
-  if (x > A(kExpCap)) { dx = A(0); return std::exp(A(kExpCap)); }
-  A e = std::exp(x);
+  if (x > A(kExpCap)) { dx = A(0); return fast_exp(A(kExpCap)); }
+  A e = fast_exp(x);
   dx = e;
   return e;
 }
@@ -141,13 +141,14 @@ template <typename A> PYALIGN_HD A fdiv_score(int fdiv, A f_alpha, A r, A& ds) {
 // log1p(e) for e = exp(-|z|) in (0, 1] is log(u) + (e - (u - 1)) / u with u = 1 + e rounded: u - 1
 // is exact, and the second term restores what rounding 1 + e lost (it gives e when u == 1), so
 // the result is within a few ulps of log1p. glibc's log1pf is several times slower than logf and
-// was the largest cost of the whole kernel; 1/u is needed for the sigmoid anyway.
+// was the largest cost of the whole kernel; 1/u is needed for the sigmoid anyway. fast_exp and
+// fast_log (common.h) let the CPU element loop vectorize.
 template <typename A> struct Logistic {
   A sp_pos, sp_neg, sig_pos, sig_neg;  // softplus(z), softplus(-z), sigmoid(z), sigmoid(-z)
   PYALIGN_HD explicit Logistic(A z) {
     const A az = z < A(0) ? -z : z;
-    const A e = std::exp(-az), u = A(1) + e, r = A(1) / u;
-    const A l = std::log(u) + (e - (u - A(1))) * r;
+    const A e = fast_exp(-az), u = A(1) + e, r = A(1) / u;
+    const A l = fast_log(u) + (e - (u - A(1))) * r;
     sp_pos = (z > A(0) ? z : A(0)) + l;
     sp_neg = (z < A(0) ? -z : A(0)) + l;
     sig_pos = z >= A(0) ? r : e * r;
@@ -214,23 +215,27 @@ template <typename A> PYALIGN_HD A weight_of(const LossArgs& s, int64_t i) {
 // in `out` (the caller multiplies both by the pair's weight). For the aot losses, `cross` receives
 // the gradient w.r.t. this pair's inputs of the terms owned by other pairs, already multiplied by
 // the owner's weight.
-template <typename A>
+// kType / kFDiv >= 0 fix a single loss type / the f-divergence at compile time (the vectorized
+// CPU loop); -1 reads them from the parameters.
+template <typename A, int kType = -1, int kFDiv = -1>
 PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGrad<A>& out, A (&cross)[4]) {
   const LossParams& p = s.p;
   const A beta = A(p.beta), eps = A(p.label_smoothing);
+  const int fdiv = kFDiv >= 0 ? kFDiv : p.fdiv;
+  const int n_types = kType >= 0 ? 1 : p.n_types;
   const A a = e.a;
   const A lc = e.a - e.c, lr = e.b - e.d;  // log-ratios (policy log-probs when reference-free)
   A dsc, dsr;
-  const A sc = fdiv_score(p.fdiv, A(p.f_alpha), lc, dsc);
-  const A sr = fdiv_score(p.fdiv, A(p.f_alpha), lr, dsr);
+  const A sc = fdiv_score(fdiv, A(p.f_alpha), lc, dsc);
+  const A sr = fdiv_score(fdiv, A(p.f_alpha), lr, dsr);
   const A delta = sc - sr;
   A g_lc = 0, g_lr = 0, g_a = 0, g_b = 0;  // d/d log-ratios and direct d/d policy
   A loss = 0;
   int aot_slot = 0;
-  for (int t = 0; t < p.n_types; ++t) {
+  for (int t = 0; t < n_types; ++t) {
     const A tw = A(p.type_weights[t]);
     A l = 0, g_delta = 0, g_sc = 0, g_sr = 0;  // through delta or through each score
-    switch (DpoType(p.types[t])) {
+    switch (DpoType(kType >= 0 ? kType : p.types[t])) {
       case DpoType::sigmoid: {  // Rafailov et al. 2023, eq. 7; cDPO (Mitchell 2023) if eps > 0
         A dz; l = smoothed_logistic(beta * delta, eps, dz); g_delta = beta * dz; break;
       }
@@ -353,8 +358,11 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGra
   out.loss = loss;
   out.g[0] = g_a + g_lc;
   out.g[1] = g_b + g_lr;
-  out.g[2] = p.has_ref ? -g_lc : A(0);
-  out.g[3] = p.has_ref ? -g_lr : A(0);
+  // A product, not a select on the flag: a select on a loop-invariant bool stops the CPU loop
+  // vectorizing. Without a reference these rows are never read.
+  const A ref = A(p.has_ref ? 1 : 0);
+  out.g[2] = -g_lc * ref;
+  out.g[3] = -g_lr * ref;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -439,11 +447,11 @@ template <typename A> PYALIGN_HD A alphapo_reward(A alpha, A l, A& dr) {
 
 template <typename A> struct CpoExtra { A rc, rr, nll; };
 
-template <typename A>
+template <typename A, int kType = -1>
 PYALIGN_HD void cpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out, CpoExtra<A>& ex) {
   const LossParams& p = s.p;
   const A beta = A(p.beta), eps = A(p.label_smoothing), alpha = A(p.alpha);
-  const int type = p.types[0];
+  const int type = kType >= 0 ? kType : p.types[0];
   const bool norm = cpo_normalized<A>(type);
   const A Lc = e.la, Lr = e.lb;
   const A a = e.a, b = e.b;
@@ -475,7 +483,8 @@ PYALIGN_HD void cpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out, 
     }
   }
   // NLL of the chosen response: per token when its length is given, else per sequence.
-  const A nll_len = s.la.data ? Lc : A(1);
+  const A has_len = A(s.la.data ? 1 : 0);  // arithmetic, not a select (see dpo_pair)
+  const A nll_len = has_len * Lc + (A(1) - has_len);
   const A nll = -a / nll_len;
   out.loss = l + A(p.cpo_alpha) * nll;
   out.g[0] = g * drc / sc_len - A(p.cpo_alpha) / nll_len;
@@ -494,11 +503,12 @@ template <typename A> PYALIGN_HD void rm_pair(const LossArgs& s, const Elem<A>& 
   const A z = rc - rr - m;
   const A center = A(s.p.center);
   const A sum = rc + rr;
-  out.loss = softplus(-z) + center * sum * sum;
-  const A gz = -sigmoid(-z);
+  const Logistic<A> f(z);
+  out.loss = f.sp_neg + center * sum * sum;
+  const A gz = -f.sig_neg;
   out.g[0] = gz + A(2) * center * sum;
   out.g[1] = -gz + A(2) * center * sum;
-  out.g[2] = s.c.data ? -gz : A(0);
+  out.g[2] = -gz * A(s.c.data ? 1 : 0);  // never read without a margin (see dpo_pair)
   out.g[3] = 0;
 }
 
@@ -547,57 +557,73 @@ template <typename A> PYALIGN_HD A reduction_scale(const LossArgs& s) {
   return Reduction(s.p.reduction) == Reduction::mean ? A(1) / A(s.a.shape[0]) : A(1);
 }
 
+// One element's results before the reduction: loss and gradient (not yet weighted), the cross
+// gradient of the aot losses (already weighted), and the metric terms.
+template <typename A> struct ElemOut {
+  PairGrad<A> pg;
+  A cross[4] = {0, 0, 0, 0};
+  A reward_c = 0, reward_r = 0, x0 = 0, x1 = 0, x2 = 0;
+};
+
+// The math of element i of a paired family (kFam, kType, kFDiv >= 0: fixed at compile time for
+// the vectorized CPU loop; -1: from the parameters). Unpaired families go through unpaired_elem.
+template <typename A, int kFam = -1, int kType = -1, int kFDiv = -1>
+PYALIGN_HD ElemOut<A> element_math(const LossArgs& s, const Elem<A>& e, int64_t i, A shift) {
+  const A beta = A(s.p.beta);
+  ElemOut<A> o;
+  switch (LossFamily(kFam >= 0 ? kFam : s.p.family)) {
+    case LossFamily::dpo:
+      dpo_pair<A, kType, kFDiv>(s, e, i, o.pg, o.cross);
+      o.reward_c = beta * (e.a - e.c);
+      o.reward_r = beta * (e.b - e.d);
+      break;
+    case LossFamily::kto:
+    case LossFamily::bco:
+      unpaired_elem<A>(s, e, shift, o.pg);
+      break;
+    case LossFamily::orpo: {
+      OrpoExtra<A> ex;
+      orpo_pair<A>(s, e, o.pg, ex);
+      o.reward_c = beta * e.a / e.la; o.reward_r = beta * e.b / e.lb;
+      o.x0 = ex.nll; o.x1 = ex.ratio; o.x2 = ex.log_odds;
+      break;
+    }
+    case LossFamily::cpo: {
+      CpoExtra<A> ex;
+      cpo_pair<A, kType>(s, e, o.pg, ex);
+      o.reward_c = beta * ex.rc; o.reward_r = beta * ex.rr;
+      o.x0 = ex.nll;
+      break;
+    }
+    case LossFamily::rm:
+      rm_pair<A>(s, e, o.pg);
+      o.reward_c = e.a; o.reward_r = e.b;
+      break;
+  }
+  return o;
+}
+
 // Phase 1 for element i: writes its loss (reduction none) and gradient row, adds to sums.
 template <typename A> PYALIGN_HD void process_element(const LossArgs& s, int64_t i, A shift, A scale, A* sums) {
   const LossParams& p = s.p;
   const int64_t n = s.a.shape[0];
   const A beta = A(p.beta);
   const Elem<A> e = load_elem<A>(s, i);
-  PairGrad<A> pg;
-  A cross[4] = {0, 0, 0, 0};
-  A reward_c = 0, reward_r = 0;
-  switch (LossFamily(p.family)) {
-    case LossFamily::dpo:
-      dpo_pair<A>(s, e, i, pg, cross);
-      reward_c = beta * (e.a - e.c);
-      reward_r = beta * (e.b - e.d);
-      break;
-    case LossFamily::kto:
-    case LossFamily::bco:
-      unpaired_elem<A>(s, e, shift, pg);
-      break;
-    case LossFamily::orpo: {
-      OrpoExtra<A> ex;
-      orpo_pair<A>(s, e, pg, ex);
-      reward_c = beta * e.a / e.la; reward_r = beta * e.b / e.lb;
-      sums[S_X0] += ex.nll; sums[S_X1] += ex.ratio; sums[S_X2] += ex.log_odds;
-      break;
-    }
-    case LossFamily::cpo: {
-      CpoExtra<A> ex;
-      cpo_pair<A>(s, e, pg, ex);
-      reward_c = beta * ex.rc; reward_r = beta * ex.rr;
-      sums[S_X0] += ex.nll;
-      break;
-    }
-    case LossFamily::rm:
-      rm_pair<A>(s, e, pg);
-      reward_c = e.a; reward_r = e.b;
-      break;
-  }
+  const ElemOut<A> o = element_math<A>(s, e, i, shift);
   A* grads = s.grads.ptr<A>();
-  for (int k = 0; k < 4; ++k) grads[k * n + i] = scale * (e.w * pg.g[k] + cross[k]);
-  grads[4 * n + i] = s.w.data ? scale * pg.loss : A(0);
-  if (Reduction(p.reduction) == Reduction::none) s.loss.ptr<A>()[i] = e.w * pg.loss;
-  sums[S_LOSS] += e.w * pg.loss;
+  for (int k = 0; k < 4; ++k) grads[k * n + i] = scale * (e.w * o.pg.g[k] + o.cross[k]);
+  grads[4 * n + i] = s.w.data ? scale * o.pg.loss : A(0);
+  if (Reduction(p.reduction) == Reduction::none) s.loss.ptr<A>()[i] = e.w * o.pg.loss;
+  sums[S_LOSS] += e.w * o.pg.loss;
   if (LossFamily(p.family) == LossFamily::kto || LossFamily(p.family) == LossFamily::bco) {
     const A reward = beta * (e.a - e.c);
     if (e.label) { sums[S_RC] += reward; sums[S_LC] += e.a; sums[S_NC] += A(1); }
     else { sums[S_RR] += reward; sums[S_LR] += e.a; sums[S_NR] += A(1); }
   } else {
-    sums[S_RC] += reward_c; sums[S_RR] += reward_r;
-    sums[S_ACC] += reward_c > reward_r ? A(1) : A(0);
+    sums[S_RC] += o.reward_c; sums[S_RR] += o.reward_r;
+    sums[S_ACC] += o.reward_c > o.reward_r ? A(1) : A(0);
     sums[S_LC] += e.a; sums[S_LR] += e.b;
+    sums[S_X0] += o.x0; sums[S_X1] += o.x1; sums[S_X2] += o.x2;
   }
 }
 

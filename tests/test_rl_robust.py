@@ -79,3 +79,37 @@ def test_bad_input():
         rl.ensemble_advantages(r, 4, reward_variance=torch.ones(8, dtype=r.dtype), variance_coef=-1.0)
     with pytest.raises(ValueError, match="uwo|M >= 2|members"):
         rl.ensemble_advantages(r[:1], 4, method="uwo")
+
+
+@pytest.mark.parametrize("agg,method", [("min_then_normalize", "min"), ("softmin_then_normalize", "softmin"),
+                                        ("nash_then_normalize", "nash")])
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_multi_objective_aggregations(agg, method, estimator):
+    """K reward functions combined by aggregate_objectives' method, then advantages as for one reward."""
+    from pyalign.uncertainty import aggregate_objectives
+
+    r = _ens(3, 8, seed=5).abs() + 0.1  # positive: valid utilities for the Nash product
+    w = [1.0, 0.5, 2.0]
+    got = rl.group_advantages(r, 4, reward_weights=w, multi_objective_aggregation=agg, objective_temperature=0.3,
+                              estimator=estimator)
+    combined = aggregate_objectives(r, method=method, weights=torch.tensor(w, dtype=r.dtype), temperature=0.3)
+    torch.testing.assert_close(got, R.group_advantages(combined, 4, estimator=estimator), rtol=1e-10, atol=1e-10)
+    # the independent formulas for the two non-trivial methods
+    if method == "min":
+        torch.testing.assert_close(combined, r.min(0).values)
+    if method == "nash":
+        torch.testing.assert_close(combined, (torch.tensor(w, dtype=r.dtype)[:, None] * r.log()).sum(0))
+
+
+def test_multi_objective_nan_rules():
+    r = _ens(2, 8, seed=6).abs() + 0.1
+    r[:, 3] = float("nan")  # unscorable: advantage 0, left out of the baselines
+    adv = rl.group_advantages(r, 4, multi_objective_aggregation="nash_then_normalize")
+    assert adv[3] == 0 and torch.isfinite(adv).all()
+    r[0, 5] = float("nan")  # one reward of a scorable completion missing
+    with pytest.raises(ValueError, match="needs every reward"):
+        rl.group_advantages(r, 4, multi_objective_aggregation="min_then_normalize")
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        rl.group_advantages(r, 4, multi_objective_aggregation="max_then_normalize")
+    with pytest.raises(ValueError, match="nash|disagreement|exceed"):
+        rl.group_advantages(-_ens(2, 8).abs(), 4, multi_objective_aggregation="nash_then_normalize")

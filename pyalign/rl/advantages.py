@@ -11,10 +11,13 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign.uncertainty.ensembles import aggregate_rewards
+from pyalign.uncertainty.objectives import aggregate_objectives
 
-__all__ = ["group_advantages", "ensemble_advantages", "ESTIMATORS"]
+__all__ = ["group_advantages", "ensemble_advantages", "ESTIMATORS", "MULTI_OBJECTIVE_AGGREGATIONS"]
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum", "min_then_normalize",
+                                "softmin_then_normalize", "nash_then_normalize")
 
 
 def _nanstd(x: Tensor, dim=None) -> Tensor:
@@ -25,6 +28,11 @@ def _nanstd(x: Tensor, dim=None) -> Tensor:
     return var.sqrt()
 
 
+def _disagreement_floor(d) -> float:
+    """A value above every disagreement point (fills unscorable completions before a nash product)."""
+    return float(d.max()) if isinstance(d, Tensor) and d.numel() else float(d)
+
+
 def group_advantages(
     rewards: Tensor,
     group_size: int,
@@ -33,6 +41,8 @@ def group_advantages(
     reward_weights: Optional[Sequence[float]] = None,
     multi_objective_aggregation: str = "sum_then_normalize",
     estimator: str = "grpo",
+    objective_temperature: float = 1.0,
+    objective_disagreement=0.0,
 ) -> Tensor:
     """Per-completion advantages ``[N]`` for ``N = G * group_size`` completions, the ``group_size``
     completions of each prompt consecutive.
@@ -46,7 +56,11 @@ def group_advantages(
       group mean, divided by ``std + 1e-4`` (the unbiased std of the group for
       ``scale_rewards="group"``, of the batch for ``"batch"``; not divided for ``"none"``; Dr. GRPO,
       Liu et al. 2025, argues for "none"); with ``"normalize_then_sum"`` (GDPO) each reward is
-      normalized in its group first, the weighted sum then normalized over the batch;
+      normalized in its group first, the weighted sum then normalized over the batch; with
+      ``"min_then_normalize"``, ``"softmin_then_normalize"`` or ``"nash_then_normalize"`` the K rewards
+      are combined by :func:`pyalign.uncertainty.aggregate_objectives` (egalitarian min of
+      MaxMin-RLHF, its smooth ``softmin`` at ``objective_temperature``, Nash social welfare above
+      ``objective_disagreement``; ``reward_weights`` as its weights) and then treated as the sum is;
     - ``rloo`` (Ahmadian et al. 2024, arXiv:2402.14740): the reward minus the mean of the other
       completions of its group;
     - ``reinforce_pp`` (REINFORCE++, Hu 2025, arXiv:2501.03262): the group-mean-centered reward
@@ -65,8 +79,7 @@ def group_advantages(
     if N % group_size:
         raise ValueError(f"group_size: {group_size} does not divide the {N} completions")
     _checks.choice(scale_rewards, "scale_rewards", ("group", "batch", "none"))
-    _checks.choice(multi_objective_aggregation, "multi_objective_aggregation",
-                   ("sum_then_normalize", "normalize_then_sum"))
+    _checks.choice(multi_objective_aggregation, "multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
     _checks.choice(estimator, "estimator", ESTIMATORS)
     if reward_weights is None:
         w = torch.ones(K, dtype=r.dtype, device=r.device)
@@ -84,7 +97,17 @@ def group_advantages(
         total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
         std = _nanstd(total) if N > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
         return torch.nan_to_num((total - torch.nanmean(total)) / (std + 1e-4), nan=0.0)
-    total = (per * w).nansum(dim=1)
+    if multi_objective_aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        total = (per * w).nansum(dim=1)
+    else:  # every reward of a scorable completion is needed: a min or a product has no "missing" term
+        if bool((torch.isnan(per).any(dim=1) & ~unscorable).any()):
+            raise ValueError(f"rewards: multi_objective_aggregation={multi_objective_aggregation!r} needs every "
+                             "reward of a completion (NaN only where all of its rewards are NaN)")
+        method = multi_objective_aggregation.split("_then_")[0]
+        scored = torch.where(unscorable.unsqueeze(1), torch.ones_like(per) + _disagreement_floor(objective_disagreement),
+                             per)
+        total = aggregate_objectives(scored.t(), method=method, weights=w, temperature=objective_temperature,
+                                     disagreement=objective_disagreement)
     total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
     g = total.view(-1, group_size)
     if estimator == "rloo":

@@ -9,6 +9,7 @@ logits path (where they are not) are both checked.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -92,6 +93,7 @@ def _train(tmp_path, use_pyalign, beta, counting="linear_distillation_loss"):
             patch_trainer(trainer)
         trainer.train()
     assert (counter.calls > 0) == use_pyalign
+    assert trainer.teacher_model.lm_head.weight.grad is None, "the teacher got a gradient"
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
@@ -102,10 +104,13 @@ def test_gkd_trainer_from_hidden_states(tmp_path, beta):
     _same_logs(ref, got)
 
 
-def test_gkd_trainer_logits_path(tmp_path, monkeypatch):
+def test_gkd_trainer_logits_path(tmp_path, monkeypatch, caplog):
     """Where a model's head is not reachable (here: declared so), TRL's compute_loss runs with
-    pyalign's divergence from the logits."""
+    pyalign's divergence from the logits, and the reason is logged once."""
     monkeypatch.setattr(_trl_distill, "_head", lambda model: None)
     ref = _train(tmp_path, False, 0.5, counting="distillation_loss")
-    got = _train(tmp_path, True, 0.5, counting="distillation_loss")
+    with caplog.at_level(logging.WARNING, logger="pyalign.integrations.trl"):
+        got = _train(tmp_path, True, 0.5, counting="distillation_loss")
     _same_logs(ref, got)
+    reasons = [r.getMessage() for r in caplog.records if r.name == "pyalign.integrations.trl"]
+    assert len(reasons) == 1 and "LM head is not reachable" in reasons[0], reasons

@@ -8,8 +8,9 @@ that computation for :func:`pyalign.logprob.linear_token_logprobs` in every trai
 the same names: for a ``DPOTrainer`` with :func:`pyalign.losses.dpo_loss` (every loss type TRL offers,
 f-divergences, WPO weighting), for a ``GRPOTrainer`` or an ``RLOOTrainer`` with
 :func:`pyalign.rl.policy_loss` (every GRPO loss type, both sampling levels, KL, entropy bonus and mask,
-two-sided clipping, OPSM). ``label_smoothing`` reaches only the loss types whose TRL
-formula uses it (``exo_pair``, ``robust``, ``aot``, ``aot_unpaired``; TRL's ``sigmoid`` ignores it).
+two-sided clipping, OPSM), for TRL's distillation trainers with :mod:`pyalign.distill`.
+``label_smoothing`` reaches only the loss types whose TRL formula uses it (``exo_pair``, ``robust``,
+``aot``, ``aot_unpaired``; TRL's ``sigmoid`` ignores it).
 
     from pyalign.integrations.trl import patch_trainer
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -178,8 +179,11 @@ def patch_trainer(trainer):
     through :func:`pyalign.losses.dpo_loss`, for a ``GRPOTrainer`` or an ``RLOOTrainer`` through
     :func:`pyalign.rl.policy_loss` (the GRPO configurations it does not cover keep TRL's loss: vLLM's
     importance-sampling correction, adaptive entropy control, loss types pyalign does not know), for
-    TRL's experimental ``GKDTrainer`` through :mod:`pyalign.distill` (from both models' hidden states
-    where their heads are reachable, else from the logits).
+    TRL's distillation trainers (the experimental ``GKDTrainer``, ``DistillationTrainer`` and the
+    experimental ``ServerDistillationTrainer``) through :mod:`pyalign.distill`: from both models' hidden
+    states and LM heads where both are at hand, from a server teacher's top-k log-probs, else from the
+    logits; what pyalign cannot express keeps TRL's code, with the reason logged
+    (:mod:`pyalign.integrations._trl_distill`).
 
     Returns the trainer. Call it after constructing the trainer (which installs TRL's fused head).
     """
@@ -194,17 +198,6 @@ def patch_trainer(trainer):
             trainer._compute_loss = types.MethodType(compute_loss, trainer)
             if cls is DPOTrainer:
                 trainer._pyalign_log_metrics = types.MethodType(_log_metrics, trainer)
-    gkd = _gkd_trainer_class()
-    if gkd is not None and isinstance(trainer, gkd) and not hasattr(trainer, "_pyalign_original_compute_loss"):
-        trainer._pyalign_original_compute_loss = trainer.compute_loss
-        trainer.generalized_jsd_loss = _distill.generalized_jsd_loss  # for the logits path
-        trainer.compute_loss = types.MethodType(_distill.gkd_compute_loss, trainer)
+    _distill.patch_distillation_trainer(trainer)
     return trainer
 
-
-def _gkd_trainer_class():
-    """TRL's GKDTrainer class where this TRL has it (``trl.experimental.gkd``), else None; imported only
-    when the trainer at hand comes from that module (the import warns that the API is experimental)."""
-    import sys
-    module = sys.modules.get("trl.experimental.gkd.gkd_trainer")
-    return getattr(module, "GKDTrainer", None)

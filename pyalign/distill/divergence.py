@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign._tensors import acc_dtype
-from pyalign.ops.distill import distillation_op
+from pyalign.ops.distill import distillation_inplace_op, distillation_op, inplace_gradient_op
 
 __all__ = ["distillation_loss", "REDUCTIONS", "DIVERGENCES"]
 
@@ -22,7 +22,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
                       beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                       ignore_index: int = -100, num_items_in_batch=None, student_softcap: Optional[float] = None,
                       teacher_softcap: Optional[float] = None, divergence: str = "jsd",
-                      skew_alpha: float = 0.1) -> Tensor:
+                      skew_alpha: float = 0.1, inplace_backward: bool = False) -> Tensor:
     """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy Distillation of
     Language Models: Learning from Self-Generated Mistakes", arXiv:2306.13649, Eq. 1) between the
     softmax of ``student_logits / temperature`` and of ``teacher_logits / temperature``, per position:
@@ -51,6 +51,19 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     teacher's, when they require grad); the backward scales it. An entry of probability 0 (a logit of
     ``-inf``) contributes 0, where the eager formula gives NaN. A row without any finite logit, or with a
     NaN, gives NaN.
+
+    ``inplace_backward``: that gradient is written over the student's logits, in this call, and the
+    backward scales it there and returns that storage as their gradient: no ``[..., V]`` gradient is
+    held besides the logits themselves. The logits are consumed: once the call returns they hold the
+    gradient (do not read them; a second backward through the call raises, as does a backward through
+    any other op that saved them, autograd's in-place check). Refused for logits that are not
+    contiguous or that share memory with the teacher's. For logits that are a view of another tensor
+    requiring grad (``nn.Linear``'s output for 3-d input with a bias is one) autograd sends the gradient
+    through ``as_strided``, as for any in-place op on a view: in the backward, one fresh buffer of the
+    base's size in the logits' dtype holds it instead of their storage. bf16/fp16 logits hold
+    the gradient rounded to their dtype (the out-of-place result's bits for an incoming gradient of 1,
+    within one rounding of that dtype else); where nothing requires the student's gradient the logits
+    are left as they are.
     """
     _checks.float_tensor(student_logits, "student_logits")
     _checks.float_tensor(teacher_logits, "teacher_logits")
@@ -72,8 +85,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     weight = row_weights(flat_labels, s2.shape[0], V, student_logits.shape[0], reduction, ignore_index,
                           num_items_in_batch, acc_dtype(student_logits), student_logits.device)
     teacher_grad = teacher_logits.requires_grad and torch.is_grad_enabled()
-    total, rows, _, _ = distillation_op(s2, t2, flat_labels, weight, divergence, mix, temperature, *caps,
-                                        ignore_index, teacher_grad)
+    args = (flat_labels, weight, divergence, mix, temperature, *caps, ignore_index, teacher_grad)
+    if inplace_backward and student_logits.requires_grad and torch.is_grad_enabled():
+        checked_inplace(student_logits, "student_logits", ("teacher_logits", teacher_logits))
+        with torch.no_grad():
+            total, rows, grad_t = distillation_inplace_op(student_logits.detach().view(-1, V), t2.detach(), *args)
+        bump_version(student_logits)
+        total, rows = inplace_gradient_op(student_logits.view(-1, V), total, rows, weight,
+                                          t2 if teacher_grad else None, grad_t)
+    else:
+        total, rows, _, _ = distillation_op(s2, t2, *args)
     if reduction == "none" and num_items_in_batch is None:
         return rows.reshape(lead)
     return total
@@ -120,3 +141,30 @@ def row_weights(labels, n, V, first_dim, reduction, ignore_index, num_items_in_b
     if reduction == "mean":
         count = (kept.sum() * V).clamp_min(1)
     return kept / count
+
+
+def checked_inplace(logits: Tensor, name: str, *others: tuple[str, Tensor]) -> None:
+    """Refuses logits that an in-place gradient cannot be written over (see ``inplace_backward``)."""
+    if not logits.is_contiguous():
+        raise ValueError(f"{name}: inplace_backward=True writes the gradient over the logits, which needs them "
+                         f"contiguous (got shape {tuple(logits.shape)} with strides {tuple(logits.stride())}); pass "
+                         f"{name}.contiguous() (a copy, then overwritten) or inplace_backward=False")
+    if torch.compiler.is_compiling():  # the compiled graph is functional: aliasing is its own
+        return
+    lo = logits.data_ptr()
+    hi = lo + logits.numel() * logits.element_size()
+    for other_name, t in others:
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+            continue
+        t_lo = t.data_ptr()
+        t_hi = t_lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        if t_lo < hi and lo < t_hi:
+            raise ValueError(f"{other_name}: shares memory with {name}, which inplace_backward=True overwrites; "
+                             f"pass a copy or inplace_backward=False")
+
+
+def bump_version(t: Tensor) -> None:
+    """Marks ``t`` as modified in place for autograd (the eager path writes through a raw pointer) so that
+    an op that saved it refuses to run its backward; the dispatcher does this on the op path."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(t)

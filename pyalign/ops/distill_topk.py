@@ -73,12 +73,14 @@ def reduced_divergence(a: Tensor, b: Tensor, divergence: str, tail: str, vocab: 
     return rows, g_ids, c
 
 
-@kernel_op("topk_distillation_loss")
-def topk_distillation_op(logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, labels: Optional[Tensor],
-                         weight: Tensor, divergence: str, tail: str, temperature: float
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total [], per-row divergences [N], grad [N, V])`` (the gradient of ``total = sum weight *
-    rows`` w.r.t. the student's raw logits ``[N, V]``; rows whose label is ``IGNORE`` give 0)."""
+def topk_rows_into(grad: Tensor, logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                   labels: Optional[Tensor], weight: Tensor, divergence: str, tail: str, temperature: float
+                   ) -> tuple[Tensor, Tensor]:
+    """``(total [], per-row divergences [N])`` of rows ``[N, V]`` of the student's logits, the gradient of
+    ``total = sum weight * rows`` w.r.t. them written into ``grad`` (``[N, V]`` in the logits' dtype),
+    which may be ``logits`` itself: every read of the logits (the forward kernel, the gather at the ids)
+    comes before the backward kernel, which reads each entry before writing its gradient over it
+    (``csrc/{cpu,cuda}/logprob``), and the corrections at the ids are added to the gradient alone."""
     n = logits.shape[0]
     acc = acc_dtype(logits)
     kept = torch.ones(n, dtype=torch.bool, device=logits.device) if labels is None else labels != IGNORE
@@ -92,14 +94,24 @@ def topk_distillation_op(logits: Tensor, teacher_logprobs: Tensor, teacher_ids: 
     zero = torch.zeros_like(rows)
     rows = torch.where(kept, rows, zero)
     w = torch.where(kept, weight, zero)
-    grad = torch.empty_like(logits)
     # the dense part: w c p_j at every entry (d lse / dz_j = p_j), then the ids' own gradient
     backward_rows(logits, lab, lse, None, None, None, grad, temperature, 1.0, 0.0, IGNORE, w * c)
     p_ids = a.exp()
     corr = (g_ids - c.unsqueeze(-1) * p_ids) * (w / temperature).unsqueeze(-1)
     corr = torch.where(kept.unsqueeze(-1), corr, torch.zeros_like(corr))  # whatever ignored rows hold
     grad.scatter_add_(1, ids, corr.to(grad.dtype))
-    total = (w * rows).sum()
+    return (w * rows).sum(), rows
+
+
+@kernel_op("topk_distillation_loss")
+def topk_distillation_op(logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, labels: Optional[Tensor],
+                         weight: Tensor, divergence: str, tail: str, temperature: float
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total [], per-row divergences [N], grad [N, V])`` (the gradient of ``total = sum weight *
+    rows`` w.r.t. the student's raw logits ``[N, V]``; rows whose label is ``IGNORE`` give 0)."""
+    grad = torch.empty_like(logits)
+    total, rows = topk_rows_into(grad, logits, teacher_logprobs, teacher_ids, labels, weight, divergence, tail,
+                                 temperature)
     return total, rows, grad
 
 
@@ -125,3 +137,17 @@ def _backward(ctx, g_total, g_rows, g_grad):
 
 
 topk_distillation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@kernel_op("topk_distillation_loss_", mutates_args=("logits",))
+def topk_distillation_inplace_op(logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                                 labels: Optional[Tensor], weight: Tensor, divergence: str, tail: str,
+                                 temperature: float) -> tuple[Tensor, Tensor]:
+    """:func:`topk_distillation_op` with the gradient written over ``logits``: ``(total, rows)``."""
+    return topk_rows_into(logits, logits, teacher_logprobs, teacher_ids, labels, weight, divergence, tail, temperature)
+
+
+@topk_distillation_inplace_op.register_fake
+def _(logits, teacher_logprobs, teacher_ids, labels, weight, divergence, tail, temperature):
+    acc = acc_dtype(logits)
+    return logits.new_empty((), dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)

@@ -1,5 +1,6 @@
-"""The distillation divergence straight from both LM heads, its gradients formed in the forward:
-``pyalign::linear_distillation_loss``.
+"""The distillation divergences straight from the LM heads, their gradients formed in the forward:
+``pyalign::linear_distillation_loss`` (both heads) and ``pyalign::linear_topk_distillation_loss`` (the
+student's head and a top-k teacher).
 
 Each token chunk costs the student's and the teacher's logits GEMMs, the divergence kernel
 (:mod:`pyalign.ops.distill`: the row's divergence and its gradient w.r.t. both logits, already
@@ -8,6 +9,13 @@ weighted by the reduction), and for each head that needs gradients ``dh = g @ W`
 whole: the peak beyond the returned gradients is one chunk's two logits blocks and its fp32 gradient
 blocks (plus, for bf16/fp16 weights whose tokens need several chunks, an fp32 ``[V, H]`` ``dW``
 accumulator per head). The backward only scales the saved gradients by the loss's upstream gradient.
+
+The top-k twin runs the student's side of that loop with :func:`pyalign.ops.distill_topk.topk_rows_into`
+in place of the divergence kernel: per chunk the logits GEMM, the log-prob forward kernel, the ``[c, K]``
+reduced divergence, the backward kernel writing the gradient over the chunk's logits, the corrections at
+the ids, then ``dh = g @ W`` and ``dW += g.T @ h``: 3 GEMMs. Its transient memory is one chunk's logits
+block (which becomes its gradient), ``[c, K]`` temporaries and the fp32 ``dW`` accumulator of a
+bf16/fp16 head whose tokens span several chunks.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from torch import Tensor
 from pyalign._tensors import acc_dtype
 from pyalign.ops._op import kernel_op
 from pyalign.ops.distill import distillation_op
+from pyalign.ops.distill_topk import IGNORE, topk_rows_into
 from pyalign.ops.linear.chunks import NEED_BIAS, NEED_HIDDEN, NEED_WEIGHT, scatter_rows, select_rows, valid_rows
 from pyalign.ops.linear.gemm import accumulate_dw, dhidden_into, logits_buffer, logits_into
 
@@ -42,7 +51,7 @@ class _HeadGrads:
         self.any = self.dh is not None or self.db is not None or needs & NEED_WEIGHT
 
     def add(self, s: slice, g32: Tensor) -> None:
-        """Adds the chunk ``s``'s logits gradient ``g32 [c, V]`` (fp32/fp64)."""
+        """Adds the chunk ``s``'s logits gradient ``g32 [c, V]`` (fp32/fp64, or the head's dtype)."""
         g = g32 if g32.dtype == self.weight.dtype else g32.to(self.weight.dtype)
         h = self.hidden[s]
         if self.dh is not None:
@@ -52,7 +61,7 @@ class _HeadGrads:
         elif self.dw is not None:
             self.dw.addmm_(g.t(), h)
         if self.db is not None:
-            self.db += g32.sum(0)
+            self.db += g32.sum(0, dtype=self.db.dtype)
 
     def results(self, idx: Optional[Tensor], n: int) -> tuple[Tensor, Tensor, Tensor]:
         empty = lambda: self.hidden.new_empty(0)  # one each: a custom op's outputs must not alias
@@ -139,3 +148,63 @@ def _backward(ctx, g_total, *_):
 
 
 linear_distillation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@kernel_op("linear_topk_distillation_loss")
+def linear_topk_distillation_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logprobs: Tensor, teacher_ids: Tensor,
+    labels: Optional[Tensor], row_weight: Tensor, divergence: str, tail: str, temperature: float, chunk_size: int,
+    needs: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(total, dh [n, H], dW, db)`` (``[0]`` for the gradients not in ``needs``) of ``sum_r row_weight_r D_r``,
+    ``D_r`` the divergence of row ``r`` of the logits ``hidden @ weight.T + bias`` to the top-k teacher
+    (:func:`pyalign.ops.distill_topk.topk_distillation_op`); rows whose label is ``IGNORE`` do no work."""
+    n = hidden.shape[0]
+    idx = None if labels is None else valid_rows(labels, IGNORE)
+    h, lp, ids, w = (select_rows(t, idx) for t in (hidden, teacher_logprobs, teacher_ids, row_weight))
+    m = h.shape[0]
+    head = _HeadGrads(h, weight, bias, needs, m, chunk_size)
+    total = torch.zeros((), dtype=acc_dtype(hidden), device=hidden.device)
+    if m > 0:
+        buf = logits_buffer(min(chunk_size, m), h, weight, bias)
+        for c0 in range(0, m, chunk_size):
+            s = slice(c0, min(m, c0 + chunk_size))
+            z = None  # the previous chunk's oneDNN output is freed before the next is made
+            z = logits_into(None if buf is None else buf[: s.stop - s.start], h[s], weight, bias)
+            part, _ = topk_rows_into(z, z, lp[s], ids[s], None, w[s], divergence, tail, temperature)
+            total += part  # chunk order: the same bits on every run
+            if head.any:
+                head.add(s, z)
+        del buf, z
+    return (total, *head.results(idx, n))
+
+
+@linear_topk_distillation_op.register_fake
+def _(hidden, weight, bias, teacher_logprobs, teacher_ids, labels, row_weight, divergence, tail, temperature,
+      chunk_size, needs):
+    g = lambda bit, like: torch.empty_like(like) if (needs & bit and like is not None) else hidden.new_empty(0)
+    return (hidden.new_empty((), dtype=acc_dtype(hidden)), g(NEED_HIDDEN, hidden), g(NEED_WEIGHT, weight),
+            g(NEED_BIAS, bias))
+
+
+def _topk_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.needs = inputs[11]
+    ctx.save_for_backward(*output[1:])
+
+
+def _topk_backward(ctx, g_total, *_):
+    out = [None] * 12
+    if g_total is None:
+        return tuple(out)
+    for (i, _, bit), grad, name in zip(_GRADS[:3], ctx.saved_tensors, _NAMES[:3]):
+        if ctx.needs_input_grad[i]:
+            if not ctx.needs & bit:
+                raise RuntimeError(f"pyalign::linear_topk_distillation_loss: {name} requires grad but the forward "
+                                   f"was called without its gradient")
+            out[i] = grad * g_total.to(grad.dtype)
+    return tuple(out)
+
+
+linear_topk_distillation_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)

@@ -20,7 +20,7 @@ import torch
 import pyalign
 from pyalign.bench.common import copy_bandwidth_gbs, installed
 
-SUITES = ["logprob", "linear", "losses", "rl", "distill", "uncertainty", "plasticity"]
+SUITES = ["logprob", "linear", "losses", "rl", "distill", "uncertainty", "robust", "plasticity"]
 OPTIONAL_BASELINES = ["liger_kernel", "cut_cross_entropy", "flash_attn", "trl"]  # flash_attn: its fused cross-entropy
 
 

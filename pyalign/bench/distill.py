@@ -113,4 +113,65 @@ def run(device: str, quick: bool) -> list[dict]:
             for name, impl in impls:
                 rows.append(record("distill", op, size, name, _fwd_bwd(impl, s, t, y, beta), device,
                                    bytes_moved=moved, reps=3))
-    return rows + _linear_rows(device, quick)
+    return rows + _linear_rows(device, quick) + _inplace_rows(device, quick) + _linear_topk_rows(device, quick)
+
+
+def _inplace_rows(device, quick):
+    """The losses with and without ``inplace_backward`` (the gradient written over the student's
+    logits): each timed call clones the logits first, since the in-place call consumes them."""
+    rows = []
+    n, v = (256, 32000) if quick else ((8192, 151936) if device == "cuda" else (2048, 32000))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(n, v, generator=g) * 2).to(device, dtype)
+    t = (torch.randn(n, v, generator=g) * 2).to(device, dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = -100
+    y = y.to(device)
+    top = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1).topk(64, -1)
+    lp, ids = top.values.to(device), top.indices.to(device)
+    size = f"{n} x {v} {str(dtype).replace('torch.', '')}"
+
+    def fb(loss):
+        def run():
+            x = s.clone().requires_grad_()
+            return torch.autograd.grad(loss(x), x)
+        return run
+
+    for inplace in (False, True):
+        name = "pyalign_inplace" if inplace else "pyalign"
+        for beta in (0.0, 0.5):
+            rows.append(record("distill", f"distillation_loss beta {beta:g} fwd+bwd (+clone)", size, name,
+                               fb(lambda x, beta=beta, inplace=inplace: distill.distillation_loss(
+                                   x, t, y, beta=beta, inplace_backward=inplace)), device, reps=3))
+        rows.append(record("distill", "topk_distillation_loss K 64 fwd+bwd (+clone)", size, name,
+                           fb(lambda x, inplace=inplace: distill.topk_distillation_loss(
+                               x, lp, ids, y, inplace_backward=inplace)), device, reps=3))
+    return rows
+
+
+def _linear_topk_rows(device, quick):
+    """linear_topk_distillation_loss against the top-k loss on materialized logits."""
+    n, H, V, K = (256, 256, 8000, 64) if quick else (2048, 1024, 32000, 64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    hs = (torch.randn(n, H, generator=g) / H ** 0.5).to(device, dtype)
+    ws = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype)
+    top = torch.log_softmax(torch.randn(n, V, generator=g) * 2, -1).topk(K, -1)
+    lp, ids = top.values.to(device), top.indices.to(device)
+    y = torch.randint(0, V, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = -100
+    y = y.to(device)
+    size = f"{n} tokens, H {H}, V {V}, K {K} {str(dtype).replace('torch.', '')}"
+    impls = {"pyalign": lambda a, b: distill.linear_topk_distillation_loss(a, b, lp, ids, y),
+             "eager": lambda a, b: distill.topk_distillation_loss(a @ b.t(), lp, ids, y)}
+
+    def fb(impl):
+        def run():
+            a, b = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+            impl(a, b).backward()
+            return a.grad, b.grad
+        return run
+
+    return [record("distill", "linear_topk_distillation_loss forward_kl fwd+bwd", size, name, fb(impl), device,
+                   reps=3) for name, impl in impls.items()]

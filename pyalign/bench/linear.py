@@ -68,10 +68,15 @@ def _liger_ce():
     return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)  # mean CE
 
 
-def _cce_ce():
+def _cce(device: str, reduction: str):
+    """Cut Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009): its Triton kernel on CUDA, its
+    torch.compile implementation on CPU. ``reduction="none"`` gives the per-token -log p."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return lambda h, w, y: linear_cross_entropy(h, w, y)  # mean CE
+    impl = "cce" if device == "cuda" else "torch_compile"
+    if reduction == "none":
+        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none", impl=impl)  # log-probs
+    return lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl)  # mean CE
 
 
 def _fwd_bwd(impl, h, w, y):
@@ -124,7 +129,9 @@ def run(device: str, quick: bool) -> list[dict]:
         impls = [("pyalign", _ours), ("eager", _eager)]
         if not quick and device == "cpu" and dtype == torch.float32:  # what oneDNN's GEMMs give, for the record
             impls.insert(1, ("pyalign-blas", _ours_blas))
-        impls += _baselines(f"{op} fwd+bwd", size, device, [("trl", "trl", _trl)], rows)
+        impls += _baselines(f"{op} fwd+bwd", size, device, [("trl", "trl", _trl),
+                                                           ("cce", "cut_cross_entropy", lambda: _cce(device, "none"))],
+                            rows)
         for name, impl in impls:
             rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))
             rows.append(record("linear", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
@@ -137,7 +144,7 @@ def run(device: str, quick: bool) -> list[dict]:
         if not quick:  # the path the forward-gradient one replaces, for the record
             impls.insert(1, ("pyalign-recompute", _ours_ce_recompute))
         impls += _baselines(op, size, device, [("liger", "liger_kernel", _liger_ce),
-                                               ("cce", "cut_cross_entropy", _cce_ce)], rows)
+                                               ("cce", "cut_cross_entropy", lambda: _cce(device, "mean"))], rows)
         for name, impl in impls:
             rows.append(record("linear", op, size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
     return rows

@@ -42,6 +42,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   const LogitTransform tf = a.tf;
   const bool want_mean = a.mean_logit.data != nullptr;
   const A* mw = a.mean_weights.data ? a.mean_weights.ptr<A>() : nullptr;
+  const bool extras = want_mean || a.top1.data != nullptr;  // the row's raw max and the logits' sum
   A buf[kChunk];
   SoftmaxStats<A, SQ> st;
   A zsum = 0, xmax = -INFINITY;
@@ -49,14 +50,23 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
     A bm = -INFINITY, bx = 0, bxm = -INFINITY;
+    if (extras) {
 #pragma omp simd reduction(max : bm, bxm) reduction(+ : bx)
-    for (int64_t j = 0; j < n; ++j) {
-      A x = to_float(row[j0 + j]);
-      A z = tf.apply_t<SC>(x);
-      buf[j] = z;
-      bm = z > bm ? z : bm;
-      bxm = x > bxm ? x : bxm;
-      bx += z;
+      for (int64_t j = 0; j < n; ++j) {
+        A x = to_float(row[j0 + j]);
+        A z = tf.apply_t<SC>(x);
+        buf[j] = z;
+        bm = z > bm ? z : bm;
+        bxm = x > bxm ? x : bxm;
+        bx += z;
+      }
+    } else {  // only the softmax statistics: the raw max and the sum are not asked for
+#pragma omp simd reduction(max : bm)
+      for (int64_t j = 0; j < n; ++j) {
+        A z = tf.apply_t<SC>(A(to_float(row[j0 + j])));
+        buf[j] = z;
+        bm = z > bm ? z : bm;
+      }
     }
     if (want_mean) {
       if (mw) {  // class-weighted mean: a second sweep of the chunk while it is in L1
@@ -68,7 +78,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
         zsum += bx;
       }
     }
-    if (bxm > xmax) {  // a new row maximum: find its first index (ties go to the first, as argmax)
+    if (extras && bxm > xmax) {  // a new row maximum: find its first index (ties go to the first, as argmax)
       xmax = bxm;
       for (int64_t j = 0; j < n; ++j)
         if (A(to_float(row[j0 + j])) == bxm) { argmax = j0 + j; break; }
@@ -81,7 +91,7 @@ PYALIGN_HD void forward_row(const FwdCtx& c, int64_t r) {
 #pragma omp simd reduction(+ : s, d, q)
     for (int64_t j = 0; j < n; ++j) {
       A t = buf[j] - bm;
-      A e = fast_exp(t);
+      A e = fast_exp_nonpos(t);
       s += e;
       if (ENT) d += e > A(0) ? e * t : A(0);
       if (SQ) q += e * e;

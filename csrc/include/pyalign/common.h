@@ -138,6 +138,33 @@ PYALIGN_HD float fast_exp(float x) {
 }
 PYALIGN_HD double fast_exp(double x) { return std::exp(x); }
 
+// fast_exp of an argument known to be <= 0 or NaN (a logit minus its row's maximum): the same
+// value (NaN stays NaN, through the arithmetic), without the overflow clamp and the two selects
+// that only matter above 0.
+PYALIGN_HD float fast_exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float shifter = 12582912.0f;
+  float t = xc * 1.44269504f + shifter;
+  float n = t - shifter;
+  float r = xc - n * 0.693145752f;
+  r = r - n * 1.42860677e-6f;
+  float p = 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
+  float y = p * bits_to_float(uint32_t(ni + 127) << 23);
+  return x < -87.0f ? 0.0f : y;
+#endif
+}
+PYALIGN_HD double fast_exp_nonpos(double x) { return std::exp(x); }
+
 // log that the host compiler can inline and vectorize: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), by its odd series to s^9 (|s| <= 0.172: relative
 // error below 1e-8 before rounding). Subnormals are scaled first; log 0 = -inf, log inf = inf, a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from contextlib import ExitStack
 
 import pytest
@@ -54,7 +55,8 @@ def _tok():
     return tok
 
 
-_FUNCTIONS = ("linear_distillation_loss", "distillation_loss", "topk_distillation_loss")
+_FUNCTIONS = ("linear_distillation_loss", "distillation_loss", "topk_distillation_loss",
+              "linear_topk_distillation_loss")
 
 
 def _run(trainer, use_pyalign, counting):
@@ -131,7 +133,7 @@ def test_distillation_trainer_fallback_logs_reason(tmp_path, caplog):
     assert trainer._pyalign_reported
 
 
-# ---- a teacher server: topk_distillation_loss, distillation_loss on the top-1 support ---------------------
+# ---- a teacher server: linear_topk_distillation_loss, topk_distillation_loss, distillation_loss ------------
 
 class _TeacherServer:
     """Stands in for the vLLM server behind TRL's ``VLLMClient.get_sequence_logprobs``, answering from a local
@@ -155,7 +157,7 @@ class _TeacherServer:
         return out
 
 
-def _server_trainer(tmp_path, monkeypatch, name, **config):
+def _server_trainer(tmp_path, monkeypatch, name, student=None, **config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     server_distillation = pytest.importorskip("trl.experimental.server_distillation",
                                               reason="this TRL has no ServerDistillationTrainer")
@@ -164,37 +166,111 @@ def _server_trainer(tmp_path, monkeypatch, name, **config):
     monkeypatch.setattr(vllm_client, "VLLMClient", lambda **kw: teacher)
     args = server_distillation.ServerDistillationConfig(
         **_options(tmp_path, name, teacher_model_server_url="http://teacher:8000", **config))
-    trainer = server_distillation.ServerDistillationTrainer(model=_model(), args=args, train_dataset=_prompts(),
-                                                            processing_class=_tok())
+    trainer = server_distillation.ServerDistillationTrainer(model=(student or _model)(), args=args,
+                                                            train_dataset=_prompts(), processing_class=_tok())
     assert trainer.teacher_client is teacher
     return trainer
 
 
 def _server(tmp_path, monkeypatch, use_pyalign, counting, **config):
+    """Trains; also returns whether the student's LM head ever gave the logits of more than one position for
+    more than one sequence at once (the [B, T, V] logits of a loss; generation gives [B, 1, V])."""
     trainer = _server_trainer(tmp_path, monkeypatch, f"server{use_pyalign}", **config)
-    return _run(trainer, use_pyalign, counting), trainer
+    shapes = []
+    trainer.model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(out.shape))
+    logs = _run(trainer, use_pyalign, counting)
+    return logs, trainer, any(s[0] > 1 and s[1] > 1 for s in shapes)
 
 
-def _compare_server(tmp_path, monkeypatch, counting, **config):
-    ref, _ = _server(tmp_path, monkeypatch, False, None, **config)
-    got, trainer = _server(tmp_path, monkeypatch, True, counting, **config)
+def _compare_server(tmp_path, monkeypatch, counting, full_logits=True, **config):
+    """TRL's run and pyalign's log the same; TRL's forms the student's [B, T, V] logits, pyalign's does where
+    ``full_logits``."""
+    ref, _, ref_full = _server(tmp_path, monkeypatch, False, None, **config)
+    got, trainer, got_full = _server(tmp_path, monkeypatch, True, counting, **config)
     _same_logs(ref, got)
+    assert ref_full, "TRL's server loss no longer forms the student's logits: update the test"
+    assert got_full == full_logits
     return trainer
 
 
 @pytest.mark.parametrize("tail", [True, False], ids=["bucket", "renormalize"])
-def test_server_forward_kl_top_k(tmp_path, monkeypatch, tail):
-    trainer = _compare_server(tmp_path, monkeypatch, "topk_distillation_loss", beta=0.0, loss_top_k=4,
-                              loss_add_tail=tail)
+def test_server_forward_kl_top_k_from_hidden_states(tmp_path, monkeypatch, tail):
+    """Forward KL on the teacher's top 4 from the student's hidden states and LM head: its [B, T, V] logits
+    are never formed (the LM head module runs only in generation and on the fixed probe sequence)."""
+    trainer = _compare_server(tmp_path, monkeypatch, "linear_topk_distillation_loss", full_logits=False, beta=0.0,
+                              loss_top_k=4, loss_add_tail=tail)
+    assert not trainer.__dict__.get("_pyalign_reported")
+    assert list(trainer._pyalign_server_scale.values()) == [1.0]
+
+
+def test_server_reverse_kl_sampled_token_from_hidden_states(tmp_path, monkeypatch):
+    trainer = _compare_server(tmp_path, monkeypatch, "linear_topk_distillation_loss", full_logits=False, beta=1.0,
+                              loss_top_k=1)
     assert not trainer.__dict__.get("_pyalign_reported")
 
 
-def test_server_reverse_kl_sampled_token(tmp_path, monkeypatch):
-    _compare_server(tmp_path, monkeypatch, "topk_distillation_loss", beta=1.0, loss_top_k=1)
+def _granite_biased():
+    """A family whose forward divides the logits by ``logits_scaling`` (not a power of two), with a biased
+    head: both folded into the hidden states (TRL's reading of the scale, checked against the forward)."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, logits_scaling=1.3,
+                                     pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = transformers.GraniteForCausalLM(cfg)
+    model.lm_head = torch.nn.Linear(32, V, bias=True)
+    return model
+
+
+def _llama_config_scale():
+    """A logit scale in the config that the model's forward ignores (Llama's): TRL's server loss reads the
+    forward's logits, so the scale is 1."""
+    model = _model()
+    model.config.logit_scale = 1.7
+    return model
+
+
+@pytest.mark.parametrize("student, scale", [(_granite_biased, 1 / 1.3), (_llama_config_scale, 1.0)],
+                         ids=["granite-biased", "config-only-scale"])
+def test_server_logit_scale_and_bias(tmp_path, monkeypatch, student, scale):
+    trainer = _compare_server(tmp_path, monkeypatch, "linear_topk_distillation_loss", full_logits=False,
+                              student=student, beta=0.0, loss_top_k=4, gradient_accumulation_steps=2)
+    assert not trainer.__dict__.get("_pyalign_reported")
+    assert list(trainer._pyalign_server_scale.values()) == [scale]
+
+
+def _logits_path_reasons(tmp_path, monkeypatch, caplog, student, **config):
+    with caplog.at_level(logging.WARNING, logger="pyalign.integrations.trl"):
+        _compare_server(tmp_path, monkeypatch, "topk_distillation_loss", student=student, **config)
+    return [r.getMessage() for r in caplog.records if r.name == "pyalign.integrations.trl"]
+
+
+def test_server_softcapped_student_from_logits(tmp_path, monkeypatch, caplog):
+    """A student whose forward softcaps its logits (Gemma 2): linear_topk_distillation_loss has no softcap, so
+    topk_distillation_loss reads the forward's logits, with the reason logged once."""
+    def gemma2():
+        torch.manual_seed(0)
+        cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                        final_logit_softcapping=0.5, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        return transformers.Gemma2ForCausalLM(cfg)
+    reasons = _logits_path_reasons(tmp_path, monkeypatch, caplog, gemma2, beta=0.0, loss_top_k=4)
+    assert len(reasons) == 1 and "no softcap" in reasons[0], reasons
+
+
+def test_server_logits_not_the_heads_from_logits(tmp_path, monkeypatch, caplog):
+    """A forward that scales its logits by a factor the config does not name (here a hook on the head): the
+    probe finds the logits are not the head's output, so topk_distillation_loss reads them, reason logged."""
+    def hooked():
+        model = _model()
+        model.lm_head.register_forward_hook(lambda m, a, out: out * 1.5)
+        return model
+    reasons = _logits_path_reasons(tmp_path, monkeypatch, caplog, hooked, beta=1.0, loss_top_k=1)
+    assert len(reasons) == 1 and "not its LM head's output" in reasons[0], reasons
 
 
 @pytest.mark.parametrize("tail", [True, False], ids=["bucket", "renormalize"])
 def test_server_jsd_top_1_support(tmp_path, monkeypatch, tail):
+    """The JSD at 0 < beta < 1 reads the student's logits by design (distillation_loss on the top-1 support)."""
     _compare_server(tmp_path, monkeypatch, "distillation_loss", beta=0.5, loss_top_k=1, loss_add_tail=tail,
                     gradient_accumulation_steps=2)
 
@@ -211,11 +287,34 @@ def test_server_configuration_fallback_reasons(tmp_path, monkeypatch):
 
 def test_server_fallback_logs_reason(tmp_path, monkeypatch, caplog):
     """The whole vocabulary as the 'top-k': the student's mass on it is 1, where TRL floors the student's tail
-    bucket at ~1e-7 (pyalign's is exact, 0), so TRL's own loss runs, with the reason logged."""
+    bucket at ~1e-7 (pyalign's is exact, 0). The hidden-state path finds it (without the [B, T, V] logits),
+    then forms the logits from the head for TRL's own loss, with the reason logged."""
     with caplog.at_level(logging.WARNING, logger="pyalign.integrations.trl"):
-        _compare_server(tmp_path, monkeypatch, None, beta=0.0, loss_top_k=V)
+        _compare_server(tmp_path, monkeypatch, None, full_logits=False, beta=0.0, loss_top_k=V)
     reasons = [r.getMessage() for r in caplog.records if r.name == "pyalign.integrations.trl"]
     assert len(reasons) == 1 and "floors the student's tail" in reasons[0], reasons
+
+
+def test_server_logits_at_ids_in_blocks():
+    """The student's logits at the teacher's ids from the head's rows, a few rows per block, against the
+    dense logits in float64."""
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 1024), (3000, 1024), (3000,)))
+    ids = torch.randint(0, 3000, (5, 2048), generator=g)  # 2 rows per block
+    dense = h @ w.T + b
+    torch.testing.assert_close(_trl_distill._logits_at(h, w, b, ids), dense.gather(-1, ids), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(_trl_distill._logits_at(h.view(1, 5, -1), w, None, ids.view(1, 5, -1))[0],
+                               (h @ w.T).gather(-1, ids), rtol=1e-12, atol=1e-10)
+
+
+def test_server_logit_scale_reading():
+    """TRL's reading of the logit scale, attribute by attribute (as DistillationTrainer._compute_loss)."""
+    cfg = lambda **kw: types.SimpleNamespace(model_type="x", **kw)
+    assert _trl_distill._logit_scale(cfg()) == 1.0
+    assert _trl_distill._logit_scale(cfg(logit_scale=None, output_multiplier=0.5)) == 0.5
+    assert _trl_distill._logit_scale(cfg(lm_head_multiplier=3.0, logits_scaling=2.0)) == 3.0
+    assert _trl_distill._logit_scale(cfg(logits_scaling=4.0)) == 0.25
+    assert _trl_distill._logit_scale(types.SimpleNamespace(model_type="hyperclovax", logits_scaling=4.0)) == 4.0
 
 
 # ---- the pieces that match TRL's conventions --------------------------------------------------------------

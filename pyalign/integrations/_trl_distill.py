@@ -19,10 +19,16 @@ of TRL's experimental ``GKDTrainer`` (``trl.experimental.gkd``), of its ``Distil
   logs (:func:`pyalign.logprob.linear_token_logprobs`, no gradient).
 - ``ServerDistillationTrainer`` (the teacher's top-k log-probs from an inference server): ``beta = 0``
   (forward KL on the teacher's top-k) and ``beta = 1`` (reverse KL on the sampled token) through
-  :func:`pyalign.distill.topk_distillation_loss` on the student's logits (no ``[B, T, V]`` log-softmax),
-  ``0 < beta < 1`` (the generalized JSD on the support {teacher's top-1, sampled token}) through
-  :func:`pyalign.distill.distillation_loss` on that support; with TRL's tail bucket (``loss_add_tail``) or
-  renormalized.
+  :func:`pyalign.distill.linear_topk_distillation_loss` from the student's last hidden states (TRL's
+  ``_get_last_hidden_state``, inside the student wrapper's forward) and LM head, so that the student's
+  ``[B, T, V]`` logits never exist, where its logits are checked (once per trainer, on a fixed sequence)
+  to be ``scale * (h W^T + b)``, ``scale`` TRL's reading of the logit scale (folded into the hidden state
+  and bias); else (a softcapped student: that loss has no softcap; logits the model's forward transforms
+  otherwise; ``return_outputs=True``) through :func:`pyalign.distill.topk_distillation_loss` on the
+  logits of TRL's student forward, the reason logged. ``0 < beta < 1`` (the generalized JSD on the support
+  {teacher's top-1, sampled token}) reads those logits by design, through
+  :func:`pyalign.distill.distillation_loss` on that support. With TRL's tail bucket (``loss_add_tail``)
+  or renormalized.
 
 What pyalign cannot express runs TRL's own code, and the reason is logged (once per trainer and reason,
 logger ``pyalign.integrations.trl``, level WARNING): :func:`distillation_fallback_reason` for the
@@ -45,6 +51,7 @@ import torch
 
 from pyalign import distill
 from pyalign import logprob as _logprob
+from pyalign._tensors import acc_dtype, gathered
 
 __all__ = ["patch_distillation_trainer", "distillation_fallback_reason", "generalized_jsd_loss", "gkd_compute_loss",
            "chunked_divergence_loss", "server_compute_loss", "TAIL_FLOOR"]
@@ -307,36 +314,56 @@ def _at_kept(ids, logprobs, kept):
     return torch.where(k, ids, spare), torch.where(k, logprobs, -math.log(K + 1))
 
 
-def _server_divergence(self, logits, teacher, tokens, labels):
-    """``(loss, None)`` from pyalign, or ``(None, reason)`` for TRL's own code."""
-    kept = labels != -100
-    T, tail = self.temperature, ("bucket" if self.loss_add_tail else "renormalize")
-    if self.beta == 0:  # forward KL on the teacher's top-k
+def _server_topk(self, teacher, tokens, kept):
+    """``((divergence, log-probs, ids), None)``: the teacher as pyalign's top-k losses read it for
+    ``beta = 0`` (forward KL on its top-k) and ``beta = 1`` (reverse KL on the sampled token), its tail
+    floored as TRL's; or ``(None, reason)`` for TRL's own code."""
+    if self.beta == 0:
         lp, ids = teacher["topk_logprobs"], teacher["topk_token_ids"]
         if not bool(torch.isfinite(lp[kept]).all()):
             return None, "the teacher returned fewer than loss_top_k log-probs at a completion token"
         if ids.shape[-1] > 1 and bool((ids[kept].sort(-1).values.diff(dim=-1) == 0).any()):
             return None, "duplicate token ids in the teacher's top-k"
         ids, lp = _at_kept(ids, lp, kept)
-        lp = _floored(lp)  # no change to the renormalized distribution
-        if self.loss_add_tail:
+        return ("forward_kl", _floored(lp), ids), None  # no change to the renormalized distribution
+    actual = teacher["actual_logprobs"]
+    if not bool(torch.isfinite(actual[kept]).all()):
+        return None, "the teacher server is missing the log-prob of a completion token"
+    ids, lp = _at_kept(tokens.unsqueeze(-1), actual.unsqueeze(-1), kept)
+    return ("reverse_kl", _floored(lp), ids), None
+
+
+def _floor_reason(log_mass, kept) -> Optional[str]:
+    """Why TRL's own code must run where the student's log-mass on the teacher's top-k (forward KL, tail
+    bucket) is above ``-TAIL_FLOOR`` at a kept token: TRL floors the student's tail there."""
+    if bool((log_mass[kept] > -TAIL_FLOOR).any()):
+        return (f"the student's mass on the teacher's top-k exceeds 1 - {TAIL_FLOOR:g} at a token, where TRL floors "
+                "the student's tail bucket")
+    return None
+
+
+def _server_divergence(self, logits, teacher, tokens, labels):
+    """``(loss, None)`` from pyalign on the student's logits, or ``(None, reason)`` for TRL's own code."""
+    kept = labels != -100
+    T, tail = self.temperature, ("bucket" if self.loss_add_tail else "renormalize")
+    if self.beta in (0, 1):
+        target, reason = _server_topk(self, teacher, tokens, kept)
+        if target is None:
+            return None, reason
+        divergence, lp, ids = target
+        if divergence == "forward_kl" and self.loss_add_tail:
             with torch.no_grad():
                 lse = _logprob.token_logprobs(logits, torch.where(kept, ids[..., 0], -100), temperature=T,
                                               outputs=("lse",)).lse
                 mass = torch.logsumexp(logits.gather(-1, ids).to(lse.dtype) / T - lse.unsqueeze(-1), -1)
-            if bool((mass[kept] > -TAIL_FLOOR).any()):
-                return None, (f"the student's mass on the teacher's top-k exceeds 1 - {TAIL_FLOOR:g} at a token, "
-                              "where TRL floors the student's tail bucket")
-        return distill.topk_distillation_loss(logits, lp, ids, labels, divergence="forward_kl", tail=tail,
+            reason = _floor_reason(mass, kept)
+            if reason is not None:
+                return None, reason
+        return distill.topk_distillation_loss(logits, lp, ids, labels, divergence=divergence, tail=tail,
                                               temperature=T), None
     actual = teacher["actual_logprobs"]
     if not bool(torch.isfinite(actual[kept]).all()):
         return None, "the teacher server is missing the log-prob of a completion token"
-    if self.beta == 1:  # reverse KL on the sampled token
-        ids, lp = _at_kept(tokens.unsqueeze(-1), actual.unsqueeze(-1), kept)
-        lp = _floored(lp)
-        return distill.topk_distillation_loss(logits, lp, ids, labels, divergence="reverse_kl", tail=tail,
-                                              temperature=T), None
     # the generalized JSD on {the teacher's top-1, the sampled token} (one outcome where they coincide)
     top, top_ids = teacher["topk_logprobs"][..., 0], teacher["topk_token_ids"][..., 0]
     if not bool(torch.isfinite(top[kept]).all()):
@@ -357,10 +384,186 @@ def _server_divergence(self, logits, teacher, tokens, labels):
     return distill.distillation_loss(s, t, labels, beta=self.beta), None
 
 
+def _trl_server_loss(self, logits, teacher, tokens, labels):
+    """TRL's own server divergence (its ``log_softmax`` over the student's ``[B, T, V]`` logits)."""
+    log_probs = torch.nn.functional.log_softmax(logits / self.temperature, dim=-1)
+    if self.beta > 0:
+        return self._compute_server_sparse_top_1_divergence_loss(
+            teacher_result=teacher, student_log_probs=log_probs, completion_tokens=tokens, labels=labels)
+    return self._compute_server_forward_kl_loss(teacher_result=teacher, student_log_probs=log_probs, labels=labels)
+
+
+# -- the student's hidden states and LM head (beta 0 and 1) --
+
+# The fixed token sequence on which a student's logits are checked to be its head's (no gradient, eval mode)
+_PROBE_LENGTH = 8
+
+
+def _logit_scale(config) -> float:
+    """TRL's reading of a model's logit scale (``DistillationTrainer._compute_loss``): ``logit_scale``,
+    else ``output_multiplier``, else ``lm_head_multiplier``, else ``logits_scaling`` (a divisor, a
+    multiplier for HyperCLOVA X); 1 where none is set."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None)
+        if scale is not None:
+            return scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return scaling if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
+    return 1.0
+
+
+def _detached(*tensors):
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
+def _probed_scale(self, model, unwrapped, head, device):
+    """The scale ``s`` with which the student's logits are ``s * (h W^T + b)``, ``h`` the hidden states
+    TRL's ``_get_last_hidden_state`` returns and ``W``, ``b`` its LM head's, or the reason they are not.
+    Checked once per trainer, on a fixed sequence, in eval mode and without gradient (no dropout: no random
+    numbers are drawn), against the logits of the model's own forward, the ones TRL's server loss reads:
+    ``s`` is TRL's reading of the logit scale from the config, or 1 where the forward does not apply it."""
+    cache = self.__dict__.setdefault("_pyalign_server_scale", {})
+    if id(unwrapped) in cache:
+        return cache[id(unwrapped)]
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    scale = _logit_scale(unwrapped.config.get_text_config())
+    candidates = [scale] + ([1.0] if scale != 1 else [])
+    ids = ((torch.arange(_PROBE_LENGTH, device=device) * 7 + 3) % head.out_features).unsqueeze(0)
+    mask = torch.ones_like(ids)
+
+    def probe(student):
+        hidden = self._get_last_hidden_state(student, ids, mask, _PROBE_LENGTH - 1)  # positions 0 .. L-2
+        logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            w, b = _detached(gathered(head.weight), gathered(head.bias))
+            base = torch.nn.functional.linear(hidden.to(w.device), w, b)
+        return logits, base
+
+    modes = [(m, m.training) for m in unwrapped.modules()]
+    try:
+        unwrapped.eval()
+        with torch.no_grad():
+            logits, base = self._forward_redirection(model, unwrapped, probe, unwrapped)
+    finally:
+        for m, training in modes:
+            m.training = training
+    ref = logits.float().to(base.device)
+    tol = 4 * torch.finfo(base.dtype).eps  # a rounding or two (a scale applied as a division, say)
+    found = next((s for s in candidates
+                  if torch.allclose((base if s == 1 else base * s).float(), ref, rtol=tol,
+                                    atol=tol * float(ref.abs().max()))), None)
+    if found is None:
+        found = (f"the student's logits are not its LM head's output times {candidates} "
+                 f"(the model's forward transforms them otherwise)")
+    cache[id(unwrapped)] = found
+    return found
+
+
+def _server_route(self, model, unwrapped, prompt_length, return_outputs, device):
+    """``(LM head, logit scale)`` where the loss can come from the student's hidden states and head
+    (:func:`pyalign.distill.linear_topk_distillation_loss`), else None: the student's logits, with the
+    reason logged (the JSD at ``0 < beta < 1`` reads them by design: no reason)."""
+    if self.beta not in (0, 1):
+        return None
+    head = unwrapped.get_output_embeddings() if callable(getattr(unwrapped, "get_output_embeddings", None)) else None
+    config = getattr(unwrapped, "config", None)
+    cap = None if config is None else getattr(config.get_text_config(), "final_logit_softcapping", None)
+    if return_outputs:
+        why = "return_outputs=True (TRL returns the student's outputs, logits included)"
+    elif not all(callable(getattr(self, name, None)) for name in ("_get_last_hidden_state", "_forward_redirection")):
+        why = "this TRL's trainer has no _get_last_hidden_state / _forward_redirection"
+    elif not isinstance(head, torch.nn.Linear) or config is None:
+        why = "the student's LM head is not a torch.nn.Linear"
+    elif not head.weight.is_floating_point():
+        why = f"the student's LM head weight of dtype {head.weight.dtype} (a quantized LM head?)"
+    elif cap is not None:
+        why = f"linear_topk_distillation_loss has no softcap (final_logit_softcapping={cap})"
+    elif prompt_length < 1:
+        why = "an empty prompt"
+    else:
+        scale = _probed_scale(self, model, unwrapped, head, device)
+        if not isinstance(scale, str):
+            return head, scale
+        why = scale
+    _report(self, f"the divergence from the student's logits (topk_distillation_loss): {why}")
+    return None
+
+
+def _logits_at(hidden, weight, bias, ids):
+    """``hidden @ weight[ids].T + bias[ids]`` per row (``hidden [..., H]``, ``ids [..., K]``), in the
+    accumulation dtype, a bounded block of rows at a time (no ``[..., V]`` tensor)."""
+    acc = acc_dtype(hidden)
+    H, K = hidden.shape[-1], ids.shape[-1]
+    h2, i2 = hidden.reshape(-1, H), ids.reshape(-1, K)
+    out = torch.empty(i2.shape, dtype=acc, device=hidden.device)
+    rows = max(1, (1 << 22) // max(1, K * H))
+    for r in range(0, h2.shape[0], rows):
+        idx = i2[r:r + rows]
+        z = torch.bmm(weight[idx].to(acc), h2[r:r + rows].to(acc).unsqueeze(-1)).squeeze(-1)
+        out[r:r + rows] = z if bias is None else z + bias[idx].to(acc)
+    return out.reshape(ids.shape)
+
+
+def _server_divergence_hidden(self, hidden, weight, bias, teacher, tokens, labels):
+    """``(loss, None)`` from pyalign on the student's hidden states and head (logit scale folded in), or
+    ``(None, reason)`` for TRL's own code."""
+    kept = labels != -100
+    target, reason = _server_topk(self, teacher, tokens, kept)
+    if target is None:
+        return None, reason
+    divergence, lp, ids = target
+    T, tail = self.temperature, ("bucket" if self.loss_add_tail else "renormalize")
+    if divergence == "forward_kl" and self.loss_add_tail:
+        # the student's mass on the teacher's top-k: its lse from one more logits GEMM per token chunk (forward
+        # only) and its logits at the ids from the head's rows, so that no [tokens, V] tensor is formed
+        h, w, b = _detached(hidden, weight, bias)
+        with torch.no_grad():
+            lse = _logprob.linear_token_logprobs(h, w, torch.where(kept, ids[..., 0], -100), bias=b, temperature=T,
+                                                 outputs=("lse",)).lse
+            mass = torch.logsumexp(_logits_at(h, w, b, ids).to(lse.dtype) / T - lse.unsqueeze(-1), -1)
+        reason = _floor_reason(mass, kept)
+        if reason is not None:
+            return None, reason
+    return distill.linear_topk_distillation_loss(hidden, weight, lp, ids, labels, student_bias=bias,
+                                                 divergence=divergence, tail=tail, temperature=T), None
+
+
+def _server_hidden_loss(self, unwrapped, inputs, *, prompt_length, head, scale):
+    """The server loss from the student's last hidden states (TRL's ``_get_last_hidden_state``, run inside
+    the student wrapper's forward by ``_forward_redirection``, as TRL's local-teacher loss) and its head;
+    where TRL's own code must run, the student's logits are formed from them (``scale * (h W^T + b)``, the
+    model's own, as checked)."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx  # ZeRO-3: the head gathered for the direct reads
+
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    hidden = self._get_last_hidden_state(unwrapped, input_ids, inputs["attention_mask"],
+                                         input_ids.shape[1] - prompt_length)  # positions prompt_length - 1 .. L - 2
+    teacher = self._get_teacher_token_logprobs_from_server(inputs, prompt_length)
+    n = teacher["actual_logprobs"].shape[1]
+    device = head.weight.device
+    hidden = hidden[:, :n].to(device)
+    tokens, labels = input_ids[:, prompt_length:][:, :n].to(device), labels[:, prompt_length:][:, :n].to(device)
+    teacher = {k: v.to(device) for k, v in teacher.items()}
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):
+        weight, bias = gathered(head.weight), gathered(head.bias)
+        hs, bs = _scaled(hidden, bias, scale)
+        loss, reason = (_server_divergence_hidden(self, hs, weight, bs, teacher, tokens, labels) if n
+                        else (None, "no completion token"))
+        if loss is None:
+            _report(self, f"TRL's own loss: {reason}")
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            loss = _trl_server_loss(self, logits if scale == 1 else logits * scale, teacher, tokens, labels)
+    return loss
+
+
 def server_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
     """``ServerDistillationTrainer.compute_loss`` (TRL 1.16) with the divergence from pyalign: TRL's batch
-    layout, student forward, prompt boundary, teacher request and trimming, its local ``batchmean`` over
-    completion tokens and its division by the gradient-accumulation steps."""
+    layout, prompt boundary, teacher request and trimming, its local ``batchmean`` over completion tokens
+    and its division by the gradient-accumulation steps. For ``beta`` 0 and 1, from the student's last
+    hidden states and LM head where its logits are checked to be ``scale * (h W^T + b)``
+    (:func:`_server_route`); else, as for the JSD, from the logits of TRL's student forward."""
     reason = distillation_fallback_reason(self)
     if reason is not None:
         _report(self, f"TRL's own loss: {reason}")
@@ -374,22 +577,24 @@ def server_compute_loss(self, model, inputs, return_outputs=False, num_items_in_
                        dim=1)
     inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
               "prompt_attention_mask": prompt_mask}
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask)
-    prompt_length = self._compute_prompt_length(inputs)
-    teacher = self._get_teacher_token_logprobs_from_server(inputs, prompt_length)
-    n = teacher["actual_logprobs"].shape[1]
-    logits = outputs.logits[:, prompt_length - 1:-1][:, :n]
-    tokens, labels = input_ids[:, prompt_length:][:, :n], labels[:, prompt_length:][:, :n]
-    loss, reason = _server_divergence(self, logits, teacher, tokens, labels) if n else (None, "no completion token")
-    if loss is None:
-        _report(self, f"TRL's own loss: {reason}")
-        log_probs = torch.nn.functional.log_softmax(logits / self.temperature, dim=-1)
-        if self.beta > 0:
-            loss = self._compute_server_sparse_top_1_divergence_loss(
-                teacher_result=teacher, student_log_probs=log_probs, completion_tokens=tokens, labels=labels)
-        else:
-            loss = self._compute_server_forward_kl_loss(teacher_result=teacher, student_log_probs=log_probs,
-                                                        labels=labels)
+    prompt_length = self._compute_prompt_length(inputs)  # from the inputs alone
+    unwrapped = self.accelerator.unwrap_model(model)
+    route = _server_route(self, model, unwrapped, prompt_length, return_outputs, input_ids.device)
+    outputs = None
+    if route is not None:
+        head, scale = route
+        hidden_loss = functools.partial(_server_hidden_loss, self, prompt_length=prompt_length, head=head, scale=scale)
+        loss = self._forward_redirection(model, unwrapped, hidden_loss, unwrapped, inputs)
+    else:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+        teacher = self._get_teacher_token_logprobs_from_server(inputs, prompt_length)
+        n = teacher["actual_logprobs"].shape[1]
+        logits = outputs.logits[:, prompt_length - 1:-1][:, :n]
+        tokens, labels = input_ids[:, prompt_length:][:, :n], labels[:, prompt_length:][:, :n]
+        loss, reason = _server_divergence(self, logits, teacher, tokens, labels) if n else (None, "no completion token")
+        if loss is None:
+            _report(self, f"TRL's own loss: {reason}")
+            loss = _trl_server_loss(self, logits, teacher, tokens, labels)
     if self.model.training:  # TRL's server path reduces locally, so it scales for gradient accumulation itself
         loss = loss / self.current_gradient_accumulation_steps
     return (loss, outputs) if return_outputs else loss

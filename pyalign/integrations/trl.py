@@ -181,8 +181,9 @@ def patch_trainer(trainer):
     importance-sampling correction, adaptive entropy control, loss types pyalign does not know), for
     TRL's distillation trainers (the experimental ``GKDTrainer``, ``DistillationTrainer`` and the
     experimental ``ServerDistillationTrainer``) through :mod:`pyalign.distill`: from both models' hidden
-    states and LM heads where both are at hand, from a server teacher's top-k log-probs, else from the
-    logits; what pyalign cannot express keeps TRL's code, with the reason logged
+    states and LM heads where both are at hand, from the student's hidden states and LM head to a server
+    teacher's top-k log-probs, else from the logits; what pyalign cannot express keeps TRL's code, with
+    the reason logged
     (:mod:`pyalign.integrations._trl_distill`).
 
     Returns the trainer. Call it after constructing the trainer (which installs TRL's fused head).

@@ -15,15 +15,19 @@ model, and returns ``(loss, metrics)``:
 The kernel computes the loss, its gradient w.r.t. each input and the metrics in one pass over the
 batch; the backward is a single multiply. ``weights`` (optional, per pair or per element) multiply
 each element's loss before the reduction; ``"mean"`` divides the weighted sum by the number of
-elements (as TRL does with its WPO weights), not by the sum of the weights.
+elements (as TRL does with its WPO weights), not by the sum of the weights. The pairwise losses
+also take ``reduction="dro"``, the KL-DRO reduction of Dr. DPO (``dro_temperature``), and
+:class:`GroupRobustWeights` reweights any per-example loss by group (GRPO's mirror ascent).
 """
 from pyalign.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from pyalign.losses.fused_linear import fused_linear_dpo_loss
 from pyalign._metrics import Metrics
 from pyalign.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from pyalign.losses.reward_model import reward_model_loss
+from pyalign.losses.robust import GroupRobustWeights
 from pyalign.losses.unpaired import BCORunningMean, bco_loss, kto_loss
 from pyalign.ops.losses import F_DIVERGENCES
 
 __all__ = ["Metrics", "dpo_loss", "kto_loss", "bco_loss", "BCORunningMean", "orpo_loss", "cpo_loss",
-           "simpo_loss", "reward_model_loss", "fused_linear_dpo_loss", "DPO_LOSS_TYPES", "F_DIVERGENCES"]
+           "simpo_loss", "reward_model_loss", "fused_linear_dpo_loss", "GroupRobustWeights", "DPO_LOSS_TYPES",
+           "F_DIVERGENCES"]

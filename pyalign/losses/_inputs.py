@@ -1,4 +1,5 @@
-"""Input checks of the preference losses and the call into their op."""
+"""Input checks of the preference losses, the call into their op, and the KL-DRO reduction of the
+pairwise losses (computed here, in Python, on the kernel's per-pair output)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,6 +13,8 @@ from pyalign._metrics import Metrics
 from pyalign.ops.losses import METRICS, REDUCTIONS, params_list, preference_loss_op
 
 _NUMERIC = FLOAT_DTYPES + (torch.int32, torch.int64, torch.uint8, torch.bool)
+# The pairwise losses accept the kernel's reductions and "dro", which is reduced here from "none".
+PAIR_REDUCTIONS = REDUCTIONS + ("dro",)
 
 
 def vec(x, name: str, n: Optional[int], device, *, numeric: bool = False) -> Tensor:
@@ -48,6 +51,31 @@ def reduction(value) -> str:
     return _checks.choice(value, "reduction", REDUCTIONS)
 
 
+def pair_reduction(value, dro_temperature) -> tuple[str, float]:
+    """``(reduction, dro_temperature)`` of a pairwise loss: one of the kernel's reductions or
+    ``"dro"``; a temperature other than the default 1.0 is refused unless the reduction is ``"dro"``."""
+    red = _checks.choice(value, "reduction", PAIR_REDUCTIONS)
+    tau = _checks.positive(dro_temperature, "dro_temperature")
+    if red != "dro" and tau != 1.0:
+        raise ValueError(f"dro_temperature: only used with reduction='dro'; got {dro_temperature!r} with "
+                         f"reduction={red!r}")
+    return red, tau
+
+
+def kl_dro(losses: Tensor, temperature: float) -> Tensor:
+    """The KL-DRO reduction of Dr. DPO (Wu et al. 2024, arXiv:2407.07880) of per-pair losses
+    ``l`` [N]: ``-tau log((1/N) sum_i exp(-l_i / tau))``.
+
+    Evaluated as ``m - tau log1p(mean(expm1(-(l - m) / tau)))`` with ``m = min(l)`` (held constant:
+    the value does not depend on the shift, so neither does the gradient): every exponent is <= 0,
+    so nothing overflows for small ``tau``, and ``log1p``/``expm1`` keep the digits that ``log(mean(
+    exp(.)))`` would lose for large ``tau``, where the result tends to the mean. The gradient w.r.t.
+    ``l_i`` is ``softmax(-l / tau)_i``.
+    """
+    m = losses.detach().min()
+    return m - temperature * torch.log1p(torch.expm1((m - losses) / temperature).mean())
+
+
 def number(x, name: str) -> float:
     return _checks.finite(x, name)
 
@@ -55,12 +83,16 @@ def number(x, name: str) -> float:
 def run(family: str, a, b=None, c=None, d=None, la=None, lb=None, w=None, label=None, kla=None,
         klb=None, state=None, *, types=(0,), type_weights=(1.0,), fdiv="reverse_kl", reduction="mean",
         beta=0.1, label_smoothing=0.0, f_alpha=0.5, tau=0.05, gamma=0.5, alpha=0.0, cpo_alpha=0.0,
-        desirable_weight=1.0, undesirable_weight=1.0, center=0.0):
-    """Calls the loss kernel; returns ``(loss, Metrics, state_out)``."""
+        desirable_weight=1.0, undesirable_weight=1.0, center=0.0, dro_temperature=1.0):
+    """Calls the loss kernel; returns ``(loss, Metrics, state_out)``. ``reduction="dro"`` runs the
+    kernel with ``"none"`` (the per-pair losses, already multiplied by ``w``) and reduces them by
+    :func:`kl_dro`; the metrics are the kernel's."""
     params = params_list(beta=beta, label_smoothing=label_smoothing, f_alpha=f_alpha, tau=tau, gamma=gamma,
                          alpha=alpha, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight, center=center)
     loss, _, metrics, state_out = preference_loss_op(a, b, c, d, la, lb, w, label, kla, klb, state, family,
                                                      list(types), [float(t) for t in type_weights], params, fdiv,
-                                                     reduction)
+                                                     "none" if reduction == "dro" else reduction)
+    if reduction == "dro":
+        loss = kl_dro(loss, dro_temperature)
     return loss, Metrics(metrics, METRICS[family]), state_out

@@ -53,6 +53,7 @@ def dpo_loss(
     reduction: str = "mean",
     discopop_tau: float = 0.05,
     rpo_alpha: Optional[float] = None,
+    dro_temperature: float = 1.0,
 ):
     """DPO (Rafailov et al. 2023, arXiv:2305.18290) and its variants, as TRL's ``DPOTrainer`` defines them.
 
@@ -103,6 +104,11 @@ def dpo_loss(
         chosen_lengths / rejected_lengths: completion token counts (any numeric dtype, clamped at
             1), needed by ``ipo`` and ``sigmoid_norm``; ``sft`` uses ``chosen_lengths`` if given.
         weights: per-pair weights applied before the reduction (e.g. from ensemble uncertainty).
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` (per pair), or ``"dro"``: the KL-DRO reduction of
+            Dr. DPO (Wu et al. 2024, arXiv:2407.07880), ``-tau log(mean_i exp(-w_i l_i / tau))`` with
+            ``tau = dro_temperature`` (> 0; the mean as tau -> inf), which down-weights high-loss
+            (likely mislabeled) pairs: the gradient of pair i is scaled by ``softmax(-w l / tau)_i``.
+            ``aot`` / ``aot_unpaired`` refuse ``"none"`` and ``"dro"``.
 
     Metrics: ``rewards/* = beta * r`` (beta * policy log-prob when reference-free), ``logps/*``
     the policy log-probs, ``rewards/accuracies`` the fraction with chosen reward > rejected.
@@ -158,7 +164,7 @@ def dpo_loss(
                              f"{', '.join(sorted(_F_DIV_TYPES))}; got {', '.join(bad)}")
     f_alpha = inp.number(f_alpha, "f_alpha")
     tau = _checks.positive(discopop_tau, "discopop_tau")
-    red = inp.reduction(reduction)
+    red, dro_tau = inp.pair_reduction(reduction, dro_temperature)
     if rc is None:
         need = [t for t in types if t in _NEEDS_REF]
         if need:
@@ -169,10 +175,11 @@ def dpo_loss(
         if need:
             raise ValueError(f"chosen_lengths / rejected_lengths: loss type(s) {', '.join(need)} are "
                              "length-normalized and need both completion lengths")
-    if red == "none" and any(t in ("aot", "aot_unpaired") for t in types):
-        raise ValueError("reduction: 'none' is not defined for aot / aot_unpaired (they couple pairs "
-                         "through a sort of the batch); use 'mean' or 'sum'")
+    if red in ("none", "dro") and any(t in ("aot", "aot_unpaired") for t in types):
+        raise ValueError(f"reduction: {red!r} is not defined for aot / aot_unpaired (they couple pairs "
+                         "through a sort of the batch, so they have no per-pair losses); use 'mean' or 'sum'")
     codes = [DPO_TYPES.index(t) for t in types]
     loss, metrics, _ = inp.run("dpo", pc, pr, rc, rr, lc, lr, w, types=codes, type_weights=lw, beta=beta,
-                               label_smoothing=eps, f_alpha=f_alpha, tau=tau, fdiv=fd, reduction=red)
+                               label_smoothing=eps, f_alpha=f_alpha, tau=tau, fdiv=fd, reduction=red,
+                               dro_temperature=dro_tau)
     return loss, metrics

@@ -28,6 +28,7 @@ def orpo_loss(
     beta: float = 0.1,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",
+    dro_temperature: float = 1.0,
 ):
     """ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 6-7): NLL plus a log odds-ratio penalty.
 
@@ -37,6 +38,7 @@ def orpo_loss(
     ``-m_c - beta * log sigmoid(log_odds)`` (``beta`` is the paper's lambda, as in TRL). The NLL is
     per sequence; TRL pools the chosen tokens of the batch (equal when lengths are equal).
 
+    ``reduction="dro"`` (with ``dro_temperature``) is the KL-DRO reduction of :func:`pyalign.losses.dpo_loss`.
     Metrics: ``rewards/* = beta * m``, ``nll_loss``, ``log_odds_ratio`` (mean log sigmoid(log_odds)),
     ``log_odds_chosen`` (mean log_odds).
     """
@@ -45,8 +47,9 @@ def orpo_loss(
     pr = inp.vec(policy_rejected_logps, "policy_rejected_logps", n, dev)
     lc, lr = _lengths(chosen_lengths, rejected_lengths, n, dev, "orpo_loss")
     w = inp.opt(weights, "weights", n, dev)
+    red, dro_tau = inp.pair_reduction(reduction, dro_temperature)
     loss, metrics, _ = inp.run("orpo", pc, pr, None, None, lc, lr, w, beta=_checks.positive(beta, "beta"),
-                               reduction=inp.reduction(reduction))
+                               reduction=red, dro_temperature=dro_tau)
     return loss, metrics
 
 
@@ -64,6 +67,7 @@ def cpo_loss(
     rejected_lengths: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",
+    dro_temperature: float = 1.0,
 ):
     """CPO (Xu et al. 2024, arXiv:2401.08417), SimPO (Meng et al. 2024, arXiv:2405.14734) and
     AlphaPO (Gupta et al. 2025, arXiv:2501.03884): reference-free, as TRL's ``CPOTrainer``.
@@ -74,7 +78,8 @@ def cpo_loss(
     (minus ``gamma / beta`` for ``simpo``) the preference term is the smoothed logistic loss
     ``-(1-e) log sigmoid(beta x) - e log sigmoid(-beta x)`` (sigmoid, simpo), ``relu(1 - beta x)``
     (hinge) or ``(x - 1/(2 beta))^2`` (ipo); ``cpo_alpha`` adds the chosen NLL (per token when
-    ``chosen_lengths`` is given, else per sequence).
+    ``chosen_lengths`` is given, else per sequence). ``reduction="dro"`` (with ``dro_temperature``)
+    is the KL-DRO reduction of :func:`pyalign.losses.dpo_loss`.
 
     Metrics: ``rewards/* = beta * r``, ``nll_loss``.
     """
@@ -94,10 +99,11 @@ def cpo_loss(
     elif eps != 0:
         raise ValueError(f"label_smoothing: loss type {lt!r} does not use it (only sigmoid and simpo do); got {eps}")
     w = inp.opt(weights, "weights", n, dev)
+    red, dro_tau = inp.pair_reduction(reduction, dro_temperature)
     loss, metrics, _ = inp.run("cpo", pc, pr, None, None, lc, lr, w, types=[CPO_TYPES.index(lt)],
                 beta=_checks.positive(beta, "beta"), label_smoothing=eps, gamma=inp.number(gamma, "gamma"),
                 alpha=inp.number(alpha, "alpha"), cpo_alpha=inp.number(cpo_alpha, "cpo_alpha"),
-                reduction=inp.reduction(reduction))
+                reduction=red, dro_temperature=dro_tau)
     return loss, metrics
 
 
@@ -114,6 +120,7 @@ def simpo_loss(
     cpo_alpha: float = 0.0,
     weights: Optional[Tensor] = None,
     reduction: str = "mean",
+    dro_temperature: float = 1.0,
 ):
     """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6): ``-log sigmoid(beta (m_c - m_r) - gamma)``
     on per-token mean log-probs; ``alpha != 0`` gives AlphaPO, ``cpo_alpha > 0`` CPO-SimPO.
@@ -122,4 +129,4 @@ def simpo_loss(
     return cpo_loss(policy_chosen_logps, policy_rejected_logps, loss_type="simpo", beta=beta,
                     label_smoothing=label_smoothing, gamma=gamma, alpha=alpha, cpo_alpha=cpo_alpha,
                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, weights=weights,
-                    reduction=reduction)
+                    reduction=reduction, dro_temperature=dro_temperature)

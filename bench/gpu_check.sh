@@ -74,7 +74,7 @@ if '$dev' == 'cuda' and not pyalign.cuda_available():
 cat "$OUT/import.log"
 
 # Every family's tests parametrized over devices, on the checked device (the CPU half runs in CI).
-FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_distill.py tests/test_distill_linear.py tests/test_distill_topk.py tests/test_distill_linear_topk.py tests/test_distill_inplace.py tests/test_uncertainty.py tests/test_uncertainty_robust.py tests/test_plasticity.py"
+FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_losses_robust.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_distill.py tests/test_distill_linear.py tests/test_distill_topk.py tests/test_distill_linear_topk.py tests/test_distill_inplace.py tests/test_uncertainty.py tests/test_uncertainty_robust.py tests/test_plasticity.py"
 step "tests_$dev" 240 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" \
   $FAMILIES tests/test_ops.py tests/test_regressions.py tests/test_reliability.py tests/test_distributed.py
 # The bench suite: quick set, then (GPU only) the real sizes of the bandwidth/GEMM-bound kernels.

@@ -10,6 +10,8 @@ Run: ``python -m pyalign.bench --only robust [--full]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -88,9 +90,48 @@ def _ensemble_advantages(device, quick):
             record(SUITE, "ensemble_advantages uwo", size, "eager", eager, device, measure_memory=False)]
 
 
+def _dro(device, quick):
+    n = 4096 if quick else 65536
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(n, generator=g).to(device) for _ in range(4))
+    leaves = [pc.requires_grad_(), pr.requires_grad_()]
+    tau = 0.5
+
+    def eager():
+        per = -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr)))
+        return -tau * (torch.logsumexp(-per / tau, 0) - math.log(n))
+
+    size = f"{n} pairs fp32"
+    ours = lambda: losses.dpo_loss(pc, pr, rc, rr, reduction="dro", dro_temperature=tau)[0]  # noqa: E731
+    return [record(SUITE, "dpo_loss sigmoid reduction=dro fwd+bwd", size, impl, _grad_of(fn, leaves), device,
+                   measure_memory=False) for impl, fn in (("pyalign", ours), ("eager", eager))]
+
+
+def _group_weights(device, quick):
+    n, groups = (4096, 8) if quick else (65536, 8)
+    g = torch.Generator().manual_seed(2)
+    per = (torch.rand(n, generator=g) * 2).to(device).requires_grad_()
+    ids = torch.randint(0, groups, (n,), generator=g).to(device)
+    robust = losses.GroupRobustWeights(groups, step_size=0.01).to(device)
+    alpha = torch.full((groups,), 1.0 / groups, device=device)
+
+    def eager():
+        counts = torch.zeros(groups, device=device).index_add_(0, ids, torch.ones(n, device=device))
+        means = torch.zeros(groups, device=device).index_add(0, ids, per) / counts.clamp(min=1)
+        logw = alpha.log() + 0.01 * torch.where(counts > 0, means.detach(), torch.zeros_like(means))
+        alpha.copy_(torch.softmax(logw, 0))
+        return (alpha * means).sum()
+
+    size = f"{n} examples, {groups} groups fp32"
+    return [record(SUITE, "GroupRobustWeights step fwd+bwd", size, impl, _grad_of(fn, [per]), device,
+                   measure_memory=False) for impl, fn in (("pyalign", lambda: robust(per, ids)[0]), ("eager", eager))]
+
+
 def run(device: str, quick: bool) -> list[dict]:
     rows = []
     rows += _ensemble_head(device, quick)
     rows += _objectives(device, quick)
     rows += _ensemble_advantages(device, quick)
+    rows += _dro(device, quick)
+    rows += _group_weights(device, quick)
     return rows

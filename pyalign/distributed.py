@@ -49,8 +49,8 @@ from pyalign.ops.linear import auto_chunk_size
 from pyalign._tensors import acc_dtype
 from pyalign.distill.divergence import checked_labels, checked_options, row_weights
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
-from pyalign.distill.topk import _check_teacher
-from pyalign.ops.distill_topk import DIVERGENCES as TOPK_DIVERGENCES, TAILS
+from pyalign.distill.topk import checked_topk
+from pyalign.ops.distill_topk import IGNORE
 from pyalign.ops.vocab_parallel_distill import (VocabParallelDistillation, VocabParallelLinearDistillation,
                                                 VocabParallelTopkDistillation, shard_layout)
 
@@ -320,41 +320,22 @@ def vocab_parallel_topk_distillation_loss(
     the teacher's ids or log-probs are not a sub-distribution over distinct ids in ``[0, V)``.
     """
     _checks.float_tensor(student_shard, "student_shard")
-    _checks.float_tensor(teacher_topk_logprobs, "teacher_topk_logprobs")
-    _checks.index_tensor(teacher_topk_ids, "teacher_topk_ids")
-    _checks.same_device(("student_shard", student_shard), ("teacher_topk_logprobs", teacher_topk_logprobs),
-                        ("teacher_topk_ids", teacher_topk_ids), ("labels", labels))
-    _checks.choice(divergence, "divergence", TOPK_DIVERGENCES)
-    _checks.choice(tail, "tail", TAILS)
-    _, temperature, _, ignore_index = checked_options(0.0, temperature, reduction, ignore_index, None, None)
     if student_shard.dim() < 2 or student_shard.shape[-1] < 1:
         raise ValueError(f"student_shard: expected [..., V_local] with at least 2 dimensions and V_local >= 1, "
                          f"got {tuple(student_shard.shape)}")
     lead, v_local = student_shard.shape[:-1], student_shard.shape[-1]
-    if teacher_topk_logprobs.dim() != student_shard.dim() or teacher_topk_logprobs.shape[:-1] != lead:
-        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(lead)} + [K], got "
-                         f"{tuple(teacher_topk_logprobs.shape)}")
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(f"teacher_topk_ids: expected the shape of teacher_topk_logprobs "
-                         f"{tuple(teacher_topk_logprobs.shape)}, got {tuple(teacher_topk_ids.shape)}")
-    checked_labels(labels, lead)
     group_info(group)
     start = resolve_start(vocab_start, v_local, group, student_shard.device)
     V = shard_layout(start, v_local, group, student_shard.device)
-    K = teacher_topk_logprobs.shape[-1]
-    if not 1 <= K <= V:
-        raise ValueError(f"teacher_topk_logprobs: expected 1 <= K <= V = {V} entries per position, got K = {K}")
-    ids, b = teacher_topk_ids.reshape(-1, K).long(), teacher_topk_logprobs.reshape(-1, K)
-    flat = None if labels is None else labels.reshape(-1)
-    kept = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device) if flat is None else flat != ignore_index
-    if validate is None:
-        validate = student_shard.device.type == "cpu"
-    if validate:
-        _check_teacher(ids, b, V, None if flat is None else kept)
+    b, ids, flat, temperature = checked_topk(("student_shard", student_shard), lead, V, teacher_topk_logprobs,
+                                             teacher_topk_ids, labels, divergence, tail, temperature, reduction,
+                                             ignore_index, validate)
+    ids = ids.long()
+    kept = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device) if flat is None else flat != IGNORE
     s2 = student_shard.reshape(-1, v_local)
     if s2.stride(-1) != 1:
         s2 = s2.contiguous()
-    weight = row_weights(flat, s2.shape[0], V, student_shard.shape[0], reduction, ignore_index, num_items_in_batch,
+    weight = row_weights(flat, s2.shape[0], V, student_shard.shape[0], reduction, IGNORE, num_items_in_batch,
                          acc_dtype(student_shard), student_shard.device)
     total, rows = VocabParallelTopkDistillation.apply(s2, b, ids, weight, kept, group, start, V, divergence, tail,
                                                       temperature)

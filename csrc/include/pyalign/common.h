@@ -110,12 +110,8 @@ constexpr DType accumulation_dtype(DType d) { return d == DType::f64 ? DType::f6
 // exp that the host compiler can inline and vectorize (#pragma omp simd): Cody-Waite range
 // reduction to |r| <= ln2/2 and a degree-6 polynomial (max rel. error ~2 ulp). Exact 0 below
 // -87.3 (so -inf logits give exactly 0), +inf above 88.7, NaN propagates.
-PYALIGN_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+// exp_clamped is the core, for an argument already clamped to [-87, 88].
+PYALIGN_HD float exp_clamped(float xc) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = xc * 1.44269504f + shifter;
   float n = t - shifter;
@@ -129,8 +125,15 @@ PYALIGN_HD float fast_exp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
-  float scale = bits_to_float(uint32_t(ni + 127) << 23);
-  float y = p * scale;
+  return p * bits_to_float(uint32_t(ni + 127) << 23);
+}
+PYALIGN_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  float y = exp_clamped(xc);
   y = x < -87.0f ? 0.0f : y;
   y = x > 88.0f ? INFINITY : y;
   return x != x ? x : y;
@@ -145,21 +148,7 @@ PYALIGN_HD float fast_exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float shifter = 12582912.0f;
-  float t = xc * 1.44269504f + shifter;
-  float n = t - shifter;
-  float r = xc - n * 0.693145752f;
-  r = r - n * 1.42860677e-6f;
-  float p = 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
-  float y = p * bits_to_float(uint32_t(ni + 127) << 23);
+  const float y = exp_clamped(x < -87.0f ? -87.0f : x);
   return x < -87.0f ? 0.0f : y;
 #endif
 }

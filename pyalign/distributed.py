@@ -49,6 +49,7 @@ from pyalign.ops.linear import auto_chunk_size
 from pyalign._tensors import acc_dtype
 from pyalign.distill.divergence import checked_labels, checked_options, row_weights
 from pyalign.ops.vocab_parallel import VocabParallelLinear, VocabParallelLogprobs, group_info, resolve_start
+from pyalign.distill.linear import checked_heads
 from pyalign.distill.topk import checked_topk
 from pyalign.ops.distill_topk import IGNORE
 from pyalign.ops.vocab_parallel_distill import (VocabParallelDistillation, VocabParallelLinearDistillation,
@@ -251,23 +252,10 @@ def vocab_parallel_linear_distillation_loss(
     all-reduced (the full gradient on every rank); each head shard gets its own. Gradients flow to
     every input that requires grad.
     """
-    for side, h, w, b in (("student", student_hidden, student_weight_shard, student_bias_shard),
-                          ("teacher", teacher_hidden, teacher_weight_shard, teacher_bias_shard)):
-        _checks.float_tensor(h, f"{side}_hidden")
-        lab = labels if labels is not None else torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
-        _checks.head(h, w, b, lab, shift=False, hidden_name=f"{side}_hidden", weight_name=f"{side}_weight_shard",
-                     bias_name=f"{side}_bias_shard")
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden: expected the leading shape of student_hidden "
-                         f"{tuple(student_hidden.shape[:-1])}, got {tuple(teacher_hidden.shape[:-1])}")
-    if teacher_weight_shard.shape[0] != student_weight_shard.shape[0]:
-        raise ValueError(f"teacher_weight_shard: expected {student_weight_shard.shape[0]} rows (the student's "
-                         f"shard of the vocabulary), got {teacher_weight_shard.shape[0]}")
+    checked_heads(student_hidden, student_weight_shard, student_bias_shard, teacher_hidden, teacher_weight_shard,
+                  teacher_bias_shard, labels, reduction, suffix="_shard", logits_fn="vocab_parallel_distillation_loss")
     (_, beta), temperature, caps, ignore_index = checked_options(beta, temperature, reduction, ignore_index,
                                                                  student_softcap, teacher_softcap)
-    if reduction == "none":
-        raise ValueError("reduction: 'none' has no fused gradient from hidden states; expected 'batchmean', "
-                         "'sum' or 'mean' (or use vocab_parallel_distillation_loss on the logits)")
     _checks.chunk_size(chunk_size)
     group_info(group)
     hs, ws, bs = cast_head(student_hidden, student_weight_shard, student_bias_shard)

@@ -26,6 +26,29 @@ def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
             | (NEED_BIAS if (bias is not None and bias.requires_grad) else 0))
 
 
+def checked_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  reduction, *, suffix: str = "", logits_fn: str = "distillation_loss") -> None:
+    """Both models' hidden states and LM heads (``suffix``: ``"_shard"`` for heads split by vocabulary
+    rows) checked against each other, and a reduction with a fused gradient from hidden states."""
+    for side, h, w, b in (("student", student_hidden, student_weight, student_bias),
+                          ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        _checks.float_tensor(h, f"{side}_hidden")
+        # without labels, the head's checks see labels of the right shape (every position kept)
+        lab = labels if labels is not None else torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
+        _checks.head(h, w, b, lab, shift=False, hidden_name=f"{side}_hidden", weight_name=f"{side}_weight{suffix}",
+                     bias_name=f"{side}_bias{suffix}")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden: expected the leading shape of student_hidden "
+                         f"{tuple(student_hidden.shape[:-1])}, got {tuple(teacher_hidden.shape[:-1])}")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_weight{suffix}: expected {student_weight.shape[0]} rows (the student's "
+                         f"vocabulary{' shard' if suffix else ''}), got {teacher_weight.shape[0]}")
+    _checks.same_device(("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden))
+    if reduction == "none":
+        raise ValueError("reduction: 'none' has no fused gradient from hidden states; expected 'batchmean', "
+                         f"'sum' or 'mean' (or use {logits_fn} on the logits)")
+
+
 def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                              teacher_weight: Tensor, labels: Optional[Tensor] = None, *,
                              student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
@@ -52,25 +75,10 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
     """
     student_weight, student_bias = gathered(student_weight), gathered(student_bias)
     teacher_weight, teacher_bias = gathered(teacher_weight), gathered(teacher_bias)
-    for side, h, w, b in (("student", student_hidden, student_weight, student_bias),
-                          ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        _checks.float_tensor(h, f"{side}_hidden")
-        # without labels, the head's checks see labels of the right shape (every position kept)
-        lab = labels if labels is not None else torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
-        _checks.head(h, w, b, lab, shift=False, hidden_name=f"{side}_hidden", weight_name=f"{side}_weight",
-                     bias_name=f"{side}_bias")
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden: expected the leading shape of student_hidden "
-                         f"{tuple(student_hidden.shape[:-1])}, got {tuple(teacher_hidden.shape[:-1])}")
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(f"teacher_weight: expected {student_weight.shape[0]} rows (the student's vocabulary), "
-                         f"got {teacher_weight.shape[0]}")
-    _checks.same_device(("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden))
+    checked_heads(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  reduction)
     (divergence, mix), temperature, caps, ignore_index = checked_options(
         beta, temperature, reduction, ignore_index, student_softcap, teacher_softcap, divergence, skew_alpha)
-    if reduction == "none":
-        raise ValueError("reduction: 'none' has no fused gradient from hidden states; expected 'batchmean', "
-                         "'sum' or 'mean' (or use distillation_loss on the logits)")
     _checks.chunk_size(chunk_size)
     hs, ws, bs = cast_head(student_hidden, student_weight, student_bias)
     ht, wt, bt = cast_head(teacher_hidden, teacher_weight, teacher_bias)

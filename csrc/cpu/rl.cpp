@@ -81,8 +81,6 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_a_tiled(const PgArgs
 #pragma omp simd
       for (int j = 0; j < n; ++j)
         EF[j] = (M[j] != A(0)) & (R::template f<A>(a.ent, b + j) * M[j] >= thr) ? M[j] : A(0);
-    } else {
-      for (int j = 0; j < n; ++j) EF[j] = M[j];
     }
     if (p.has_off_policy) {
 #pragma omp simd
@@ -98,10 +96,10 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_a_tiled(const PgArgs
       add_lanes(lanes[3], ID, n);
     }
     add_lanes(lanes[0], M, n);
-    add_lanes(lanes[1], EF, n);
+    if (p.has_entropy_mask) add_lanes(lanes[1], EF, n);
   }
   g[G_CNT] = lane_total(lanes[0]);
-  g[G_EFF] = lane_total(lanes[1]);
+  g[G_EFF] = p.has_entropy_mask ? lane_total(lanes[1]) : g[G_CNT];  // without the mask EF is M
   g[G_OPSM] = lane_total(lanes[2]);
   g[G_ISDIFF] = lane_total(lanes[3]);
 }
@@ -131,6 +129,9 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
   A FL[kTile], FH[kTile], FC[kTile], E[kTile], GE[kTile], GL[kTile], LO[kTile], KC[kTile], EC[kTile], BC[kTile];
   A* const C[kTileSums] = {LO, KC, EC, BC, FL, FH, FC};  // the summed contributions, in TileSum order
   const bool bias = p.bias_correction_kl, bonus = ecoef != A(0);
+  // The sums this configuration can make nonzero (the others would add exact zeros: skipped).
+  const bool clipped = type != PgType::cispo && type != PgType::sapo;
+  const bool summed[kTileSums] = {true, p.has_ref, has_ent, has_ent && bonus, clipped, clipped, type == PgType::cispo};
   for (int64_t b = seg.b; b < seg.e; b += kTile) {
     const int n = int(std::min<int64_t>(kTile, seg.e - b));
     // Loop-invariant choices stay outside the loops (a branch inside one stops it vectorizing).
@@ -141,7 +142,7 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
       LP[j] = R::template f<A>(a.logp, i);
       bool inside;
       const A lr = clamp_ratio(LP[j] - R::template f<A>(a.old, i), inside);
-      CO[j] = fast_exp(lr);
+      CO[j] = fast_exp_bounded(lr);
       IN[j] = inside ? A(1) : A(0);
     }
     if (p.adv_per_token) {
@@ -225,7 +226,8 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
 #pragma omp simd
       for (int j = 0; j < n; ++j) ge[b + j] = GE[j];
     }
-    for (int k = 0; k < kTileSums; ++k) add_lanes(lanes[k], C[k], n);
+    for (int k = 0; k < kTileSums; ++k)
+      if (summed[k]) add_lanes(lanes[k], C[k], n);
   }
   for (int k = 0; k < kTileSums; ++k) g[kTileSlot[k]] += lane_total(lanes[k]);
   phase_b_seg_metrics<A>(a, s, c, g);

@@ -154,6 +154,17 @@ PYALIGN_HD float fast_exp_nonpos(float x) {
 }
 PYALIGN_HD double fast_exp_nonpos(double x) { return std::exp(x); }
 
+// fast_exp of an argument known to lie in [-87, 88] or be NaN (a clamped log-ratio): the same value
+// without the range clamps and their selects.
+PYALIGN_HD float fast_exp_bounded(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_clamped(x);
+#endif
+}
+PYALIGN_HD double fast_exp_bounded(double x) { return std::exp(x); }
+
 // log that the host compiler can inline and vectorize: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), by its odd series to s^9 (|s| <= 0.172: relative
 // error below 1e-8 before rounding). Subnormals are scaled first; log 0 = -inf, log inf = inf, a

@@ -81,6 +81,8 @@ template <typename T, typename M> struct TypedTokens {
 // ------------------------------------------------------------------------------------------
 // Per-token math
 
+// x clamped to +-kPgLogRatioClamp (NaN stays NaN): an argument fast_exp_bounded takes.
+static_assert(kPgLogRatioClamp <= 87.0, "fast_exp_bounded needs clamped log-ratios within [-87, 88]");
 template <typename A> PYALIGN_HD A clamp_ratio(A x, bool& inside) {
   const A c = A(kPgLogRatioClamp);
   inside = (x >= -c) & (x <= c);
@@ -327,7 +329,7 @@ template <typename A, typename R = AnyTokens> PYALIGN_HD A phase_b_token(const P
   const A adv = adv_at<A, R>(a, i, s);
   bool inside;
   const A lr = clamp_ratio(lp - old, inside);
-  const A coef = p.seq_level ? c.coef : fast_exp(lr);
+  const A coef = p.seq_level ? c.coef : fast_exp_bounded(lr);
   A isr = c.isr;
   if (p.is_mode == int(IsMode::token_truncate) || p.is_mode == int(IsMode::token_mask))
     isr = is_ratio<A>(p.is_mode, nan_to_zero((old - R::template f<A>(a.samp, i)) * m), A(p.is_clip_min), A(p.is_clip_max));

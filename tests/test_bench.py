@@ -39,3 +39,32 @@ def test_summary_ranges_over_the_grid():
     # vs eager: the best eager-kind baseline at each point (3/2 and 5/1); vs compile only at size 2;
     # memory: the smallest eager peak over pyalign's (floored at 1 MiB): 20/10 and 4/1
     assert line == ["s", "2", "1.50x", "..", "5.00x", "0.50x", "2.00x", "..", "4.00x"]
+
+
+def test_compare_times_interleaved_and_takes_the_median_of_per_round_ratios(monkeypatch):
+    from pyalign.bench import common
+
+    calls = []
+    planned = {"pyalign": iter([1.0, 1.0, 10.0]), "eager": iter([20.0, 2.0, 20.0])}  # per timed call
+    fns = {name: (lambda name=name: calls.append(name)) for name in planned}
+
+    def fake_time(fn, device):
+        fn()
+        return next(planned[calls[-1]])
+
+    def failing():
+        raise RuntimeError("no such kernel here")
+
+    monkeypatch.setattr(common, "time_ms", fake_time)
+    rows = common.compare("s", "op", "n", [("pyalign", fns["pyalign"]), ("eager", fns["eager"]),
+                                           ("broken", failing), ("peer", None)],
+                          "cpu", reps=3, warmup=0, measure_memory=False, notes={"peer": "needs a GPU"})
+    by = {r["impl"]: r for r in rows}
+    # one untimed call of each, then one call of each per round, the order rotating: the ratios are 20, 2, 2 (median 2), while the
+    # medians alone (1 and 20) would say 20
+    assert calls == ["pyalign", "eager"] + ["pyalign", "eager", "eager", "pyalign", "pyalign", "eager"]
+    assert by["pyalign"]["median_ms"] == 1.0 and by["pyalign"]["speedup"] is None
+    assert by["eager"]["median_ms"] == 20.0 and by["eager"]["speedup"] == 2.0
+    assert by["broken"]["median_ms"] is None and by["broken"]["note"].startswith("failed: RuntimeError")
+    assert by["peer"]["median_ms"] is None and by["peer"]["note"] == "needs a GPU"
+    assert summary(rows).splitlines()[-1].split()[:3] == ["s", "1", "2.00x"]

@@ -1,6 +1,10 @@
 """Timing and memory measurement shared by every bench suite.
 
 Time: median of repeated calls after warm-up (CUDA events on GPU, perf_counter on CPU).
+:func:`compare` times the implementations of one (op, size) interleaved, one call of each per round
+(A B C A B C ...), and gives each baseline's speedup as the median over rounds of its time over
+pyalign's in the same round: on a shared, noisy machine that ratio is steadier than a ratio of
+separately measured medians, because a slow phase of the machine slows both calls of a round.
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the
 call. On CPU, the process's peak resident set (VmHWM) is reset through ``/proc/self/clear_refs``
 before the call and read after it, minus the resident set before (after handing freed heap pages
@@ -25,6 +29,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one call of ``fn()`` in milliseconds (CUDA events on GPU)."""
+    if device == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
 def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int = 5,
               max_seconds: float = 10.0) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
@@ -34,17 +52,7 @@ def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: i
     times = []
     start_all = time.perf_counter()
     for _ in range(reps):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+        times.append(time_ms(fn, device))
         if time.perf_counter() - start_all > max_seconds and len(times) >= 2:
             break
     return statistics.median(times)
@@ -121,20 +129,59 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def record(suite: str, op: str, size: str, impl: str, fn: Callable[[], object] | None, device: str,
-           *, bytes_moved: int | None = None, measure_memory: bool = True, note: str = "",
-           reps: int = 5) -> dict:
-    """Times (and measures memory of) one implementation; ``fn=None`` records it as unavailable."""
-    row = {"suite": suite, "op": op, "size": size, "impl": impl, "device": device,
-           "median_ms": None, "peak_mem_mb": None, "gbps": None, "note": note}
-    if fn is None:
-        return row
-    try:
-        row["median_ms"] = median_ms(fn, device, reps=reps)
-        if measure_memory:
-            row["peak_mem_mb"] = peak_extra_mb(fn, device)
+def _failed(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def compare(suite: str, op: str, size: str, impls, device: str, *, bytes_moved: int | None = None,
+            measure_memory: bool = True, note: str = "", notes: dict | None = None, reps: int = 5,
+            warmup: int = 2, max_seconds: float = 20.0, per_call: int = 1) -> list[dict]:
+    """Rows for the implementations of one (op, size), timed interleaved.
+
+    ``impls``: ``(name, fn)`` pairs (or a dict), "pyalign" among them; ``fn`` None records that
+    implementation as unavailable. A row's note is ``notes[name]`` if given, else ``note`` (for an
+    unavailable one "not installed"). After ``warmup``
+    calls of each, ``reps`` rounds call each once, the order rotating by one each round so that
+    no implementation always runs first; a round costs every implementation's time, and rounds stop
+    after ``max_seconds`` once two are done. Each row holds its median time (divided by
+    ``per_call`` when ``fn`` makes that many calls) and, for baselines, ``speedup``: the median over
+    rounds of the baseline's time over pyalign's. An implementation that raises is reported with
+    the error, not fatal."""
+    pairs = list(impls.items()) if isinstance(impls, dict) else list(impls)
+    notes = notes or {}
+    rows = {name: {"suite": suite, "op": op, "size": size, "impl": name, "device": device, "median_ms": None,
+                   "peak_mem_mb": None, "gbps": None, "speedup": None,
+                   "note": notes.get(name, "not installed" if fn is None else note)}
+            for name, fn in pairs}
+    live = {}
+    for name, fn in pairs:
+        if fn is None:
+            continue
+        try:
+            for _ in range(max(warmup, 1)):  # at least one untimed call: a failure shows here
+                fn()
+            sync(device)
+            live[name] = fn
+        except Exception as e:  # a baseline that fails on this machine is reported, not fatal
+            rows[name]["note"] = _failed(e)
+    times: dict[str, list[float]] = {name: [] for name in live}
+    names, start = list(live), time.perf_counter()
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            times[name].append(time_ms(live[name], device) / per_call)
+        if time.perf_counter() - start > max_seconds and r >= 1:
+            break
+    for name, ts in times.items():
+        row = rows[name]
+        row["median_ms"] = statistics.median(ts)
         if bytes_moved:
             row["gbps"] = bytes_moved / (row["median_ms"] * 1e-3) / 1e9
-    except Exception as e:  # a baseline that fails on this machine is reported, not fatal
-        row["note"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    return row
+        if "pyalign" in times and name != "pyalign":
+            row["speedup"] = statistics.median(t / o for t, o in zip(ts, times["pyalign"]))
+    if measure_memory:
+        for name, fn in live.items():
+            try:
+                rows[name]["peak_mem_mb"] = peak_extra_mb(fn, device)
+            except Exception as e:
+                rows[name]["note"] = _failed(e)
+    return list(rows.values())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pyalign import distill
-from pyalign.bench.common import compiled, installed, record
+from pyalign.bench.common import compare, compiled, installed
 
 
 def _eager(student, teacher, labels, beta):
@@ -83,11 +83,9 @@ def _linear_rows(device: str, quick: bool) -> list[dict]:
             return a.grad, b.grad
         return run
     liger = _linear_liger(device)
-    for name, impl in (("pyalign", _linear_ours), ("eager", _linear_eager), ("liger", liger)):
-        if impl is not None:
-            rows.append(record("distill", "linear_distillation_loss jsd fwd+bwd", size, name, fwd_bwd(impl),
-                               device, reps=3))
-    return rows
+    impls = [(name, fwd_bwd(impl)) for name, impl in (("pyalign", _linear_ours), ("eager", _linear_eager), ("liger", liger))
+             if impl is not None]
+    return rows + compare("distill", "linear_distillation_loss jsd fwd+bwd", size, impls, device, reps=3)
 
 
 def sizes(device: str, quick: bool):
@@ -110,9 +108,8 @@ def run(device: str, quick: bool) -> list[dict]:
         for beta in (0.0, 0.5, 1.0):
             op = f"distillation_loss beta {beta:g} fwd+bwd"
             impls = [("pyalign", _ours), ("eager", _eager), ("compile", compiled(_eager, dynamic=False))]
-            for name, impl in impls:
-                rows.append(record("distill", op, size, name, _fwd_bwd(impl, s, t, y, beta), device,
-                                   bytes_moved=moved, reps=3))
+            rows += compare("distill", op, size, [(name, _fwd_bwd(impl, s, t, y, beta)) for name, impl in impls], device,
+                            bytes_moved=moved, reps=3)
     return rows + _linear_rows(device, quick) + _inplace_rows(device, quick) + _linear_topk_rows(device, quick)
 
 
@@ -138,15 +135,14 @@ def _inplace_rows(device, quick):
             return torch.autograd.grad(loss(x), x)
         return run
 
-    for inplace in (False, True):
-        name = "pyalign_inplace" if inplace else "pyalign"
-        for beta in (0.0, 0.5):
-            rows.append(record("distill", f"distillation_loss beta {beta:g} fwd+bwd (+clone)", size, name,
-                               fb(lambda x, beta=beta, inplace=inplace: distill.distillation_loss(
-                                   x, t, y, beta=beta, inplace_backward=inplace)), device, reps=3))
-        rows.append(record("distill", "topk_distillation_loss K 64 fwd+bwd (+clone)", size, name,
-                           fb(lambda x, inplace=inplace: distill.topk_distillation_loss(
-                               x, lp, ids, y, inplace_backward=inplace)), device, reps=3))
+    names = {False: "pyalign", True: "pyalign_inplace"}
+    for beta in (0.0, 0.5):
+        rows += compare("distill", f"distillation_loss beta {beta:g} fwd+bwd (+clone)", size,
+                        [(names[inplace], fb(lambda x, beta=beta, inplace=inplace: distill.distillation_loss(
+                            x, t, y, beta=beta, inplace_backward=inplace))) for inplace in (False, True)], device, reps=3)
+    rows += compare("distill", "topk_distillation_loss K 64 fwd+bwd (+clone)", size,
+                    [(names[inplace], fb(lambda x, inplace=inplace: distill.topk_distillation_loss(
+                        x, lp, ids, y, inplace_backward=inplace))) for inplace in (False, True)], device, reps=3)
     return rows
 
 
@@ -173,5 +169,5 @@ def _linear_topk_rows(device, quick):
             return a.grad, b.grad
         return run
 
-    return [record("distill", "linear_topk_distillation_loss forward_kl fwd+bwd", size, name, fb(impl), device,
-                   reps=3) for name, impl in impls.items()]
+    return compare("distill", "linear_topk_distillation_loss forward_kl fwd+bwd", size,
+                   [(name, fb(impl)) for name, impl in impls.items()], device, reps=3)

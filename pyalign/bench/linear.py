@@ -11,6 +11,12 @@
   ``F.cross_entropy``) and, when importable, Liger-Kernel's and Cut Cross-Entropy's fused linear
   cross-entropy, which compute exactly that loss.
 
+Each op's ``gemm floor`` row is the time of its GEMMs alone at the full shapes, into preallocated
+outputs, in the same run: per-token log-probs forward 1 GEMM (the logits), forward+backward 4
+(the logits, their recomputation in the backward, ``dhidden`` and ``dweight``), with a frozen head 3;
+the reduced cross-entropy, whose gradient is formed in the forward, 3. pyalign's speedup over that
+row (< 1) is the inverse of its time as a multiple of the floor.
+
 Peak extra memory as measured by :func:`pyalign.bench.common.peak_extra_mb` (it includes the
 gradients every implementation produces).
 """
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import pyalign
-from pyalign.bench.common import installed, record
+from pyalign.bench.common import compare, installed
 
 
 def _eager(h, w, y):
@@ -102,19 +108,37 @@ def sizes(device: str, quick: bool):
     return [(512, 1024, 32000, torch.float32)] if quick else [(8192, 1024, 32000, torch.float32)]
 
 
-def _baselines(op: str, size: str, device: str, candidates, rows: list) -> list:
-    """The importable, usable baselines among ``(name, module, factory)``; the others are recorded
-    as "not installed" / "unusable"."""
-    found = []
+def _baselines(device: str, candidates) -> tuple[list, dict]:
+    """``(impls, notes)``: the baselines among ``(name, module, factory)`` as ``(name, fn)``, fn None
+    with a note for those not installed or unusable here."""
+    found, notes = [], {}
     for name, module, factory in candidates:
         if not installed(module):
-            rows.append(record("linear", op, size, name, None, device, note="not installed"))
+            found.append((name, None))
             continue
         try:
             found.append((name, factory()))
         except Exception as e:  # importable but unusable here (e.g. Triton without a GPU)
-            rows.append(record("linear", op, size, name, None, device, note=f"unusable: {type(e).__name__}"))
-    return found
+            found.append((name, None))
+            notes[name] = f"unusable: {type(e).__name__}"
+    return found, notes
+
+
+def _gemm_floor(h, w, logits: int, grads: tuple[bool, bool]):
+    """The GEMMs of a fused head alone, into preallocated outputs: ``logits`` logits GEMMs, then the
+    ``dhidden`` and ``dweight`` products as ``grads`` asks (the logits stand in for their gradient)."""
+    z = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+
+    def run():
+        for _ in range(logits):
+            torch.mm(h, w.t(), out=z)
+        if grads[0]:
+            torch.mm(z, w, out=dh)
+        if grads[1]:
+            torch.mm(z.t(), h, out=dw)
+        return z
+    return run
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -129,22 +153,23 @@ def run(device: str, quick: bool) -> list[dict]:
         impls = [("pyalign", _ours), ("eager", _eager)]
         if not quick and device == "cpu" and dtype == torch.float32:  # what oneDNN's GEMMs give, for the record
             impls.insert(1, ("pyalign-blas", _ours_blas))
-        impls += _baselines(f"{op} fwd+bwd", size, device, [("trl", "trl", _trl),
-                                                           ("cce", "cut_cross_entropy", lambda: _cce(device, "none"))],
-                            rows)
-        for name, impl in impls:
-            rows.append(record("linear", f"{op} fwd", size, name, lambda impl=impl: impl(h, w, y), device, reps=3))
-            rows.append(record("linear", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
-        for name, impl in impls:
-            if name != "pyalign-blas":
-                rows.append(record("linear", f"{op} fwd+bwd, frozen head", size, name,
-                                   _fwd_bwd_frozen_head(impl, h, w, y), device, reps=3))
+        found, notes = _baselines(device, [("trl", "trl", _trl), ("cce", "cut_cross_entropy", lambda: _cce(device, "none"))])
+        impls += found
+        live = [(name, impl) for name, impl in impls if impl is not None and name != "pyalign-blas"]
+        rows += compare("linear", f"{op} fwd", size, [(name, impl and (lambda impl=impl: impl(h, w, y)))
+                                                      for name, impl in impls]
+                        + [("gemm floor", _gemm_floor(h, w, 1, (False, False)))], device, notes=notes, reps=3)
+        rows += compare("linear", f"{op} fwd+bwd", size, [(name, impl and _fwd_bwd(impl, h, w, y)) for name, impl in impls]
+                        + [("gemm floor", _gemm_floor(h, w, 2, (True, True)))], device, notes=notes, reps=3)
+        rows += compare("linear", f"{op} fwd+bwd, frozen head", size,
+                        [(name, _fwd_bwd_frozen_head(impl, h, w, y)) for name, impl in live]
+                        + [("gemm floor", _gemm_floor(h, w, 2, (True, False)))], device, reps=3)
         op = "linear_cross_entropy fwd+bwd"
         impls = [("pyalign", _ours_ce), ("eager", _eager_ce)]
         if not quick:  # the path the forward-gradient one replaces, for the record
             impls.insert(1, ("pyalign-recompute", _ours_ce_recompute))
-        impls += _baselines(op, size, device, [("liger", "liger_kernel", _liger_ce),
-                                               ("cce", "cut_cross_entropy", lambda: _cce(device, "mean"))], rows)
-        for name, impl in impls:
-            rows.append(record("linear", op, size, name, _fwd_bwd(impl, h, w, y), device, reps=3))
+        found, notes = _baselines(device, [("liger", "liger_kernel", _liger_ce),
+                                           ("cce", "cut_cross_entropy", lambda: _cce(device, "mean"))])
+        rows += compare("linear", op, size, [(name, impl and _fwd_bwd(impl, h, w, y)) for name, impl in impls + found]
+                        + [("gemm floor", _gemm_floor(h, w, 1, (True, True)))], device, notes=notes, reps=3)
     return rows

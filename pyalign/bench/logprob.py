@@ -1,12 +1,14 @@
 """Log-prob suite: pyalign.token_logprobs vs eager PyTorch (log_softmax + gather), torch.compile,
 and, when importable, the fused cross-entropy kernels of flash-attn and Liger-Kernel (Triton, GPU
-only; their per-token loss is ``-log p(label)``, the same one-read-one-write work; no entropy)."""
+only; their per-token loss is ``-log p(label)``, the same one-read-one-write work; no entropy).
+The forward's ``read floor`` row is one plain pass over the same logits (a row sum) in the same
+run: pyalign's ``% copy bw`` against that row's says how close the forward is to the read."""
 from __future__ import annotations
 
 import torch
 
 import pyalign
-from pyalign.bench.common import compiled, installed, record
+from pyalign.bench.common import compare, compiled, installed
 
 
 def _eager(x, y, entropy):
@@ -36,9 +38,10 @@ def _liger():
     return lambda x, y, entropy: (-liger_cross_entropy(x, y, reduction="none"), None)
 
 
-def _other_libraries(device: str, size: str):
-    """(impls, rows): the importable, usable fused cross-entropy baselines, and rows for the others."""
-    impls, rows = [], []
+def _other_libraries(device: str):
+    """``(impls, notes)``: the fused cross-entropy baselines as ``(name, fn)``, fn None with a note in
+    ``notes`` for those not installed or unusable here."""
+    impls, notes = [], {}
     for name, module, factory in (("flash_attn", "flash_attn", _flash_attn), ("liger", "liger_kernel", _liger)):
         note = ("not installed" if not installed(module) else
                 "needs a CUDA device (Triton)" if device != "cuda" else "")
@@ -48,8 +51,14 @@ def _other_libraries(device: str, size: str):
                 continue
             except Exception as e:  # importable but unusable here
                 note = f"unusable: {type(e).__name__}"
-        rows.append(record("logprob", "token_logprobs fwd+bwd", size, name, None, device, note=note))
-    return impls, rows
+        impls.append((name, None))
+        notes[name] = note
+    return impls, notes
+
+
+def _read(x, y, entropy):
+    """The read floor: one plain pass over the logits (a row sum), what a bandwidth-bound forward costs."""
+    return x.sum(-1), None
 
 
 def _fwd_bwd(impl, x, y, entropy):
@@ -76,18 +85,18 @@ def run(device: str, quick: bool) -> list[dict]:
         y = torch.randint(0, V, (n,), device=device)
         size = f"{n}x{V} {str(dtype).replace('torch.', '')}"
         read = x.numel() * x.element_size()
-        others, missing = _other_libraries(device, size)
+        others, notes = _other_libraries(device)
         for entropy in (False, True):
             impls = [("pyalign", _ours), ("eager", _eager)] + ([] if entropy else others)
             if not (quick and entropy):  # each compiled variant costs seconds of compile time
                 impls.append(("compile", compiled_eager))
             op = "token_logprobs+entropy" if entropy else "token_logprobs"
-            for name, impl in impls:
-                rows.append(record("logprob", f"{op} fwd", size, name,
-                                   lambda impl=impl: impl(x, y, entropy), device, bytes_moved=read))
-            for name, impl in impls:
-                rows.append(record("logprob", f"{op} fwd+bwd", size, name, _fwd_bwd(impl, x, y, entropy),
-                                   device, bytes_moved=2 * read + read))
-        rows += missing
+            fwd = impls + ([] if entropy else [("read floor", _read)])
+            rows += compare("logprob", f"{op} fwd", size,
+                            [(name, impl and (lambda impl=impl: impl(x, y, entropy))) for name, impl in fwd],
+                            device, bytes_moved=read, notes=notes)
+            rows += compare("logprob", f"{op} fwd+bwd", size,
+                            [(name, impl and _fwd_bwd(impl, x, y, entropy)) for name, impl in impls],
+                            device, bytes_moved=2 * read + read, notes=notes)
         del x
     return rows

@@ -4,14 +4,15 @@ Each row times forward + backward of one loss on a batch of per-sequence log-pro
 64 pairs takes microseconds, so each timed function runs the loss ``REPEAT`` times and the row
 reports the time per call. ``pyalign`` is the public function (its eager path skips the dispatcher,
 see :mod:`pyalign.ops._op`); ``pyalign-op`` calls the registered custom op itself, to show the
-dispatcher's overhead that path avoids. The eager baseline is :mod:`pyalign.reference.losses` evaluated in fp32 (TRL's formulas).
+dispatcher's overhead that path avoids. A row at 8 pairs splits a small call's time into the kernel
+call, the autograd floor and the rest (Python). The eager baseline is :mod:`pyalign.reference.losses` evaluated in fp32 (TRL's formulas).
 """
 from __future__ import annotations
 
 import torch
 
 from pyalign import losses as L
-from pyalign.bench.common import compiled, installed, record
+from pyalign.bench.common import compare, compiled, installed
 from pyalign.ops.losses import DPO_TYPES, params_list, preference_loss_op
 from pyalign.reference import losses as R
 
@@ -61,6 +62,46 @@ def _cases():
     return cases
 
 
+class _Floor(torch.autograd.Function):
+    """The autograd floor of a fused loss: a Function that returns a saved number and whose backward
+    returns saved gradients, with no kernel at all."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a, b)
+        return a.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return a * g, b * g
+
+
+def _overhead_rows(device: str) -> list[dict]:
+    """Where the time of a small call goes (dpo sigmoid, 8 pairs, fwd+bwd): the public function, the
+    op's implementation alone (the kernel call with its descriptors and output allocations, no
+    argument checks, no autograd), the autograd floor (:class:`_Floor`) and eager PyTorch. The public
+    call's time minus the other two pyalign rows is its Python overhead (checks, options, result)."""
+    inputs = _batch(8, device)
+    ours, eager, _ = _cases()[0][1:]
+    pc, pr, rc, rr, lc, lr = inputs
+    params = params_list(beta=0.1, label_smoothing=0.0, f_alpha=0.5, tau=0.05, gamma=0.5, alpha=0, cpo_alpha=0,
+                         desirable_weight=1, undesirable_weight=1, center=0)
+    sigmoid = [DPO_TYPES.index("sigmoid")]
+
+    def impl_only():
+        for _ in range(REPEAT):
+            preference_loss_op.impl(pc, pr, rc, rr, lc, lr, None, None, None, None, None, "dpo", sigmoid, [1.0],
+                                    params, "reverse_kl", "mean")
+
+    impls = [("pyalign", _fwd_bwd(ours, inputs)), ("op impl (no autograd)", impl_only),
+             ("autograd floor", _fwd_bwd(lambda a, b, *_: _Floor.apply(a, b), inputs)),
+             ("eager", _fwd_bwd(eager, inputs))]
+    return compare("losses", "dpo sigmoid per-call overhead fwd+bwd", "8 pairs fp32", impls, device,
+                   measure_memory=False, note=f"per call (batches of {REPEAT})", per_call=REPEAT, reps=9)
+
+
 def _fwd_bwd(fn, inputs):
     pc, pr, rc, rr, lc, lr = inputs
 
@@ -75,7 +116,7 @@ def _fwd_bwd(fn, inputs):
 
 def run(device: str, quick: bool) -> list[dict]:
     rows = []
-    sizes = [64, 4096] if quick else [64, 4096, 65536]
+    sizes = [64, 4096] if quick else [8, 64, 512, 4096, 65536]
     for n in sizes:
         inputs = _batch(n, device)
         for name, ours, eager, op in _cases():
@@ -86,12 +127,10 @@ def run(device: str, quick: bool) -> list[dict]:
                 impls.append(("compile", compiled(eager, dynamic=False)))
             if op is not None:
                 impls.insert(1, ("pyalign-op", op))
-            for impl, fn in impls:
-                row = record("losses", f"{name} fwd+bwd", f"{n} pairs fp32", impl, _fwd_bwd(fn, inputs), device,
-                             measure_memory=False, note=f"per call (batches of {REPEAT})")
-                if row["median_ms"] is not None:
-                    row["median_ms"] /= REPEAT
-                rows.append(row)
+            rows += compare("losses", f"{name} fwd+bwd", f"{n} pairs fp32",
+                            [(impl, _fwd_bwd(fn, inputs)) for impl, fn in impls], device, measure_memory=False,
+                            note=f"per call (batches of {REPEAT})", per_call=REPEAT, reps=9)
+    rows.extend(_overhead_rows(device))
     rows.extend(_fused_linear_dpo(device, quick))
     return rows
 
@@ -126,18 +165,17 @@ def _fused_linear_dpo(device: str, quick: bool) -> list[dict]:
     impls = [("pyalign", ours), ("eager", eager)]
     if not quick:  # compiling the eager loss over these sizes costs a minute on a small CPU
         impls.append(("compile", _compiled_eager(hidden, weight, labels, ref)))
-    rows = [record("losses", "fused_linear_dpo_loss fwd+bwd", size, impl, fn, device, reps=3) for impl, fn in impls]
+    notes = {}
     if installed("liger_kernel"):
         try:
-            rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger",
-                               _liger_dpo(hidden, weight, labels), device, reps=3,
-                               note="reference-free (Liger takes no precomputed reference log-probs)"))
+            impls.append(("liger", _liger_dpo(hidden, weight, labels)))
+            notes["liger"] = "reference-free (Liger takes no precomputed reference log-probs)"
         except Exception as e:  # importable but unusable here
-            rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger", None, device,
-                               note=f"unusable: {type(e).__name__}"))
+            impls.append(("liger", None))
+            notes["liger"] = f"unusable: {type(e).__name__}"
     else:
-        rows.append(record("losses", "fused_linear_dpo_loss fwd+bwd", size, "liger", None, device, note="not installed"))
-    return rows
+        impls.append(("liger", None))
+    return compare("losses", "fused_linear_dpo_loss fwd+bwd", size, impls, device, notes=notes, reps=3)
 
 
 def _shifted_policy_loss(h, w, labels, ref):

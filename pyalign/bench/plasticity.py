@@ -6,49 +6,14 @@ papers state it (``eager``: out of place, then copied into the weight) and for a
 in-place eager version (``eager_inplace``), and, unless ``quick``, for ``torch.compile`` of the
 out-of-place formula. The consolidation penalty is timed with its gradient added to ``.grad``.
 
-Time: median of repeated calls after warm-up (``time.perf_counter``; CUDA synchronized).
-Peak memory above the state before the call: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
-the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the
-resident set before the call. torch's CPU allocator returns large blocks to the OS, so every
-weight-sized temporary a call makes shows up there. ``None`` where it cannot be measured.
+Timed interleaved and measured for peak memory by :func:`pyalign.bench.common.compare`.
 """
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 
 from pyalign import plasticity as P
-from pyalign.bench.common import compiled, peak_extra_mb
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _medians_ms(fns: dict, device, warmup=2, reps=7, budget_s=60.0) -> dict:
-    """Median wall time of each function, timed round-robin (one call of each per round) so that
-    all implementations of an op see the same machine load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times = {k: [] for k in fns}
-    t_all = time.perf_counter()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append((time.perf_counter() - t) * 1e3)
-        if time.perf_counter() - t_all > budget_s and len(times[k]) >= 3:
-            break
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-_peak_mb = peak_extra_mb
+from pyalign.bench.common import compare, compiled
 
 
 LR, WD, W_MIN, W_MAX, NORM, DECAY, MOD = 1e-3, 1e-2, -0.05, 0.05, 1.0, 0.9, 0.5
@@ -97,21 +62,7 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
 
     def record(op, fns: dict, dtype):
-        label = f"{size} {str(dtype).replace('torch.', '')}"
-        try:
-            ms = _medians_ms(fns, device)
-        except Exception as e:  # a baseline failing here is reported, not fatal
-            ms = {k: None for k in fns}
-            note = f"failed: {type(e).__name__}: {str(e)[:100]}"
-        for impl, fn in fns.items():
-            row = dict(op=op, size=label, impl=impl, median_ms=None if ms[impl] is None else round(ms[impl], 2),
-                       peak_mem_mb=None)
-            if ms[impl] is None:
-                row["note"] = note
-            else:
-                mem = _peak_mb(fn, device)
-                row["peak_mem_mb"] = None if mem is None else round(mem, 1)
-            rows.append(row)
+        rows.extend(compare("plasticity", op, f"{size} {str(dtype).replace('torch.', '')}", fns, device, reps=7))
 
     for dtype in (torch.float32, torch.bfloat16):
         w = (torch.randn(out_f, in_f, generator=g) * 0.01).to(dtype).to(device)

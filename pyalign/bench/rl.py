@@ -15,7 +15,7 @@ import torch
 
 import pyalign
 from pyalign import rl
-from pyalign.bench.common import compiled, record
+from pyalign.bench.common import compare, compiled
 
 BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
 
@@ -93,9 +93,8 @@ def _linear_rows(device: str, quick: bool) -> list[dict]:
         impls = [("pyalign", _linear_ours), ("pyalign recompute", _linear_recompute)]
         if B * T * V * 4 <= 8 * 2**30:  # the eager logits must fit
             impls.append(("eager", _linear_eager))
-        for name, impl in impls:
-            rows.append(record("rl", "fused_linear_policy_loss grpo+entropy fwd+bwd", size, name,
-                               _linear_fwd_bwd(impl, h, w, y, old, adv, mask), device, reps=3))
+        rows += compare("rl", "fused_linear_policy_loss grpo+entropy fwd+bwd", size,
+                        [(name, _linear_fwd_bwd(impl, h, w, y, old, adv, mask)) for name, impl in impls], device, reps=3)
     return rows
 
 
@@ -117,7 +116,7 @@ def run(device: str, quick: bool) -> list[dict]:
         size = f"{B}x{T} tokens fp32"
         moved = 4 * B * T * 4 + B * T * 4  # four [B, T] inputs read, one gradient written
         impls = [("pyalign", _ours), ("eager", _trl_formula), ("compile", compiled(_trl_formula, dynamic=False))]
-        for name, impl in impls:
-            rows.append(record("rl", "policy_loss dapo+kl fwd+bwd", size, name,
-                               _fwd_bwd(impl, lp, old, ref, adv, mask), device, bytes_moved=moved))
+        rows += compare("rl", "policy_loss dapo+kl fwd+bwd", size,
+                        [(name, _fwd_bwd(impl, lp, old, ref, adv, mask)) for name, impl in impls], device,
+                        bytes_moved=moved, reps=15)
     return rows + _linear_rows(device, quick)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pyalign import losses, rl, uncertainty as U
-from pyalign.bench.common import record
+from pyalign.bench.common import compare
 
 SUITE = "robust"
+REPS = 15  # rounds of the interleaved timing: each call is well under a millisecond
 
 
 def _grad_of(fn, leaves):
@@ -48,12 +49,10 @@ def _ensemble_head(device, quick):
         return total
 
     size = f"M={m} F={f} pairs={p} fp32"
-    rows = [record(SUITE, "ensemble_reward_head BT fwd+bwd", size, "pyalign",
-                   _grad_of(lambda: head.loss(ch, rj, example_ids=ids)[0], list(head.parameters())), device,
-                   measure_memory=False),
-            record(SUITE, "ensemble_reward_head BT fwd+bwd", size, "eager",
-                   _grad_of(eager, [q for lin in members for q in lin.parameters()]), device, measure_memory=False)]
-    return rows
+    return compare(SUITE, "ensemble_reward_head BT fwd+bwd", size, [
+        ("pyalign", _grad_of(lambda: head.loss(ch, rj, example_ids=ids)[0], list(head.parameters()))),
+        ("eager", _grad_of(eager, [q for lin in members for q in lin.parameters()]))], device,
+        measure_memory=False, reps=REPS)
 
 
 def _objectives(device, quick):
@@ -69,9 +68,9 @@ def _objectives(device, quick):
     for method, fn in eager.items():
         size = f"K={k} N={n} fp32"
         ours = lambda method=method: U.aggregate_objectives(r, method=method, weights=w, temperature=t)  # noqa: E731
-        for impl, f in (("pyalign", ours), ("eager", fn)):
-            rows.append(record(SUITE, f"aggregate_objectives {method} fwd+bwd", size, impl,
-                               _grad_of(lambda f=f: f().sum(), [r]), device, measure_memory=False))
+        rows += compare(SUITE, f"aggregate_objectives {method} fwd+bwd", size,
+                        [(impl, _grad_of(lambda f=f: f().sum(), [r])) for impl, f in (("pyalign", ours), ("eager", fn))],
+                        device, measure_memory=False, reps=REPS)
     return rows
 
 
@@ -85,9 +84,9 @@ def _ensemble_advantages(device, quick):
         return ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-4)).reshape(-1)
 
     size = f"M={m} N={n} group={g} fp32"
-    return [record(SUITE, "ensemble_advantages uwo", size, "pyalign",
-                   lambda: rl.ensemble_advantages(r, g, method="uwo", lam=0.5), device, measure_memory=False),
-            record(SUITE, "ensemble_advantages uwo", size, "eager", eager, device, measure_memory=False)]
+    return compare(SUITE, "ensemble_advantages uwo", size,
+                   [("pyalign", lambda: rl.ensemble_advantages(r, g, method="uwo", lam=0.5)), ("eager", eager)],
+                   device, measure_memory=False, reps=REPS)
 
 
 def _dro(device, quick):
@@ -103,8 +102,9 @@ def _dro(device, quick):
 
     size = f"{n} pairs fp32"
     ours = lambda: losses.dpo_loss(pc, pr, rc, rr, reduction="dro", dro_temperature=tau)[0]  # noqa: E731
-    return [record(SUITE, "dpo_loss sigmoid reduction=dro fwd+bwd", size, impl, _grad_of(fn, leaves), device,
-                   measure_memory=False) for impl, fn in (("pyalign", ours), ("eager", eager))]
+    return compare(SUITE, "dpo_loss sigmoid reduction=dro fwd+bwd", size,
+                   [(impl, _grad_of(fn, leaves)) for impl, fn in (("pyalign", ours), ("eager", eager))], device,
+                   measure_memory=False, reps=REPS)
 
 
 def _group_weights(device, quick):
@@ -123,8 +123,9 @@ def _group_weights(device, quick):
         return (alpha * means).sum()
 
     size = f"{n} examples, {groups} groups fp32"
-    return [record(SUITE, "GroupRobustWeights step fwd+bwd", size, impl, _grad_of(fn, [per]), device,
-                   measure_memory=False) for impl, fn in (("pyalign", lambda: robust(per, ids)[0]), ("eager", eager))]
+    return compare(SUITE, "GroupRobustWeights step fwd+bwd", size,
+                   [(impl, _grad_of(fn, [per])) for impl, fn in (("pyalign", lambda: robust(per, ids)[0]), ("eager", eager))],
+                   device, measure_memory=False, reps=REPS)
 
 
 def run(device: str, quick: bool) -> list[dict]:

@@ -5,7 +5,7 @@ would write (log_softmax, exp, mean over members, entropies: it materializes sev
 ``[M, tokens, V]`` tensors), forward and forward+backward of the ensemble log-prob; the reward
 reductions against eager torch (mean/var/amin/amax/quantile over M).
 
-Timing: median wall time after warm-up. Peak extra memory: see ``_peak_extra_mb``.
+Timed interleaved and measured for peak memory by :func:`pyalign.bench.common.compare`.
 Run: ``python -m pyalign.bench.uncertainty [--quick] [--device cpu|cuda]``.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import torch
 
 from pyalign import uncertainty as U
-from pyalign.bench.common import median_ms as _median_ms, peak_extra_mb as _peak_extra_mb
+from pyalign.bench.common import compare
 
 
 def eager_token_uncertainty(logits, labels, temperature=1.0):
@@ -33,10 +33,6 @@ def eager_token_uncertainty(logits, labels, temperature=1.0):
     return total, expected, mi, ens, mlp.exp().var(0, unbiased=False)
 
 
-def _row(op, size, impl, ms, mem, **extra):
-    return {"op": op, "size": size, "impl": impl, "median_ms": ms, "peak_mem_mb": mem, **extra}
-
-
 def run(device: str, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     out = []
@@ -46,8 +42,7 @@ def run(device: str, quick: bool) -> list[dict]:
     lab = torch.randint(0, v, (t,), device=device)
     fused = lambda: U.token_uncertainty(x, lab)
     eager = lambda: eager_token_uncertainty(x, lab)
-    for impl, fn in (("pyalign", fused), ("eager", eager)):
-        out.append(_row("token_uncertainty", size, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    out += compare("uncertainty", "token_uncertainty", size, [("pyalign", fused), ("eager", eager)], device)
 
     # Forward + backward of the ensemble log-prob (the trainable output).
     tb = t if quick else 512
@@ -59,8 +54,8 @@ def run(device: str, quick: bool) -> list[dict]:
     eager_bwd = lambda: torch.autograd.grad(eager_token_uncertainty(xb, labb)[3].sum(), xb)[0]
 
     size_b = f"M={m} tokens={tb} V={v} fp32"
-    for impl, fn in (("pyalign", fused_bwd), ("eager", eager_bwd)):
-        out.append(_row("token_uncertainty_fwd_bwd", size_b, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    out += compare("uncertainty", "token_uncertainty_fwd_bwd", size_b, [("pyalign", fused_bwd), ("eager", eager_bwd)],
+                   device)
     del x, xb
 
     # Reward reductions.
@@ -69,12 +64,10 @@ def run(device: str, quick: bool) -> list[dict]:
     size_r = f"M={mr} N={n} fp32"
     fused_r = lambda: U.aggregate_rewards(r, method="quantile", q=0.1)
     eager_r = lambda: (r.mean(0), r.var(0, unbiased=False), r.amin(0), r.amax(0), torch.quantile(r, 0.1, dim=0))
-    for impl, fn in (("pyalign", fused_r), ("eager", eager_r)):
-        out.append(_row("aggregate_rewards_quantile", size_r, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    out += compare("uncertainty", "aggregate_rewards_quantile", size_r, [("pyalign", fused_r), ("eager", eager_r)], device)
     fused_u = lambda: U.aggregate_rewards(r, method="uwo", lam=0.5)
     eager_u = lambda: (lambda mu, var: (mu - 0.5 * var, mu, var, var.sqrt(), r.amin(0), r.amax(0)))(r.mean(0), r.var(0, unbiased=False))
-    for impl, fn in (("pyalign", fused_u), ("eager", eager_u)):
-        out.append(_row("aggregate_rewards_uwo", size_r, impl, _median_ms(fn, device), _peak_extra_mb(fn, device)))
+    out += compare("uncertainty", "aggregate_rewards_uwo", size_r, [("pyalign", fused_u), ("eager", eager_u)], device)
     return out
 
 
@@ -84,13 +77,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     rows = run(args.device, args.quick)
-    base = {(r["op"], r["size"]): r for r in rows if r["impl"] == "eager"}
     for r in rows:
-        e = base.get((r["op"], r["size"]))
-        ratio = f"{e['median_ms'] / r['median_ms']:6.2f}x" if e and r["impl"] != "eager" else "      "
+        ratio = f"{r['speedup']:6.2f}x" if r["speedup"] is not None else "      "
         mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         print(f"{r['op']:28s} {r['size']:30s} {r['impl']:8s} {r['median_ms']:10.2f} ms {ratio} peak {mem} MiB")
-
 
 if __name__ == "__main__":
     main()

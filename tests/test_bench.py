@@ -68,3 +68,20 @@ def test_compare_times_interleaved_and_takes_the_median_of_per_round_ratios(monk
     assert by["broken"]["median_ms"] is None and by["broken"]["note"].startswith("failed: RuntimeError")
     assert by["peer"]["median_ms"] is None and by["peer"]["note"] == "needs a GPU"
     assert summary(rows).splitlines()[-1].split()[:3] == ["s", "1", "2.00x"]
+
+
+def test_speedup_curves_follow_each_op_over_its_sizes():
+    from pyalign.bench.__main__ import size_work, speedup_curves
+
+    assert size_work("4096 pairs fp32") == 4096 and size_work("64x4096 tokens fp32") == 64 * 4096
+    assert size_work("M=8 N=4096") is None
+    rows = [{"suite": "s", "op": "a", "size": "64 pairs", "impl": "pyalign", "median_ms": 1.0},
+            {"suite": "s", "op": "a", "size": "64 pairs", "impl": "eager", "median_ms": 3.0, "speedup": 2.5},
+            {"suite": "s", "op": "a", "size": "8 pairs", "impl": "pyalign", "median_ms": 1.0},
+            {"suite": "s", "op": "a", "size": "8 pairs", "impl": "eager", "median_ms": 0.5},
+            {"suite": "s", "op": "a", "size": "8 pairs", "impl": "compile", "median_ms": 2.0}]
+    # sorted by size; an interleaved row's own speedup wins over the ratio of medians
+    assert speedup_curves(rows) == {"s": {("a", "eager"): [(8, 0.5), (64, 2.5)], ("a", "compile"): [(8, 2.0)]}}
+    rows += [{"suite": "p", "op": "oja", "size": f"1024x1024 B=64 {d}", "impl": i, "median_ms": t}
+             for d in ("float32", "bfloat16") for i, t in (("pyalign", 1.0), ("eager", 2.0))]
+    assert set(speedup_curves(rows)["p"]) == {("oja float32", "eager"), ("oja bfloat16", "eager")}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -211,6 +213,69 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
     fig.suptitle(f"pyalign bench — {info.get('gpu') or info['cpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    _plot_speedups(rows, info, os.path.splitext(path)[0] + "-speedup.png", plt)
+
+
+def size_work(size: str) -> int | None:
+    """The amount of work a size string names: the product of the numbers of its first word when
+    that word is a shape ("4096 pairs fp32" -> 4096, "64x4096 tokens" -> 262144), else None."""
+    first = size.split()[0] if size.split() else ""
+    if not re.fullmatch(r"\d+(x\d+)*", first):
+        return None
+    return math.prod(int(n) for n in first.split("x"))
+
+
+_DTYPE_WORDS = {"fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "fp64", "float64"}
+
+
+def speedup_curves(rows: list[dict]) -> dict[str, dict[tuple[str, str], list[tuple[int, float]]]]:
+    """Per suite, per (op, baseline kind): pyalign's speedup over the best baseline of that kind
+    (eager, compile) at each size of the op, as ``(work, speedup)`` sorted by work. An op measured
+    in several dtypes (the size's last word) has one curve per dtype, named "op dtype"."""
+    curves: dict[str, dict[tuple[str, str], list[tuple[int, float]]]] = {}
+    dtypes: dict[tuple[str, str], set[str]] = {}  # (suite, op) -> the dtypes it was measured in
+    for r in rows:
+        if r["size"].split() and r["size"].split()[-1] in _DTYPE_WORDS:
+            dtypes.setdefault((r["suite"], r["op"]), set()).add(r["size"].split()[-1])
+    for (suite, op, size), impls in _grouped(rows).items():
+        t, work = impls.get("pyalign", {}).get("median_ms"), size_work(size)
+        if not t or work is None:
+            continue
+        last = size.split()[-1]
+        if len(dtypes.get((suite, op), ())) > 1:
+            op = f"{op} {last}"
+        for kind, _ in SUMMARY_BASELINES:
+            ups = [speedup(r, t) for name, r in impls.items() if name.startswith(kind) and r.get("median_ms")]
+            if ups:
+                curves.setdefault(suite, {}).setdefault((op, kind), []).append((work, min(ups)))
+    return {suite: {k: sorted(v) for k, v in per.items()} for suite, per in curves.items()}
+
+
+def _plot_speedups(rows: list[dict], info: dict, path: str, plt) -> None:
+    """One panel per suite: pyalign's speedup against size per op, over eager (solid) and
+    torch.compile (dashed), log-log, with the break-even line."""
+    curves = speedup_curves(rows)
+    if not curves:
+        return
+    cols = min(3, len(curves))
+    nrows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False)
+    for ax, (suite, per) in zip(axes.flat, curves.items()):
+        ops = sorted({op for op, _ in per})
+        for (op, kind), pts in per.items():
+            ax.plot([w for w, _ in pts], [u for _, u in pts], "-o" if kind == "eager" else "--s", markersize=4,
+                    color=plt.cm.tab20(ops.index(op) % 20), label=f"{op} vs {kind}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log"); ax.set_yscale("log")
+        ax.set_title(suite); ax.set_xlabel("size (elements of the leading shape)"); ax.set_ylabel("speedup")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
+    fig.suptitle(f"pyalign speedup against size — {info.get('gpu') or info['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,34 @@ def pair_reduction(value, dro_temperature) -> tuple[str, float]:
     return red, tau
 
 
+def _kl_dro_forward(losses: Tensor, temperature: float):
+    """``(value, z, s)``: the KL-DRO value, the shifted exponents ``z = (min(l) - l) / tau`` (all
+    <= 0) and ``s = mean(expm1(z))`` (in [-1, 0])."""
+    m = losses.min()
+    z = (m - losses).div_(temperature)
+    s = torch.expm1(z).mean()
+    return torch.add(m, torch.log1p(s), alpha=-temperature), z, s
+
+
+class _KLDRO(torch.autograd.Function):
+    """The KL-DRO reduction as one autograd node: the forward of :func:`kl_dro`, and the backward
+    ``g * softmax(-l / tau) = g * exp(z) / (N (1 + s))`` from the saved exponents (one pass over
+    the pairs instead of the backward of each elementwise step). Not twice differentiable, like
+    the loss kernels' op whose output it reduces."""
+
+    @staticmethod
+    def forward(ctx, losses: Tensor, temperature: float) -> Tensor:
+        value, z, s = _kl_dro_forward(losses, temperature)
+        ctx.save_for_backward(z, torch.reciprocal((s + 1) * z.shape[0]))
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        z, scale = ctx.saved_tensors
+        return torch.exp(z).mul_(g * scale), None
+
+
 def kl_dro(losses: Tensor, temperature: float) -> Tensor:
     """The KL-DRO reduction of Dr. DPO (Wu et al. 2024, arXiv:2407.07880) of per-pair losses
     ``l`` [N]: ``-tau log((1/N) sum_i exp(-l_i / tau))``.
@@ -70,10 +98,11 @@ def kl_dro(losses: Tensor, temperature: float) -> Tensor:
     the value does not depend on the shift, so neither does the gradient): every exponent is <= 0,
     so nothing overflows for small ``tau``, and ``log1p``/``expm1`` keep the digits that ``log(mean(
     exp(.)))`` would lose for large ``tau``, where the result tends to the mean. The gradient w.r.t.
-    ``l_i`` is ``softmax(-l / tau)_i``.
+    ``l_i`` is ``softmax(-l / tau)_i``, computed in one step from the saved exponents; no host sync.
     """
-    m = losses.detach().min()
-    return m - temperature * torch.log1p(torch.expm1((m - losses) / temperature).mean())
+    if torch.is_grad_enabled() and losses.requires_grad:
+        return _KLDRO.apply(losses, temperature)
+    return _kl_dro_forward(losses, temperature)[0]
 
 
 def number(x, name: str) -> float:

@@ -97,7 +97,9 @@ class GroupRobustWeights(nn.Module):
     mismatch, non-integer ids, and (in eager mode: one host sync per call) ids outside ``[0,
     n_groups)`` or non-finite losses; under ``torch.compile`` (which traces the call with no graph
     break, the state updates included) the data checks are skipped and an example with an id out
-    of range belongs to no group. Memory: a ``[G, N]`` boolean membership mask per call.
+    of range belongs to no group. The per-group sums are deterministic (the same bits run to run):
+    in eager mode on CPU a sequential ``index_add`` in example order; on CUDA and under
+    ``torch.compile`` plain row sums over a ``[G, N]`` boolean membership mask (its memory).
     """
 
     def __init__(self, n_groups: int, *, step_size: float = 0.01,
@@ -138,6 +140,7 @@ class GroupRobustWeights(nn.Module):
         self.register_buffer("weights", init.to(**kw))
         self.register_buffer("initial_weights", init.to(**kw), persistent=False)
         self.register_buffer("adjustment", adj.to(**kw), persistent=False)
+        self._adjusted = bool((adj > 0).any())  # the adjustment buffer is fixed at construction
         if loss_ema is not None:
             self.register_buffer("loss_ema", torch.zeros(n_groups, **kw))
             self.register_buffer("ema_started", torch.zeros(n_groups, dtype=torch.bool, device=device))
@@ -177,8 +180,9 @@ class GroupRobustWeights(nn.Module):
         if losses.device != self.weights.device:
             raise ValueError(f"per_example_losses: on {losses.device}, but the GroupRobustWeights state is on "
                              f"{self.weights.device}; move the module with .to(device)")
-        if torch.compiler.is_compiling():
-            return
+
+    def _check_values(self, losses: Tensor, group_ids: Tensor) -> None:
+        """The data checks (one host sync): ids in ``[0, n_groups)``, finite losses."""
         low, high, finite = torch.stack([group_ids.min() < 0, group_ids.max() >= self.n_groups,
                                          torch.isfinite(losses.detach()).all()]).tolist()
         if low or high:
@@ -189,35 +193,74 @@ class GroupRobustWeights(nn.Module):
             raise ValueError("per_example_losses: contains NaN or infinite values; the group weights' "
                              "update needs finite losses")
 
+    def _group_sums(self, x: Tensor, group_ids: Tensor):
+        """``(sums, counts, member, checked)``: the sums and counts [G] of each group's examples
+        (detached, counts in x's dtype), the ``[G, N]`` membership mask (None on the eager CPU
+        path) and whether the losses' finiteness is checked already.
+
+        Eager on CPU: ``index_add`` (a sequential loop over the examples in order, so the same bits
+        run to run; the counts too, of ones); index_add's bounds check stands in for the ids' range check
+        (the detailed check runs when it fails), and the finiteness of the returned loss for the
+        losses' (a NaN or infinite loss makes the loss NaN or infinite), checked before the state
+        changes. Elsewhere (CUDA, where index_add adds with float atomics, and traced graphs, which
+        may lower it to atomics): a ``[G, N]`` membership mask and plain row sums, the same bits run
+        to run on every device; an id out of range belongs to no group."""
+        g = self.n_groups
+        x = x.detach()
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            try:
+                sums = torch.zeros(g, dtype=x.dtype).index_add_(0, group_ids, x)
+            except (IndexError, RuntimeError):
+                self._check_values(x, group_ids)
+                raise
+            counts = torch.zeros(g, dtype=x.dtype).index_add_(0, group_ids, torch.ones_like(x))
+            return sums, counts, None, False
+        if not torch.compiler.is_compiling():
+            self._check_values(x, group_ids)
+        member = group_ids[None, :] == torch.arange(g, device=group_ids.device)[:, None]
+        sums = torch.where(member, x[None, :], torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+        return sums, member.sum(1).to(x.dtype), member, True
+
     def forward(self, per_example_losses: Tensor, group_ids: Tensor):
         """``(loss, metrics)``: the group-weighted loss ``sum_g alpha_g L_g`` (a 0-d tensor) after the
         weights' step (training mode only), and the metrics; see the class."""
         self._check(per_example_losses, group_ids)
         acc = acc_dtype(per_example_losses)
         x = per_example_losses.to(acc)
-        # [G, N] membership: the per-group sums are plain row sums (no scatter, no float atomics, so
-        # the result is the same bits run to run on every device)
-        member = group_ids[None, :] == torch.arange(self.n_groups, device=group_ids.device)[:, None]
-        sums = torch.where(member, x[None, :], torch.zeros((), dtype=acc, device=x.device)).sum(1)
-        counts = member.sum(1).to(acc)
+        # everything but the loss is detached (the sums are of x.detach(); the state is buffers),
+        # so no grad-mode switch is needed
+        sums, counts, member, checked = self._group_sums(x, group_ids)
         present = counts > 0
-        means = sums / counts.clamp_min(1)
-        with torch.no_grad():
-            batch_means = means.detach()
-            if self.training:
-                signal = batch_means
-                if self.loss_ema_rate is not None:
-                    old = self.loss_ema.to(acc)
-                    blended = torch.where(self.ema_started, old + self.loss_ema_rate * (batch_means - old), batch_means)
-                    signal = torch.where(present, blended, old)
-                    self.loss_ema.copy_(signal)
-                    self.ema_started.logical_or_(present)
-                step = torch.where(present, self.step_size * (signal + self.adjustment.to(acc)), torch.zeros_like(signal))
-                alpha = torch.softmax(self.weights.to(acc).log() + step, 0)
-                self.weights.copy_(alpha)
+        sizes = counts.clamp_min(1)
+        means = sums / sizes  # 0 for an absent group
+        signal = None
+        if self.training:
+            signal = means
+            if self.loss_ema_rate is not None:
+                old = self.loss_ema.to(acc)
+                blended = torch.where(self.ema_started, old + self.loss_ema_rate * (means - old), means)
+                signal = torch.where(present, blended, old)
+            if self.loss_ema_rate is None and not self._adjusted:
+                step = means * self.step_size  # already 0 for the absent groups
             else:
-                alpha = self.weights.to(acc)
-            worst = batch_means.masked_fill(~present, -math.inf).max()
-            values = torch.cat([alpha, batch_means, counts, worst[None]])
-        loss = (alpha * means).sum()
+                step = torch.where(present, self.step_size * (signal + self.adjustment.to(acc)),
+                                   torch.zeros_like(signal))
+            alpha = torch.softmax(self.weights.to(acc).log() + step, 0)
+        else:
+            alpha = self.weights.to(acc)
+        # sum_g alpha_g L_g = sum_i (alpha_g / n_g)[g_i] l_i: one dot product, whose gradient is each
+        # example's alpha_g / n_g (one backward step)
+        per_group = alpha / sizes
+        coef = per_group.index_select(0, group_ids) if member is None else \
+            torch.where(member, per_group[:, None], torch.zeros((), dtype=acc, device=x.device)).sum(0)
+        loss = torch.dot(coef, x)
+        if not checked and not math.isfinite(float(loss.detach())):  # NaN/inf losses, or a sum that overflows
+            self._check_values(x, group_ids)
+        if self.training:  # the state changes only after the checks
+            if self.loss_ema_rate is not None:
+                self.loss_ema.copy_(signal)
+                self.ema_started.logical_or_(present)
+            self.weights.copy_(alpha)
+        worst = torch.where(present, means, -math.inf).max()
+        values = torch.cat([alpha, means, counts, worst[None]])
         return loss, Metrics(values, self._metric_index)

@@ -6,7 +6,9 @@
 // score, CPO/SimPO, ORPO, the reward model) run the element phase in tiles of kTile elements: the
 // inputs converted into float tiles, then one loop over the tile with the family and type fixed at
 // compile time, which vectorizes (ISA clones), and each sum in kLanes fixed lanes (the same bits
-// on every ISA). Other calls run process_element in element order.
+// on every ISA). A weighted sum of DPO types (MPO and the like, no aot) runs one such loop per type
+// over the tile, adding its terms, then the common writes. Other calls (aot, KTO, BCO, other
+// f-divergences, fp64) run process_element in element order.
 #include "pyalign/losses.h"
 #include "pyalign/cpu_dispatch.h"
 
@@ -82,6 +84,74 @@ struct TiledCtx {
   float* partial;  // [blocks, kSums]
 };
 
+// kType of tiled_block for a DPO call with several loss types (none of them aot): the weighted
+// sum of the types' losses and gradients, each type's math in its own loop over the tile.
+constexpr int kMultiType = -2;
+
+// One DPO loss type over a tile: its loss and gradients, times its weight, added into L, G0..G3.
+// `one` is the call's arguments with this type as the only one (weight included).
+template <int kType>
+PYALIGN_CPU_INLINE void dpo_type_tile(const LossArgs& one, int m, const float* TA, const float* TB, const float* TC,
+                                      const float* TD, const float* LA, const float* LB, float* __restrict L,
+                                      float* __restrict G0, float* __restrict G1, float* __restrict G2,
+                                      float* __restrict G3) {
+#pragma omp simd
+  for (int j = 0; j < m; ++j) {
+    Elem<float> e;
+    e.a = TA[j]; e.b = TB[j]; e.c = TC[j]; e.d = TD[j];
+    e.la = LA[j] > 1.0f ? LA[j] : 1.0f;  // load_len's clamp
+    e.lb = LB[j] > 1.0f ? LB[j] : 1.0f;
+    e.w = 1.0f;
+    e.label = false;
+    PairGrad<float> o;
+    float cross[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    dpo_pair<float, kType, int(FDiv::reverse_kl)>(one, e, 0, o, cross);
+    L[j] += o.loss; G0[j] += o.g[0]; G1[j] += o.g[1]; G2[j] += o.g[2]; G3[j] += o.g[3];
+  }
+}
+
+// The DPO types a multi-type call may tile (every type but the aot pair), by number.
+template <int... kTypes>
+PYALIGN_CPU_INLINE void dpo_types_tile(int type, const LossArgs& one, int m, const float* TA, const float* TB,
+                                       const float* TC, const float* TD, const float* LA, const float* LB, float* L,
+                                       float* G0, float* G1, float* G2, float* G3, std::integer_sequence<int, kTypes...>) {
+  ((type == kTypes ? (dpo_type_tile<kTypes>(one, m, TA, TB, TC, TD, LA, LB, L, G0, G1, G2, G3), 0) : 0), ...);
+}
+using TiledDpoTypes = std::integer_sequence<int, 0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14>;
+
+// A tile of a multi-type DPO call: each type's loop adds its weighted terms, then one loop forms
+// what the single-type loop of tiled_block writes (the same values as process_element).
+PYALIGN_CPU_INLINE void multi_type_tile(const LossArgs& s, int m, const float* TA, const float* TB, const float* TC,
+                                        const float* TD, const float* LA, const float* LB, const float* W,
+                                        float scale, float* __restrict g0, float* __restrict g1,
+                                        float* __restrict g2, float* __restrict g3, float* __restrict LU,
+                                        float (&V)[kTiledSums][kTile]) {
+  float G0[kTile] = {}, G1[kTile] = {}, G2[kTile] = {}, G3[kTile] = {};
+  for (int j = 0; j < m; ++j) LU[j] = 0.0f;
+  LossArgs one = s;
+  one.p.n_types = 1;
+  for (int t = 0; t < s.p.n_types; ++t) {
+    one.p.types[0] = s.p.types[t];
+    one.p.type_weights[0] = s.p.type_weights[t];
+    dpo_types_tile(s.p.types[t], one, m, TA, TB, TC, TD, LA, LB, LU, G0, G1, G2, G3, TiledDpoTypes{});
+  }
+  const float beta = float(s.p.beta);
+#pragma omp simd
+  for (int j = 0; j < m; ++j) {
+    const float w = W[j];
+    g0[j] = scale * (w * G0[j]);
+    g1[j] = scale * (w * G1[j]);
+    g2[j] = scale * (w * G2[j]);
+    g3[j] = scale * (w * G3[j]);
+    V[0][j] = w * LU[j];
+    const float rc = beta * (TA[j] - TC[j]), rr = beta * (TB[j] - TD[j]);
+    V[1][j] = rc; V[2][j] = rr;
+    V[3][j] = rc > rr ? 1.0f : 0.0f;
+    V[4][j] = TA[j]; V[5][j] = TB[j];
+    V[6][j] = 0.0f; V[7][j] = 0.0f; V[8][j] = 0.0f;
+  }
+}
+
 // One block [blk * kBlock, ...) of a tiled configuration: process_element's math and writes.
 template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(const TiledCtx& c, int64_t blk) {
   const LossArgs& s = *c.s;
@@ -107,6 +177,9 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
     float* g2 = g + 2 * n + b;
     float* g3 = g + 3 * n + b;
     float* g4 = g + 4 * n + b;
+    if constexpr (kType == kMultiType) {
+      multi_type_tile(s, m, TA, TB, TC, TD, LA, LB, W, scale, g0, g1, g2, g3, LU, V);
+    } else {
 #pragma omp simd
     for (int j = 0; j < m; ++j) {
       Elem<float> e;
@@ -126,6 +199,7 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
       V[3][j] = o.reward_c > o.reward_r ? 1.0f : 0.0f;
       V[4][j] = e.a; V[5][j] = e.b;
       V[6][j] = o.x0; V[7][j] = o.x1; V[8][j] = o.x2;
+    }
     }
     // d loss / d weight (kept out of the loop above: a select on a bool stops it vectorizing)
     if (has_w) {
@@ -158,12 +232,18 @@ template <int kFam, int... kTypes> BlocksFn pick(int type, std::integer_sequence
 
 // The tiled block function of a configuration, or nullptr where the element loop runs.
 BlocksFn tiled_fn(const LossParams& p) {
+  if (p.n_types > 1) {  // a weighted sum of DPO types: tiled unless an aot type couples elements
+    if (LossFamily(p.family) != LossFamily::dpo || p.fdiv != int(FDiv::reverse_kl)) return nullptr;
+    for (int t = 0; t < p.n_types; ++t)
+      if (DpoType(p.types[t]) == DpoType::aot || DpoType(p.types[t]) == DpoType::aot_unpaired) return nullptr;
+    return &tiled_blocks<int(LossFamily::dpo), kMultiType, int(FDiv::reverse_kl)>;
+  }
   if (p.n_types != 1) return nullptr;
   const int t = p.types[0];
   switch (LossFamily(p.family)) {
     case LossFamily::dpo:  // every type but the aot pair (its ranks couple elements)
       if (p.fdiv != int(FDiv::reverse_kl)) return nullptr;
-      return pick<int(LossFamily::dpo)>(t, std::integer_sequence<int, 0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14>{});
+      return pick<int(LossFamily::dpo)>(t, TiledDpoTypes{});
     case LossFamily::cpo:
       return pick<int(LossFamily::cpo)>(t, std::make_integer_sequence<int, int(CpoType::simpo) + 1>{});
     case LossFamily::orpo: return &tiled_blocks<int(LossFamily::orpo), 0, 0>;

@@ -218,16 +218,48 @@ template <typename A> PYALIGN_HD A fast_sigmoid(A x) {
   return x >= A(0) ? r : e * r;
 }
 
-// log(1 + exp(x)) without overflow; log-sigmoid(x) = -softplus(-x).
+// log1p(y), y >= -1, from one fast_log: log(u) + (y - (u - 1)) / u with u = 1 + y rounded; u - 1
+// is exact and the second term restores what rounding 1 + y lost (within a few ulps of log1p,
+// which glibc computes several times slower than log). NaN stays NaN, log1p(-1) = -inf.
+PYALIGN_HD float fast_log1p(float y) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(y);
+#else
+  const float u = 1.0f + y;
+  const float c = (y - (u - 1.0f)) / u;
+  return fast_log(u) + ((u > 0.0f) & (u < INFINITY) ? c : 0.0f);
+#endif
+}
+PYALIGN_HD double fast_log1p(double y) { return std::log1p(y); }
+
+// expm1 that vectorizes: below |x| = 0.5 its Taylor polynomial to x^8 (relative error < 1e-8, no
+// cancellation), else fast_exp(x) - 1. NaN stays NaN; -inf gives -1, +inf gives +inf.
+PYALIGN_HD float fast_expm1(float x) {
+#if defined(__CUDA_ARCH__)
+  return expm1f(x);
+#else
+  float p = 2.48015873e-5f;  // 1/8!
+  p = p * x + 1.98412698e-4f;
+  p = p * x + 1.38888889e-3f;
+  p = p * x + 8.33333333e-3f;
+  p = p * x + 4.16666667e-2f;
+  p = p * x + 1.66666667e-1f;
+  p = p * x + 0.5f;
+  p = p * x + 1.0f;
+  const float ax = x < 0.0f ? -x : x;
+  return ax < 0.5f ? p * x : fast_exp(x) - 1.0f;
+#endif
+}
+PYALIGN_HD double fast_expm1(double x) { return std::expm1(x); }
+
+// log(1 + exp(x)) without overflow, vectorizable; log-sigmoid(x) = -softplus(-x).
 template <typename A> PYALIGN_HD A softplus(A x) {
-  return x > A(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
+  return (x > A(0) ? x : A(0)) + fast_log1p(fast_exp(x < A(0) ? x : -x));
 }
-template <typename A> PYALIGN_HD A sigmoid(A x) {
-  return x >= A(0) ? A(1) / (A(1) + std::exp(-x)) : std::exp(x) / (A(1) + std::exp(x));
-}
+template <typename A> PYALIGN_HD A sigmoid(A x) { return fast_sigmoid(x); }
 // log(1 - exp(x)) for x <= 0 (Maechler 2012).
 template <typename A> PYALIGN_HD A log1mexp(A x) {
-  return x > A(-0.6931471805599453) ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
+  return x > A(-0.6931471805599453) ? fast_log(-fast_expm1(x)) : fast_log1p(-fast_exp(x));
 }
 
 }  // namespace pyalign

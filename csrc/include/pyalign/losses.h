@@ -108,9 +108,9 @@ template <typename A> PYALIGN_HD A capped_exp(A x, A& dx) {
 
 // expm1(min(x, cap)) and the derivative of exp(min(x, cap)) (0 above the cap, as for a clamp).
 template <typename A> PYALIGN_HD A capped_expm1(A x, A& dx) {
-  if (x > A(kExpCap)) { dx = A(0); return std::expm1(A(kExpCap)); }
-  dx = std::exp(x);
-  return std::expm1(x);
+  if (x > A(kExpCap)) { dx = A(0); return fast_expm1(A(kExpCap)); }
+  dx = fast_exp(x);
+  return fast_expm1(x);
 }
 
 // f-DPO score of a log-ratio r (Wang et al. 2023, "Beyond Reverse KL", arXiv:2309.16240): the
@@ -311,7 +311,7 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGra
         const A x = beta * delta, tau = A(p.tau);
         const A m = sigmoid(x / tau), mn = sigmoid(-x / tau);
         const A sp = softplus(-x);
-        const A me = std::exp(-x - softplus(-x / tau));
+        const A me = fast_exp(-x - softplus(-x / tau));
         l = mn * sp + me;
         // dL/dx = -(1-m) sigmoid(-x) + (m (1-m) / tau)(exp(-x) - softplus(-x)) - m exp(-x)
         const A dx = -mn * sigmoid(-x) + (mn / tau) * (me - m * sp) - me;
@@ -417,8 +417,8 @@ PYALIGN_HD void orpo_pair(const LossArgs& s, const Elem<A>& e, PairGrad<A>& out,
   mc = mc > cap ? cap : mc;  // the gradient passes the clamp unchanged; NaN stays NaN
   mr = mr > cap ? cap : mr;
   const A lo = (mc - mr) - (log1mexp(mc) - log1mexp(mr));
-  const A dlo_c = -A(1) / std::expm1(mc);  // 1 / (1 - p_c)
-  const A dlo_r = A(1) / std::expm1(mr);   // -1 / (1 - p_r)
+  const A dlo_c = -A(1) / fast_expm1(mc);  // 1 / (1 - p_c)
+  const A dlo_r = A(1) / fast_expm1(mr);   // -1 / (1 - p_r)
   const A ratio = -softplus(-lo);
   out.loss = -mc - beta * ratio;
   const A g_lo = -beta * sigmoid(-lo);

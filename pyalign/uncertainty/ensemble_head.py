@@ -206,8 +206,9 @@ class EnsembleRewardHead(nn.Module):
         """Every member's Bradley-Terry loss in one call; returns ``(loss, metrics)``.
 
         ``chosen_features``/``rejected_features`` ``[P, F]``: the features of P preference pairs.
-        Both go through one forward (``[2P, F]``), and :func:`pyalign.losses.reward_model_loss`
-        runs once on the ``M * P`` flattened pairs with the bootstrap weights ``w_mi`` as its
+        Both go through one forward (``[2P, F]``; linear heads: one GEMM each, without the copy), and
+        :func:`pyalign.losses.reward_model_loss` runs once on the ``M * P`` flattened pairs with the
+        bootstrap weights ``w_mi`` as its
         ``weights`` (``margin`` — a number or ``[P]`` — and ``center_rewards_coefficient`` as there,
         shared by the members). With ``l_mi = -log sigmoid(r_m(c_i) - r_m(r_i) - margin_i) +
         center (r_m(c_i) + r_m(r_i))^2``:
@@ -244,11 +245,14 @@ class EnsembleRewardHead(nn.Module):
             if tuple(margin.shape) != (p,):
                 raise ValueError(f"margin: expected a number or a tensor [{p}] (one per pair), got {tuple(margin.shape)}")
             margin = margin.repeat(m)
-        rewards = self(torch.cat([c, r.to(c.dtype)]))                                   # [M, 2P]
-        rc, rr = rewards[:, :p], rewards[:, p:]
+        if self.hidden is None:  # linear heads: one GEMM per side, no [2P, F] copy of the features
+            rc, rr = self(c), self(r.to(c.dtype))                                       # [M, P] each
+        else:  # the MLP: both sides in one batched forward
+            rewards = self(torch.cat([c, r.to(c.dtype)]))                               # [M, 2P]
+            rc, rr = rewards[:, :p], rewards[:, p:]
         weights = None
         if self.bootstrap is not None:
-            weights = self.bootstrap_weights(example_ids, dtype=rewards.dtype).reshape(-1)
+            weights = self.bootstrap_weights(example_ids, dtype=rc.dtype).reshape(-1)
         loss, rm_metrics = reward_model_loss(rc.reshape(-1), rr.reshape(-1), margin=margin,
                                              center_rewards_coefficient=center_rewards_coefficient,
                                              weights=weights, reduction=reduction)
@@ -260,7 +264,9 @@ class EnsembleRewardHead(nn.Module):
             rc_d, rr_d = rc.detach(), rr.detach()
             margins = rc_d - rr_d
             acc = torch.float64 if margins.dtype == torch.float64 else torch.float32
-            margin_std = margins.to(acc).std(0, correction=0).mean()
+            centered = margins.to(acc)
+            centered = centered - centered.mean(0)  # the population std over the members, two-pass
+            margin_std = centered.square_().mean(0).sqrt_().mean()
             # one member has no epistemic part (preference_uncertainty's entropy difference leaves ulps)
             mi = preference_uncertainty(rc_d, rr_d).epistemic.mean() if m > 1 else margin_std * 0
             names = list(rm_metrics) + ["ensemble/margin_std", "ensemble/mutual_information"]

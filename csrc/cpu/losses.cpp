@@ -7,8 +7,9 @@
 // inputs converted into float tiles, then one loop over the tile with the family and type fixed at
 // compile time, which vectorizes (ISA clones), and each sum in kLanes fixed lanes (the same bits
 // on every ISA). A weighted sum of DPO types (MPO and the like, no aot) runs one such loop per type
-// over the tile, adding its terms, then the common writes. Other calls (aot, KTO, BCO, other
-// f-divergences, fp64) run process_element in element order.
+// over the tile, adding its terms, then the common writes; KTO and BCO tile with their labels and
+// the pre-pass's shift. Other calls (aot, other f-divergences, fp64) run process_element in
+// element order.
 #include "pyalign/losses.h"
 #include "pyalign/cpu_dispatch.h"
 
@@ -68,19 +69,28 @@ PYALIGN_CPU_INLINE void load_tile(const TensorArg& t, int64_t b, int n, float* _
         for (int j = 0; j < n; ++j) out[j] = to_float(p[j]);
         return;
       }
+      case DType::b8: {
+        const bool* p = t.ptr<bool>() + b;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) out[j] = p[j] ? 1.0f : 0.0f;
+        return;
+      }
       default: break;
     }
   }
   for (int j = 0; j < n; ++j) out[j] = load<float>(t, b + j);
 }
 
-// The sums of a tiled block, in the order of their SumSlot.
-constexpr int kTiledSums = 9;
+// The sums of a tiled block, in the order of their SumSlot: of a paired family, and of an
+// unpaired one (KTO, BCO: rewards, log-probs and counts by label).
+constexpr int kTiledSums = 9, kUnpairedSums = 7;
 constexpr int kTiledSlot[kTiledSums] = {S_LOSS, S_RC, S_RR, S_ACC, S_LC, S_LR, S_X0, S_X1, S_X2};
+constexpr int kUnpairedSlot[kUnpairedSums] = {S_LOSS, S_RC, S_RR, S_LC, S_LR, S_NC, S_NR};
 
 struct TiledCtx {
   const LossArgs* s;
   float scale;
+  float shift;     // KTO's KL estimate, BCO's reward mean (the pre-pass)
   float* partial;  // [blocks, kSums]
 };
 
@@ -161,7 +171,10 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
   const bool has_w = s.w.data != nullptr, per_elem = Reduction(s.p.reduction) == Reduction::none;
   float* g = s.grads.ptr<float>();
   float lanes[kTiledSums][kLanes] = {};
-  float TA[kTile], TB[kTile], TC[kTile], TD[kTile], LA[kTile], LB[kTile], W[kTile];
+  constexpr bool kUnpaired = kFam == int(LossFamily::kto) || kFam == int(LossFamily::bco);
+  constexpr int kNumSums = kUnpaired ? kUnpairedSums : kTiledSums;
+  const float shift = c.shift, beta = float(s.p.beta);
+  float TA[kTile], TB[kTile], TC[kTile], TD[kTile], LA[kTile], LB[kTile], W[kTile], LBL[kTile];
   float V[kTiledSums][kTile], LU[kTile];
   for (int64_t b = b0; b < b1; b += kTile) {
     const int m = int(std::min<int64_t>(kTile, b1 - b));
@@ -177,7 +190,28 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
     float* g2 = g + 2 * n + b;
     float* g3 = g + 3 * n + b;
     float* g4 = g + 4 * n + b;
-    if constexpr (kType == kMultiType) {
+    if constexpr (kUnpaired) {
+      load_tile(s.label, b, m, LBL, 0.0f);
+#pragma omp simd
+      for (int j = 0; j < m; ++j) {
+        Elem<float> e;
+        e.a = TA[j]; e.b = 0.0f; e.c = TC[j]; e.d = 0.0f; e.la = 1.0f; e.lb = 1.0f;
+        e.w = W[j];
+        e.label = LBL[j] != 0.0f;
+        PairGrad<float> o;
+        unpaired_elem<float, kFam, kType>(s, e, shift, o);
+        g0[j] = scale * (e.w * o.g[0]);
+        g1[j] = scale * (e.w * o.g[1]);
+        g2[j] = scale * (e.w * o.g[2]);
+        g3[j] = scale * (e.w * o.g[3]);
+        LU[j] = o.loss;
+        V[0][j] = e.w * o.loss;
+        const float reward = beta * (e.a - e.c);  // by label, as process_element sums them
+        V[1][j] = e.label ? reward : 0.0f; V[2][j] = e.label ? 0.0f : reward;
+        V[3][j] = e.label ? e.a : 0.0f; V[4][j] = e.label ? 0.0f : e.a;
+        V[5][j] = e.label ? 1.0f : 0.0f; V[6][j] = e.label ? 0.0f : 1.0f;
+      }
+    } else if constexpr (kType == kMultiType) {
       multi_type_tile(s, m, TA, TB, TC, TD, LA, LB, W, scale, g0, g1, g2, g3, LU, V);
     } else {
 #pragma omp simd
@@ -209,11 +243,11 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
       std::fill(g4, g4 + m, 0.0f);
     }
     if (per_elem) std::copy(V[0], V[0] + m, s.loss.ptr<float>() + b);
-    for (int k = 0; k < kTiledSums; ++k) add_lanes(lanes[k], V[k], m);
+    for (int k = 0; k < kNumSums; ++k) add_lanes(lanes[k], V[k], m);
   }
   float* part = c.partial + blk * kSums;
   for (int k = 0; k < kSums; ++k) part[k] = 0.0f;
-  for (int k = 0; k < kTiledSums; ++k) part[kTiledSlot[k]] = lane_total(lanes[k]);
+  for (int k = 0; k < kNumSums; ++k) part[kUnpaired ? kUnpairedSlot[k] : kTiledSlot[k]] = lane_total(lanes[k]);
 }
 
 template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_row(const TiledCtx& c, int64_t blk) {
@@ -246,6 +280,9 @@ BlocksFn tiled_fn(const LossParams& p) {
       return pick<int(LossFamily::dpo)>(t, TiledDpoTypes{});
     case LossFamily::cpo:
       return pick<int(LossFamily::cpo)>(t, std::make_integer_sequence<int, int(CpoType::simpo) + 1>{});
+    case LossFamily::kto:
+      return pick<int(LossFamily::kto)>(t, std::make_integer_sequence<int, int(KtoType::apo_zero_unpaired) + 1>{});
+    case LossFamily::bco: return &tiled_blocks<int(LossFamily::bco), 0, 0>;
     case LossFamily::orpo: return &tiled_blocks<int(LossFamily::orpo), 0, 0>;
     case LossFamily::rm: return &tiled_blocks<int(LossFamily::rm), 0, 0>;
     default: return nullptr;
@@ -265,7 +302,7 @@ template <typename A> void run(const LossArgs& s) {
   std::vector<A> partial(size_t(nblocks) * kSums, A(0));
   BlocksFn tiled = std::is_same<A, float>::value ? tiled_fn(s.p) : nullptr;
   if (tiled) {
-    const TiledCtx ctx{&s, float(scale), reinterpret_cast<float*>(partial.data())};
+    const TiledCtx ctx{&s, float(scale), float(shift), reinterpret_cast<float*>(partial.data())};
     parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { tiled(ctx, b0, b1); });
   } else parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {

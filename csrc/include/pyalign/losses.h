@@ -370,21 +370,22 @@ PYALIGN_HD void dpo_pair(const LossArgs& s, const Elem<A>& e, int64_t i, PairGra
 // ratio r = a - c and a desirable/undesirable label; `shift` is KTO's clamped KL estimate or
 // BCO's running reward mean delta.
 
-template <typename A>
+// kFam / kType >= 0 fix the family and the KTO type at compile time (the vectorized CPU loop).
+template <typename A, int kFam = -1, int kType = -1>
 PYALIGN_HD void unpaired_elem(const LossArgs& s, const Elem<A>& e, A shift, PairGrad<A>& out) {
   const LossParams& p = s.p;
   const A beta = A(p.beta);
   const bool desirable = e.label;
   const A r = e.a - e.c;
   A l, gr;
-  if (LossFamily(p.family) == LossFamily::bco) {
+  if (LossFamily(kFam >= 0 ? kFam : p.family) == LossFamily::bco) {
     // BCO eq. 9: -log sigmoid(beta r - delta) for desirable, -log sigmoid(-(beta r - delta)) else.
     const A z = beta * r - shift;
     if (desirable) { l = softplus(-z); gr = -beta * sigmoid(-z); }
     else { l = softplus(z); gr = beta * sigmoid(z); }
   } else {
     const A wgt = desirable ? A(p.desirable_weight) : A(p.undesirable_weight);
-    if (KtoType(p.types[0]) == KtoType::kto) {
+    if (KtoType(kType >= 0 ? kType : p.types[0]) == KtoType::kto) {
       // KTO eq. 8: 1 - sigmoid(beta (r - z0)) for desirable, 1 - sigmoid(beta (z0 - r)) else.
       const A z = desirable ? beta * (r - shift) : beta * (shift - r);
       l = sigmoid(-z);
@@ -579,7 +580,7 @@ PYALIGN_HD ElemOut<A> element_math(const LossArgs& s, const Elem<A>& e, int64_t 
       break;
     case LossFamily::kto:
     case LossFamily::bco:
-      unpaired_elem<A>(s, e, shift, o.pg);
+      unpaired_elem<A, kFam, kType>(s, e, shift, o.pg);
       break;
     case LossFamily::orpo: {
       OrpoExtra<A> ex;

@@ -113,6 +113,8 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
   const int naot = aot_count(p);
   if (naot > 0) {
     require(c.present(), "types: the aot losses need reference log-probs");
+    require(n <= int64_t(INT32_MAX), "policy_chosen_logps: the aot losses rank at most 2^31 - 1 pairs, got " +
+                                         std::to_string(n));
     check_out(work, "work", {int64_t(4) * naot, n}, DType::i32);
   }
   int dev = common_device({&a, &b, &c, &d, &la, &lb, &w, &label, &kla, &klb, &state, &loss, &grads, &metrics,

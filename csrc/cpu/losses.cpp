@@ -22,24 +22,48 @@
 namespace pyalign {
 namespace {
 
-// Ranks of the two sorted sequences of the k-th aot loss, written to the workspace.
+// A float's place in sort_less's order as an unsigned key: the sign-flipped bits (negative
+// numbers reversed), -0 as +0 (they tie), every NaN the largest key (NaN last).
+inline uint32_t sort_key(float x) {
+  if (x != x) return 0xffffffffu;
+  const uint32_t u = float_to_bits(x == 0.0f ? 0.0f : x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The order sort_less defines (by value, NaN last, ties by index), as the element indices in
+// sorted order. fp32: one sort of 64-bit (key, index) words, the index in the low bits breaking
+// ties, with no comparator call per comparison; other types: the comparator.
+template <typename A> void sorted_order(const std::vector<A>& vals, std::vector<int64_t>& idx) {
+  const int64_t n = int64_t(vals.size());
+  if constexpr (std::is_same<A, float>::value) {
+    std::vector<uint64_t> keys(n);
+    for (int64_t i = 0; i < n; ++i) keys[i] = (uint64_t(sort_key(vals[i])) << 32) | uint64_t(i);
+    std::sort(keys.begin(), keys.end());
+    for (int64_t r = 0; r < n; ++r) idx[r] = int64_t(keys[r] & 0xffffffffu);
+  } else {
+    std::iota(idx.begin(), idx.end(), int64_t(0));
+    std::sort(idx.begin(), idx.end(), [&](int64_t i, int64_t j) { return sort_less(vals[i], i, vals[j], j); });
+  }
+}
+
+// Ranks of the two sorted sequences of each aot loss, written to the workspace; the sequences
+// are independent sorts, spread over threads for large batches.
 template <typename A> void compute_ranks(const LossArgs& s) {
   const int64_t n = s.a.shape[0];
   const int count = aot_count(s.p);
-  std::vector<A> vals(n);
-  std::vector<int64_t> idx(n);
-  for (int k = 0; k < count; ++k) {
-    const int which = aot_which(s.p, k);
-    int32_t* base = s.work.ptr<int32_t>() + int64_t(k) * 4 * n;
-    for (int seq = 0; seq < 2; ++seq) {
+  parallel_rows(2 * count, n >= 2048 ? 1 : 2 * count, [&](int64_t q0, int64_t q1) {
+    std::vector<A> vals(n);
+    std::vector<int64_t> idx(n);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int k = int(q / 2), seq = int(q % 2);
+      const int which = aot_which(s.p, k);
       for (int64_t i = 0; i < n; ++i) vals[i] = seq == 0 ? aot_x<A>(s, which, i) : aot_y<A>(s, which, i);
-      std::iota(idx.begin(), idx.end(), int64_t(0));
-      std::sort(idx.begin(), idx.end(), [&](int64_t i, int64_t j) { return sort_less(vals[i], i, vals[j], j); });
-      int32_t* rank = base + (seq == 0 ? 0 : 2 * n);
+      sorted_order(vals, idx);
+      int32_t* rank = s.work.ptr<int32_t>() + int64_t(k) * 4 * n + (seq == 0 ? 0 : 2 * n);
       int32_t* inv = rank + n;
       for (int64_t r = 0; r < n; ++r) { rank[idx[r]] = int32_t(r); inv[r] = int32_t(idx[r]); }
     }
-  }
+  });
 }
 
 // Elements are processed in fixed blocks whose partial sums are added in block order, so the

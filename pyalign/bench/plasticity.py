@@ -4,7 +4,10 @@ Each rule update (matmul included) is timed for pyalign (``pyalign``: a fresh ma
 call; ``pyalign_ws``: a reused workspace, as the rule objects do), for the formula written the way the
 papers state it (``eager``: out of place, then copied into the weight) and for a hand-tuned
 in-place eager version (``eager_inplace``), and, unless ``quick``, for ``torch.compile`` of the
-out-of-place formula. The consolidation penalty is timed with its gradient added to ``.grad``.
+out-of-place formula; ``gemm floor`` is the rules' GEMM ``y^T x`` alone (fp32, into a preallocated
+output), so a fp32 rule's time as a multiple of its floor is the inverse of its speedup over that
+row. The elementwise-only row reports its bandwidth (the weight and the GEMM result read, the
+weight written). The consolidation penalty is timed with its gradient added to ``.grad``.
 
 Timed interleaved and measured for peak memory by :func:`pyalign.bench.common.compare`.
 """
@@ -61,8 +64,9 @@ def run(device: str, quick: bool) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def record(op, fns: dict, dtype):
-        rows.extend(compare("plasticity", op, f"{size} {str(dtype).replace('torch.', '')}", fns, device, reps=7))
+    def record(op, fns: dict, dtype, moved=None):
+        rows.extend(compare("plasticity", op, f"{size} {str(dtype).replace('torch.', '')}", fns, device, reps=7,
+                            bytes_moved=moved))
 
     for dtype in (torch.float32, torch.bfloat16):
         w = (torch.randn(out_f, in_f, generator=g) * 0.01).to(dtype).to(device)
@@ -75,17 +79,21 @@ def run(device: str, quick: bool) -> list[dict]:
         up = (lambda t: t) if dtype == torch.float32 else (lambda t: t.float())
 
         ws = torch.empty(out_f, in_f, device=device)  # what the rule objects keep between steps
+        floor = torch.empty(out_f, in_f, device=device)
+        gemm_floor = lambda: torch.mm(yf.t(), xf, out=floor)  # noqa: E731  the rules' GEMM alone (fp32)
         fns = {"pyalign": lambda: P.hebb(w, x, y, lr=LR, **opts),
                "pyalign_ws": lambda: P.hebb(w, x, y, lr=LR, workspace=ws, **opts),
                "eager": lambda: w.copy_(_hebb_formula(up(w), xf, yf))}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _hebb_inplace(w, xf, yf)
+            fns["gemm floor"] = gemm_floor
         record("hebb+decay+norm+bounds", fns, dtype)
 
         fns = {"pyalign": lambda: P.oja(w, x, y, lr=LR), "pyalign_ws": lambda: P.oja(w, x, y, lr=LR, workspace=ws),
                "eager": lambda: w.copy_(_oja_formula(up(w), xf, yf))}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _oja_inplace(w, xf, yf)
+            fns["gemm floor"] = gemm_floor
             if not quick:
                 try:
                     oja_c = compiled(_oja_formula)
@@ -105,6 +113,7 @@ def run(device: str, quick: bool) -> list[dict]:
                "eager": tf_eager}
         if dtype == torch.float32:
             fns["eager_inplace"] = lambda: _tf_inplace(w, e, xf, yf)
+            fns["gemm floor"] = gemm_floor
         record("three_factor", fns, dtype)
 
     # The elementwise part alone (matmul result given): decay + Oja term + norm + bounds.
@@ -123,7 +132,7 @@ def run(device: str, quick: bool) -> list[dict]:
     record("elementwise only (oja term+decay+norm+bounds)", {
         "pyalign": lambda: plastic_update_(w, gm, None, None, r, 1.0 / B, 0.0, 0.0, 0.0, 1.0, LR, keep, W_MIN, W_MAX,
                                            NORM, 1),
-        "eager_inplace": ew_eager}, torch.float32)
+        "eager_inplace": ew_eager}, torch.float32, moved=3 * w.numel() * 4)  # w and the GEMM result read, w written
 
     # Consolidation: penalty value and its gradient over one weight-sized parameter.
     p = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g).to(device))

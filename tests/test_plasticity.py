@@ -706,3 +706,37 @@ def test_torch_compile_fullgraph(device):
     f(a, x, y, ea)
     P.three_factor(P.oja(b, x, y, lr=0.1, norm=1.0), x, y, eb, 0.5, lr=0.1)
     assert torch.equal(a, b) and torch.equal(ea, eb)
+
+
+@pytest.mark.parametrize("rule", ["hebb", "anti_hebb", "oja", "bcm", "soft_hebb", "three_factor", "three_factor_per_sample"])
+def test_row_blocked_update_equals_the_whole_product(monkeypatch, rule):
+    """Without a workspace a large CPU weight is updated by row blocks (the GEMM of each block, then
+    the kernel on its rows); a tiny block size here forces several blocks and a partial last one.
+    The result must match the update from the whole product (the workspace path), traces and
+    thresholds included."""
+    from pyalign.plasticity import _update
+
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(37, 10, generator=g) * 0.3
+    x, y = torch.randn(5, 10, generator=g), torch.randn(5, 37, generator=g)
+    trace0, theta0 = torch.randn(37, 10, generator=g), torch.rand(37, generator=g)
+    mod = torch.randn(5, generator=g)
+    opts = dict(lr=0.05, weight_decay=0.01, norm=1.0, w_min=-0.4, w_max=0.4)
+
+    def run(blocked):
+        w, trace, theta = w0.clone(), trace0.clone(), theta0.clone()
+        ws = None if blocked else torch.empty_like(w)
+        if rule == "bcm":
+            P.bcm(w, x, y, theta, workspace=ws, **opts)
+        elif rule == "soft_hebb":
+            P.soft_hebb(w, x, workspace=ws, **opts)
+        elif rule.startswith("three_factor"):
+            P.three_factor(w, x, y, trace, mod if rule.endswith("per_sample") else 0.7, workspace=ws, **opts)
+        else:
+            getattr(P, rule)(w, x, y, workspace=ws, **opts)
+        return w, trace, theta
+
+    monkeypatch.setattr(_update, "_BLOCK_ELEMS", 60)  # blocks of 6 rows: 6 full ones and one of 1
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(run(True)[0], w0)  # the update did something

@@ -86,6 +86,37 @@ def apply_update(weight: Tensor, cm: Common, g: Tensor, *, g2=None, trace=None, 
     return weight
 
 
+# Weights of at least this many elements are updated by row blocks of about this many elements
+# when no workspace is given (CPU): the block's GEMM result stays in cache for the update.
+_BLOCK_ELEMS = 1 << 20
+
+
+def outer_update(weight: Tensor, cm: Common, u: Tensor, v: Tensor, workspace: Optional[Tensor], *, g2_factors=None,
+                 trace=None, row_coef=None, **coefs) -> Tensor:
+    """:func:`apply_update` with ``g = u^T v`` (and ``g2`` from the factors ``g2_factors``). With a
+    ``workspace`` the product goes there. Without one, a large contiguous CPU weight is updated by row
+    blocks: each block's GEMM into one reused block-sized buffer, then the fused kernel on the
+    block's rows (every term of the update is row-local, the row norms included), so no
+    weight-sized product is allocated and page-faulted in, and the block is still in cache when the
+    kernel reads it. Other weights get a fresh product, as before."""
+    ws = workspace_buffer(workspace, weight)
+    out_f, in_f = weight.shape
+    if ws is not None or weight.device.type != "cpu" or not weight.is_contiguous() or weight.numel() < _BLOCK_ELEMS:
+        g2 = None if g2_factors is None else outer(*g2_factors)
+        return apply_update(weight, cm, outer(u, v, ws), g2=g2, trace=trace, row_coef=row_coef, **coefs)
+    rows = max(1, _BLOCK_ELEMS // max(in_f, 1))
+    buf = torch.empty(rows, in_f, dtype=u.dtype, device=weight.device)
+    buf2 = None if g2_factors is None else torch.empty(rows, in_f, dtype=u.dtype, device=weight.device)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        g = torch.matmul(u[:, r0:r1].t(), v, out=buf[:r1 - r0])
+        g2 = None if g2_factors is None else torch.matmul(g2_factors[0][:, r0:r1].t(), g2_factors[1],
+                                                          out=buf2[:r1 - r0])
+        apply_update(weight[r0:r1], cm, g, g2=g2, trace=None if trace is None else trace[r0:r1],
+                     row_coef=None if row_coef is None else row_coef[r0:r1], **coefs)
+    return weight
+
+
 def outer(y: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """y^T x (one GEMM); the 1/N of the sample mean is a coefficient of the fused kernel."""
     return torch.matmul(y.t(), x, out=out)

@@ -22,8 +22,13 @@ class Rule:
     call (samples from several forward passes are concatenated).
 
     ``keep_workspace``: keep the fp32 ``[out, in]`` matmul result buffer between steps (faster;
-    costs that much memory per rule, e.g. twice a bf16 weight). False allocates it per step.
+    costs that much memory per rule, e.g. twice a bf16 weight). False allocates it per step. On the
+    CPU the rules whose product is ``u^T v`` (all but Sanger's) keep none: there a large weight is
+    updated by row blocks, each block's product in a small reused buffer, which is faster than a
+    weight-sized workspace (it stays in cache) and needs no weight-sized memory.
     """
+
+    _blocked_on_cpu = True  # the rule's function updates CPU weights by row blocks without a workspace
 
     def __init__(self, lr: float, *, weight_decay: float = 0.0, w_min: Optional[float] = None,
                  w_max: Optional[float] = None, norm: Optional[float] = None, norm_mode: str = "max",
@@ -40,7 +45,7 @@ class Rule:
 
     def _kw(self, weight: Tensor) -> dict:
         """The options plus a matmul workspace kept between steps (allocated on first use)."""
-        if not self.keep_workspace:
+        if not self.keep_workspace or (self._blocked_on_cpu and weight.device.type == "cpu"):
             return dict(self.options)
         ws = self._ws
         if ws is None or ws.shape != weight.shape or ws.device != weight.device or ws.dtype != acc_dtype(weight):
@@ -128,6 +133,8 @@ class Oja(Rule):
 
 class Sanger(Rule):
     """Object form of :func:`sanger`."""
+
+    _blocked_on_cpu = False  # its correction term needs the whole product (one addmm)
 
     def step(self, weight, x, y=None):
         return sanger(weight, x, y, **self._kw(weight))

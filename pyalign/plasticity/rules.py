@@ -10,6 +10,7 @@ from torch import Tensor
 from pyalign import _checks
 from pyalign._tensors import acc_dtype
 from pyalign.plasticity._update import (Common, activity, activity_pair, apply_update, check_weight, nonneg, outer,
+                                       outer_update,
                                        workspace_buffer)
 
 __all__ = ["hebb", "anti_hebb", "oja", "sanger", "bcm", "soft_hebb", "stdp", "three_factor"]
@@ -22,7 +23,7 @@ def hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float
     check_weight(weight)
     cm = Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = activity_pair(weight, x, y, validate)
-    return apply_update(weight, cm, outer(y2, x2, workspace_buffer(workspace, weight)), a=1.0 / x2.shape[0])
+    return outer_update(weight, cm, y2, x2, workspace, a=1.0 / x2.shape[0])
 
 
 def anti_hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: float = 0.0,
@@ -32,7 +33,7 @@ def anti_hebb(weight: Tensor, x: Tensor, y: Tensor, *, lr: float, weight_decay: 
     check_weight(weight)
     cm = Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = activity_pair(weight, x, y, validate)
-    return apply_update(weight, cm, outer(y2, x2, workspace_buffer(workspace, weight)), a=-1.0 / x2.shape[0])
+    return outer_update(weight, cm, y2, x2, workspace, a=-1.0 / x2.shape[0])
 
 
 def _default_y(weight: Tensor, x, y):
@@ -56,7 +57,7 @@ def oja(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, wei
     check_weight(weight)
     cm = Common(lr, weight_decay, w_min, w_max, norm, norm_mode)
     x2, y2 = activity_pair(weight, x, _default_y(weight, x, y), validate)
-    return apply_update(weight, cm, outer(y2, x2, workspace_buffer(workspace, weight)), a=1.0 / x2.shape[0], row_coef=(y2 * y2).mean(0))
+    return outer_update(weight, cm, y2, x2, workspace, a=1.0 / x2.shape[0], row_coef=(y2 * y2).mean(0))
 
 
 def sanger(weight: Tensor, x: Tensor, y: Optional[Tensor] = None, *, lr: float, weight_decay: float = 0.0,
@@ -93,7 +94,7 @@ def bcm(weight: Tensor, x: Tensor, y: Tensor, theta: Tensor, *, lr: float, tau: 
     x2, y2 = activity_pair(weight, x, y, validate)
     _state(theta, "theta", (weight.shape[0],), weight)
     phi = y2 * (y2 - theta)
-    apply_update(weight, cm, outer(phi, x2, workspace_buffer(workspace, weight)), a=1.0 / x2.shape[0])
+    outer_update(weight, cm, phi, x2, workspace, a=1.0 / x2.shape[0])
     with torch.no_grad():
         theta.add_(((y2 * y2).mean(0) - theta) / tau)
     return weight
@@ -109,7 +110,7 @@ def soft_hebb(weight: Tensor, x: Tensor, u: Optional[Tensor] = None, *, lr: floa
     temperature = _checks.positive(temperature, "temperature")
     x2, u2 = activity_pair(weight, x, _default_y(weight, x, u), validate)
     y2 = torch.softmax(u2 / temperature, dim=-1)
-    return apply_update(weight, cm, outer(y2, x2, workspace_buffer(workspace, weight)), a=1.0 / x2.shape[0], row_coef=(y2 * u2).mean(0))
+    return outer_update(weight, cm, y2, x2, workspace, a=1.0 / x2.shape[0], row_coef=(y2 * u2).mean(0))
 
 
 def _state(t, name: str, shape, weight: Tensor) -> Tensor:
@@ -196,7 +197,7 @@ def stdp(weight: Tensor, pre: Tensor, post: Tensor, pre_trace: Optional[Tensor] 
         yb.add_(post_s[t])
     u = torch.cat(us, 0)
     v = torch.cat(vs, 0)
-    apply_update(weight, cm, outer(u, v, workspace_buffer(workspace, weight)), a=1.0 / B)
+    outer_update(weight, cm, u, v, workspace, a=1.0 / B)
     with torch.no_grad():
         pre_trace.copy_(xb)
         post_trace.copy_(yb)
@@ -227,7 +228,6 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
         raise ValueError(f"decay: expected a number in [0, 1], got {decay!r}")
     x2, y2 = activity_pair(weight, x, y, validate)
     _state(trace, "trace", tuple(weight.shape), weight)
-    g = outer(y2, x2, workspace_buffer(workspace, weight))
     inv_n = 1.0 / x2.shape[0]
     if isinstance(modulator, Tensor) and modulator.numel() != 1:
         _checks.float_tensor(modulator, "modulator")
@@ -237,10 +237,9 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
         m = modulator.detach().to(x2.dtype)
         if not bool(torch.isfinite(m).all()):
             raise ValueError("modulator: contains NaN or infinite values")
-        g2 = outer(y2 * m[:, None], x2)
-        return apply_update(weight, cm, g, g2=g2, trace=trace, a=0.0, b=decay * float(m.mean()), c=inv_n, lam=decay,
-                      s=inv_n)
+        return outer_update(weight, cm, y2, x2, workspace, g2_factors=(y2 * m[:, None], x2), trace=trace, a=0.0,
+                            b=decay * float(m.mean()), c=inv_n, lam=decay, s=inv_n)
     if isinstance(modulator, Tensor):
         modulator = float(modulator.detach().reshape(()))
     m = _checks.finite(modulator, "modulator")
-    return apply_update(weight, cm, g, trace=trace, a=m * inv_n, b=m * decay, lam=decay, s=inv_n)
+    return outer_update(weight, cm, y2, x2, workspace, trace=trace, a=m * inv_n, b=m * decay, lam=decay, s=inv_n)

@@ -100,6 +100,7 @@ void forward(TensorArg logp, TensorArg old, TensorArg ref, TensorArg samp, Tenso
   require_contiguous(loss, "loss", {}, adt);
   require_contiguous(grad_logp, "grad_logps", {n}, adt);
   if (ent.present()) require_contiguous(grad_ent, "grad_entropy", {n}, adt);
+  require(ent.present() || !grad_ent.present(), "grad_entropy: expected None without entropy");
   require_contiguous(metrics, "metrics", {kPgMetrics}, adt);
   require_contiguous(work, "work", {S + 1, kSegSlots}, adt);
   PgArgs a{logp, old, ref, samp, ent, mask, adv, seg, loss, grad_logp, grad_ent, metrics, work, p, S, row_len};

@@ -14,6 +14,7 @@
 #include "pyalign/rl.h"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace pyalign {
 namespace {
@@ -126,12 +127,14 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
   const PgType type = PgType(p.loss_type);
   A lanes[kTileSums][kLanes] = {};
   A M[kTile], LP[kTile], ADV[kTile], CO[kTile], IN[kTile], L[kTile], DC[kTile], DL[kTile], KL[kTile], DK[kTile];
-  A FL[kTile], FH[kTile], FC[kTile], E[kTile], GE[kTile], GL[kTile], LO[kTile], KC[kTile], EC[kTile], BC[kTile];
+  A FL[kTile], FH[kTile], FC[kTile], E[kTile], LO[kTile], KC[kTile], EC[kTile], BC[kTile];
   A* const C[kTileSums] = {LO, KC, EC, BC, FL, FH, FC};  // the summed contributions, in TileSum order
   const bool bias = p.bias_correction_kl, bonus = ecoef != A(0);
   // The sums this configuration can make nonzero (the others would add exact zeros: skipped).
   const bool clipped = type != PgType::cispo && type != PgType::sapo;
   const bool summed[kTileSums] = {true, p.has_ref, has_ent, has_ent && bonus, clipped, clipped, type == PgType::cispo};
+  if (!p.adv_per_token)  // the segment's advantage, filled once
+    for (int j = 0; j < kTile; ++j) ADV[j] = adv_seg;
   for (int64_t b = seg.b; b < seg.e; b += kTile) {
     const int n = int(std::min<int64_t>(kTile, seg.e - b));
     // Loop-invariant choices stay outside the loops (a branch inside one stops it vectorizing).
@@ -148,14 +151,10 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
     if (p.adv_per_token) {
 #pragma omp simd
       for (int j = 0; j < n; ++j) ADV[j] = R::template f<A>(a.adv, b + j);
-    } else {
-      for (int j = 0; j < n; ++j) ADV[j] = adv_seg;
     }
     if (has_ent) {
 #pragma omp simd
       for (int j = 0; j < n; ++j) E[j] = R::template f<A>(a.ent, b + j);
-    } else {
-      for (int j = 0; j < n; ++j) E[j] = A(0);
     }
     switch (type) {  // the loss type's core
       case PgType::cispo:
@@ -197,35 +196,42 @@ template <typename A, typename R> PYALIGN_HD void seg_phase_b_tiled(const PgArgs
     } else {
       for (int j = 0; j < n; ++j) { KL[j] = A(0); DK[j] = A(0); }
     }
-    // masks, correction, KL, weights: the token's contributions (0/1 masks as numbers: selects)
+    // masks, correction, KL, weights: the token's contributions (0/1 masks as numbers: selects),
+    // and the gradients straight to the outputs. Without an entropy input its terms are left out.
     const A emask = p.has_entropy_mask ? A(1) : A(0), lowkl = c.lowkl_keep, isr = c.isr;
     const A bias_f = bias ? A(1) : A(0), bonus_f = bonus ? A(1) : A(0);
+    auto contributions = [&](auto entropy) __attribute__((always_inline)) {
+      constexpr int Ent = decltype(entropy)::value;  // 0: no entropy, 1: entropy, 2: and its gradient
 #pragma omp simd
-    for (int j = 0; j < n; ++j) {
-      const A m = M[j];
-      const A keep = m != A(0) ? A(1) : A(0);  // masked tokens contribute exact zeros, whatever they hold
-      const A ek = (E[j] * m >= thr ? A(1) : A(0)) * keep;
-      const A ekeep = emask * ek + (A(1) - emask);
-      const A scale = (ADV[j] >= A(0) ? A(1) : lowkl) * ekeep * isr;
-      const CoreOut<A> o{L[j], DC[j], DL[j], A(0), A(0), A(0)};
-      const TokenTerms<A> t = token_terms<A>(o, scale, beta, KL[j], DK[j], CO[j], bias_f);
-      const A w = m * wf, em = ekeep * m;
-      LO[j] = keep != A(0) ? w * t.loss : A(0);
-      KC[j] = keep != A(0) ? m * t.kl : A(0);
-      EC[j] = keep != A(0) ? m * E[j] : A(0);
-      BC[j] = keep * bonus_f != A(0) ? em * E[j] / teff : A(0);
-      FL[j] = FL[j] * keep * m;
-      FH[j] = FH[j] * keep * m;
-      FC[j] = FC[j] * keep * m;
-      GL[j] = keep != A(0) ? w * (t.dlogp + t.dcoef * CO[j] * IN[j]) : A(0);
-      GE[j] = keep * bonus_f != A(0) ? -ecoef * em / teff : A(0);
-    }
-#pragma omp simd
-    for (int j = 0; j < n; ++j) gl[b + j] = GL[j];
-    if (grad_ent) {
-#pragma omp simd
-      for (int j = 0; j < n; ++j) ge[b + j] = GE[j];
-    }
+      for (int j = 0; j < n; ++j) {
+        const A m = M[j];
+        const A keep = m != A(0) ? A(1) : A(0);  // masked tokens contribute exact zeros, whatever they hold
+        A ekeep = A(1);
+        if constexpr (Ent > 0) {
+          const A ek = (E[j] * m >= thr ? A(1) : A(0)) * keep;
+          ekeep = emask * ek + (A(1) - emask);
+        }
+        const A scale = (ADV[j] >= A(0) ? A(1) : lowkl) * ekeep * isr;
+        const CoreOut<A> o{L[j], DC[j], DL[j], A(0), A(0), A(0)};
+        const TokenTerms<A> t = token_terms<A>(o, scale, beta, KL[j], DK[j], CO[j], bias_f);
+        const A w = m * wf;
+        LO[j] = keep != A(0) ? w * t.loss : A(0);
+        KC[j] = keep != A(0) ? m * t.kl : A(0);
+        FL[j] = FL[j] * keep * m;
+        FH[j] = FH[j] * keep * m;
+        FC[j] = FC[j] * keep * m;
+        gl[b + j] = keep != A(0) ? w * (t.dlogp + t.dcoef * CO[j] * IN[j]) : A(0);
+        if constexpr (Ent > 0) {
+          const A em = ekeep * m;
+          EC[j] = keep != A(0) ? m * E[j] : A(0);
+          BC[j] = keep * bonus_f != A(0) ? em * E[j] / teff : A(0);
+          if constexpr (Ent == 2) ge[b + j] = keep * bonus_f != A(0) ? -ecoef * em / teff : A(0);
+        }
+      }
+    };
+    if (grad_ent) contributions(std::integral_constant<int, 2>{});
+    else if (has_ent) contributions(std::integral_constant<int, 1>{});
+    else contributions(std::integral_constant<int, 0>{});
     for (int k = 0; k < kTileSums; ++k)
       if (summed[k]) add_lanes(lanes[k], C[k], n);
   }

@@ -256,6 +256,24 @@ def test_eager_path_equals_custom_op():
     assert torch.equal(loss.detach(), eager[0]) and torch.equal(g[0], eager[2]) and torch.equal(g[1], eager[3])
 
 
+def test_handed_over_gradient_survives_retain_graph_and_a_scaled_backward():
+    # For loss.backward() on the CPU the saved gradient is handed over as it stands: a second
+    # backward (retain_graph) and a scaled one must still see the saved gradient unchanged.
+    b = batch()
+    lp, ent = b["logps"].clone().requires_grad_(), b["entropy"].clone().requires_grad_()
+    loss, _ = rl.policy_loss(lp, b["old_logps"], b["advantages"], b["mask"], loss_type="dapo", beta=0.1,
+                             ref_logps=b["ref_logps"], entropy=ent, entropy_coef=0.02)
+    loss.backward(retain_graph=True)
+    g1 = lp.grad.clone(), ent.grad.clone()
+    loss.backward(retain_graph=True)
+    assert torch.equal(lp.grad, 2 * g1[0]) and torch.equal(ent.grad, 2 * g1[1])
+    lp.grad.zero_()
+    ent.grad.zero_()
+    (3 * loss).backward()
+    assert torch.equal(lp.grad, 3 * g1[0]) and torch.equal(ent.grad, 3 * g1[1])
+    assert lp.grad.abs().sum() > 0 and ent.grad.abs().sum() > 0
+
+
 def test_thread_count_determinism(tmp_path):
     script = ("import sys, torch, pyalign\n"
               "g = torch.Generator().manual_seed(0)\n"

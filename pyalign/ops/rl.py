@@ -3,7 +3,8 @@
 
 Tokens arrive flat (``[N]``) with segment offsets (``[S + 1]``, one segment per sequence). The forward
 computes the loss, its gradient w.r.t. the log-probs and the entropy, and the metrics in one call;
-the backward only scales the saved gradients by the incoming gradient. Loss types, KL estimators,
+the backward scales the saved gradients by the incoming gradient (or, for a CPU
+scalar 1, hands them over as they stand). Loss types, KL estimators,
 importance-sampling modes, aggregation modes, parameter order and metric names come from the
 kernels' contract by name.
 """
@@ -77,15 +78,32 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (inputs[0].dtype, None if inputs[4] is None else inputs[4].dtype)
 
 
+def _unit_cpu_scalar(g: Tensor) -> bool:
+    """Whether the incoming gradient is a plain CPU scalar equal to 1 (``loss.backward()``): then the
+    saved gradients are the input gradients as they stand. Reading the value costs ~1 µs on the CPU;
+    on a GPU it would synchronize, and under tracing there is no value, so both scale instead."""
+    return (type(g) is Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and g.item() == 1.0)
+
+
+def _scaled(saved: Tensor, g: Tensor, dtype: torch.dtype, unit: bool) -> Tensor:
+    # Handing the saved buffer over skips an [N] pass and its allocation. It stays safe to reuse:
+    # autograd steals a returned gradient only when nothing else holds it (not under retain_graph).
+    if unit and saved.dtype == dtype:
+        return saved
+    return (saved * g).to(dtype)
+
+
 def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
     out = [None] * 18
     if g_loss is None:
         return tuple(out)
     grad_logp, grad_ent = ctx.saved_tensors
+    unit = _unit_cpu_scalar(g_loss)
     if ctx.needs_input_grad[0]:
-        out[0] = (grad_logp * g_loss).to(ctx.dtypes[0])
+        out[0] = _scaled(grad_logp, g_loss, ctx.dtypes[0], unit)
     if ctx.needs_input_grad[4] and grad_ent.numel():
-        out[4] = (grad_ent * g_loss).to(ctx.dtypes[1])
+        out[4] = _scaled(grad_ent, g_loss, ctx.dtypes[1], unit)
     return tuple(out)
 
 

@@ -257,8 +257,8 @@ def test_eager_path_equals_custom_op():
 
 
 def test_handed_over_gradient_survives_retain_graph_and_a_scaled_backward():
-    # For loss.backward() on the CPU the saved gradient is handed over as it stands: a second
-    # backward (retain_graph) and a scaled one must still see the saved gradient unchanged.
+    # Eager calls hand the forward's gradients over to the first backward: a second backward
+    # (retain_graph) and a scaled one must still give the exact gradients.
     b = batch()
     lp, ent = b["logps"].clone().requires_grad_(), b["entropy"].clone().requires_grad_()
     loss, _ = rl.policy_loss(lp, b["old_logps"], b["advantages"], b["mask"], loss_type="dapo", beta=0.1,
@@ -272,6 +272,12 @@ def test_handed_over_gradient_survives_retain_graph_and_a_scaled_backward():
     (3 * loss).backward()
     assert torch.equal(lp.grad, 3 * g1[0]) and torch.equal(ent.grad, 3 * g1[1])
     assert lp.grad.abs().sum() > 0 and ent.grad.abs().sum() > 0
+    # The first backward's gradient is the caller's: changing it in place leaves a second one intact.
+    loss, _ = rl.policy_loss(lp, b["old_logps"], b["advantages"], b["mask"], loss_type="dapo")
+    g, = torch.autograd.grad(loss, lp, retain_graph=True)
+    first = g.clone()
+    g.mul_(0)
+    assert torch.equal(torch.autograd.grad(loss, lp)[0], first) and first.abs().sum() > 0
 
 
 def test_thread_count_determinism(tmp_path):

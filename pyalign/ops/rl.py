@@ -3,8 +3,8 @@
 
 Tokens arrive flat (``[N]``) with segment offsets (``[S + 1]``, one segment per sequence). The forward
 computes the loss, its gradient w.r.t. the log-probs and the entropy, and the metrics in one call;
-the backward scales the saved gradients by the incoming gradient (or, for a CPU
-scalar 1, hands them over as they stand). Loss types, KL estimators,
+eager calls hand them over to the backward, which scales them in place by the incoming gradient
+(not at all for a CPU scalar 1). Loss types, KL estimators,
 importance-sampling modes, aggregation modes, parameter order and metric names come from the
 kernels' contract by name.
 """
@@ -70,40 +70,54 @@ def _(logps, old_logps, ref_logps, sampling_logps, entropy, mask, advantages, se
             logps.new_empty(n, dtype=acc), logps.new_empty(n if entropy is not None else 0, dtype=acc))
 
 
+_N_TENSOR_INPUTS = 8  # logps .. segments; the rest of the inputs are options
+
+
+def _eager(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor outside any tracing (torch.compile, a dispatch mode)."""
+    return type(t) is Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def _setup_context(ctx, inputs, output):
     _, metrics, grad_logp, grad_ent = output
     ctx.mark_non_differentiable(metrics, grad_logp, grad_ent)
     ctx.set_materialize_grads(False)  # no zero-filled [N] upstream gradients for the saved gradients
-    ctx.save_for_backward(grad_logp, grad_ent)
     ctx.dtypes = (inputs[0].dtype, None if inputs[4] is None else inputs[4].dtype)
+    # Eager calls hand their gradients over to the first backward, to be scaled in place (no second
+    # [N] buffer); a second backward through a retained graph forms them again from the inputs.
+    # Traced graphs save the gradients and scale them out of place.
+    ctx.handoff = _eager(grad_logp)
+    if ctx.handoff:
+        ctx.held = (grad_logp, grad_ent)
+        ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])
+        ctx.options = inputs[_N_TENSOR_INPUTS:]
+    else:
+        ctx.save_for_backward(grad_logp, grad_ent)
 
 
-def _unit_cpu_scalar(g: Tensor) -> bool:
-    """Whether the incoming gradient is a plain CPU scalar equal to 1 (``loss.backward()``): then the
-    saved gradients are the input gradients as they stand. Reading the value costs ~1 µs on the CPU;
-    on a GPU it would synchronize, and under tracing there is no value, so both scale instead."""
-    return (type(g) is Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and g.item() == 1.0)
-
-
-def _scaled(saved: Tensor, g: Tensor, dtype: torch.dtype, unit: bool) -> Tensor:
-    # Handing the saved buffer over skips an [N] pass and its allocation. It stays safe to reuse:
-    # autograd steals a returned gradient only when nothing else holds it (not under retain_graph).
-    if unit and saved.dtype == dtype:
-        return saved
-    return (saved * g).to(dtype)
+def _is_one(g: Tensor) -> bool:
+    """Whether the incoming gradient is known to be 1 (``loss.backward()``) without a device sync:
+    a CPU scalar is read (~1 µs); a GPU one is not."""
+    return g.device.type == "cpu" and g.item() == 1.0
 
 
 def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
     out = [None] * 18
     if g_loss is None:
         return tuple(out)
-    grad_logp, grad_ent = ctx.saved_tensors
-    unit = _unit_cpu_scalar(g_loss)
-    if ctx.needs_input_grad[0]:
-        out[0] = _scaled(grad_logp, g_loss, ctx.dtypes[0], unit)
-    if ctx.needs_input_grad[4] and grad_ent.numel():
-        out[4] = _scaled(grad_ent, g_loss, ctx.dtypes[1], unit)
+    want = (ctx.needs_input_grad[0], ctx.needs_input_grad[4] and ctx.dtypes[1] is not None)
+    if ctx.handoff:
+        held, ctx.held = ctx.held, None
+        if held is None:  # a second backward (retain_graph): the first one took the gradients
+            held = policy_loss_op.impl(*ctx.saved_tensors, *ctx.options)[2:]
+        scale = not _is_one(g_loss)
+        grads = [g.mul_(g_loss) if scale and w else g for g, w in zip(held, want)]
+    else:
+        grads = [g * g_loss if w else None for g, w in zip(ctx.saved_tensors, want)]
+    if want[0]:
+        out[0] = grads[0].to(ctx.dtypes[0])
+    if want[1]:
+        out[4] = grads[1].to(ctx.dtypes[1])
     return tuple(out)
 
 

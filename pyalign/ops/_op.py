@@ -27,11 +27,16 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _EAGER, _EAGER_GRAD, _TRACED = 0, 1, 2
 
 
+def tracing() -> bool:
+    """Whether something could be tracing this call: torch.compile or an active dispatch mode."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _path(args, tensor_positions) -> int:
-    """Which path a call takes: the custom op when something could be tracing (torch.compile, a
-    dispatch mode, a tensor subclass), else the eager path, with autograd when an input needs it.
+    """Which path a call takes: the custom op when something could be tracing (:func:`tracing`, or a
+    tensor subclass), else the eager path, with autograd when an input needs it.
     One pass over the tensor arguments: this runs on every eager call."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if tracing():
         return _TRACED
     grad = False
     for i in tensor_positions:

@@ -3,10 +3,9 @@
 
 Tokens arrive flat (``[N]``) with segment offsets (``[S + 1]``, one segment per sequence). The forward
 computes the loss, its gradient w.r.t. the log-probs and the entropy, and the metrics in one call;
-eager calls hand them over to the backward, which scales them in place by the incoming gradient
-(not at all for a CPU scalar 1). Loss types, KL estimators,
-importance-sampling modes, aggregation modes, parameter order and metric names come from the
-kernels' contract by name.
+eager calls hand the gradients over to the backward, which scales them in place by the incoming
+gradient (not at all for a CPU scalar 1). Loss types, KL estimators, importance-sampling modes,
+aggregation modes, parameter order and metric names come from the kernels' contract by name.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from pyalign._ext import CONTRACT, desc, kernels, stream_of
 from pyalign._tensors import acc_dtype
-from pyalign.ops._op import kernel_op, ordered_params
+from pyalign.ops._op import kernel_op, ordered_params, tracing
 
 LOSS_TYPES = tuple(CONTRACT["pg_loss_types"])
 KL_ESTIMATORS = tuple(CONTRACT["kl_estimators"])
@@ -70,12 +69,7 @@ def _(logps, old_logps, ref_logps, sampling_logps, entropy, mask, advantages, se
             logps.new_empty(n, dtype=acc), logps.new_empty(n if entropy is not None else 0, dtype=acc))
 
 
-_N_TENSOR_INPUTS = 8  # logps .. segments; the rest of the inputs are options
-
-
-def _eager(t: Tensor) -> bool:
-    """Whether ``t`` is a plain tensor outside any tracing (torch.compile, a dispatch mode)."""
-    return type(t) is Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+_N_TENSOR_INPUTS = max(policy_loss_op._tensor_positions) + 1  # logps .. segments; then the options
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,7 +80,7 @@ def _setup_context(ctx, inputs, output):
     # Eager calls hand their gradients over to the first backward, to be scaled in place (no second
     # [N] buffer); a second backward through a retained graph forms them again from the inputs.
     # Traced graphs save the gradients and scale them out of place.
-    ctx.handoff = _eager(grad_logp)
+    ctx.handoff = type(grad_logp) is Tensor and not tracing()
     if ctx.handoff:
         ctx.held = (grad_logp, grad_ent)
         ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])

@@ -1087,6 +1087,48 @@ def test_tiled_strided_and_bf16_inputs_equal_contiguous():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1].values, ref[1].values)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_tiled_integer_lengths_equal_float_lengths(dtype):
+    """Lengths of any real dtype are read into the same float tiles (int64 and int32 by a vector
+    conversion): the same bits as the float32 lengths of the same values."""
+    b = make_batch(3000, seed=44, dtype=torch.float32)
+    x = [b[k] for k in ("pc", "pr", "rc", "rr")]
+    lc, lr = (b[k].clamp(max=1) if dtype == torch.bool else b[k] for k in ("lc", "lr"))
+    for lt in ("ipo", "sigmoid_norm", "sft"):
+        base = L.dpo_loss(*x, loss_type=lt, chosen_lengths=lc.float(), rejected_lengths=lr.float())
+        got = L.dpo_loss(*x, loss_type=lt, chosen_lengths=lc.to(dtype), rejected_lengths=lr.to(dtype))
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1].values, base[1].values)
+
+
+def test_handed_over_gradients_survive_retain_graph_and_a_scaled_backward():
+    """Eager calls hand the forward's gradients over to the first backward: a second backward
+    (retain_graph), a scaled one and a per-pair upstream gradient must still give the exact gradients,
+    and a first gradient changed in place must leave a second one intact."""
+    b = make_batch(300, seed=45, dtype=torch.float32)
+    pc, pr, w = leaves(b["pc"], b["pr"], b["w"])
+    loss, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"], weights=w)
+    loss.backward(retain_graph=True)
+    g1 = [t.grad.clone() for t in (pc, pr, w)]
+    loss.backward(retain_graph=True)
+    assert all(torch.equal(t.grad, 2 * g) for t, g in zip((pc, pr, w), g1))
+    for t in (pc, pr, w):
+        t.grad = None
+    (3 * loss).backward()
+    assert all(torch.equal(t.grad, 3 * g) for t, g in zip((pc, pr, w), g1))
+    assert all(g.abs().sum() > 0 for g in g1)
+    loss, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"])
+    first = torch.autograd.grad(loss, (pc, pr), retain_graph=True)
+    kept = [g.clone() for g in first]
+    for g in first:
+        g.mul_(0)
+    assert all(torch.equal(g, k) for g, k in zip(torch.autograd.grad(loss, (pc, pr)), kept))
+    per_pair, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"], reduction="none")
+    up = torch.rand(300, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(per_pair, (pc, pr), up, retain_graph=True)
+    expected = torch.autograd.grad(per_pair.mul(up).sum(), (pc, pr))
+    assert all(torch.equal(a, e) for a, e in zip(got, expected))
+
+
 def test_tiled_result_independent_of_threads_and_isa(tmp_path):
     """The tiled loop's sums sit in fixed lanes: the same bits with 1 or 2 threads and on every ISA
     clone the CPU runs (the AVX-512, AVX2 and baseline code)."""

@@ -99,6 +99,18 @@ PYALIGN_CPU_INLINE void load_tile(const TensorArg& t, int64_t b, int n, float* _
         for (int j = 0; j < n; ++j) out[j] = p[j] ? 1.0f : 0.0f;
         return;
       }
+      case DType::i64: {  // lengths as torch counts them (mask.sum(-1))
+        const int64_t* p = t.ptr<int64_t>() + b;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) out[j] = float(p[j]);
+        return;
+      }
+      case DType::i32: {
+        const int32_t* p = t.ptr<int32_t>() + b;
+#pragma omp simd
+        for (int j = 0; j < n; ++j) out[j] = float(p[j]);
+        return;
+      }
       default: break;
     }
   }

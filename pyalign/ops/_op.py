@@ -32,6 +32,49 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
+def hold_gradients(ctx, inputs, n_tensor_inputs: int, grads: tuple) -> None:
+    """Keeps the gradients a forward formed for its backward (:func:`take_gradients`).
+
+    Eager calls hand them over to the first backward, which may scale them in place and return them
+    (no second buffer; autograd then makes them the leaves' ``.grad``), and save the tensor inputs
+    ``inputs[:n_tensor_inputs]`` so that a second backward through a retained graph forms them again.
+    Traced graphs (torch.compile, dispatch modes) save the gradients themselves, to be scaled out of
+    place."""
+    ctx.handoff = type(grads[0]) is Tensor and not tracing()
+    if ctx.handoff:
+        ctx.held = grads
+        ctx.save_for_backward(*inputs[:n_tensor_inputs])
+        ctx.options = inputs[n_tensor_inputs:]
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def take_gradients(ctx, recompute: Callable) -> tuple[tuple, bool]:
+    """``(grads, owned)``: the gradients :func:`hold_gradients` kept, and whether this backward owns
+    them (it may scale them in place and return them). A second backward of an eager call gets them
+    from ``recompute(*tensor_inputs, *options)``."""
+    if not ctx.handoff:
+        return ctx.saved_tensors, False
+    held, ctx.held = ctx.held, None
+    if held is None:  # a second backward (retain_graph): the first one took the gradients
+        held = recompute(*ctx.saved_tensors, *ctx.options)
+    return held, True
+
+
+def is_one(g: Tensor) -> bool:
+    """Whether an incoming gradient is known to be the scalar 1 (``loss.backward()``) without a
+    device sync: a CPU scalar is read (~1 µs); a GPU one is not."""
+    return g.device.type == "cpu" and g.dim() == 0 and g.item() == 1.0
+
+
+def scale_gradient(grad: Tensor, g: Tensor, owned: bool, one: bool) -> Tensor:
+    """``grad * g``: ``grad`` itself when ``g`` is 1 and the backward owns it, scaled in place when
+    it owns it, else a new tensor (see :func:`take_gradients`)."""
+    if not owned:
+        return grad * g
+    return grad if one else grad.mul_(g)
+
+
 def _path(args, tensor_positions) -> int:
     """Which path a call takes: the custom op when something could be tracing (:func:`tracing`, or a
     tensor subclass), else the eager path, with autograd when an input needs it.

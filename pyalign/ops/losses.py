@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pyalign._ext import CONTRACT, desc, kernels, stream_of
 from pyalign._tensors import acc_dtype
-from pyalign.ops._op import kernel_op, ordered_params
+from pyalign.ops._op import hold_gradients, is_one, kernel_op, ordered_params, scale_gradient, take_gradients
 
 FAMILIES = tuple(CONTRACT["loss_families"])
 DPO_TYPES = tuple(CONTRACT["dpo_types"])
@@ -88,6 +88,7 @@ def _(a, b, c, d, la, lb, w, label, kla, klb, state, family, types, type_weights
 
 
 _GRAD_ROW = {0: 0, 1: 1, 2: 2, 3: 3, 6: 4}  # input index (a, b, c, d, w) -> row of grads
+_N_TENSOR_INPUTS = max(preference_loss_op._tensor_positions) + 1  # a .. state; then the options
 
 
 def _setup_context(ctx, inputs, output):
@@ -96,18 +97,19 @@ def _setup_context(ctx, inputs, output):
     # The gradients and metrics outputs never receive a gradient: without this, autograd would
     # allocate and zero-fill a [5, N] tensor for them on every backward (as costly as the kernel).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grads)
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:11]]
+    hold_gradients(ctx, inputs, _N_TENSOR_INPUTS, (grads,))
 
 
 def _backward(ctx, g_loss, g_grads, g_metrics, g_state):
     out = [None] * 17
     if g_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
         return tuple(out)
-    (grads,) = ctx.saved_tensors
+    (grads,), owned = take_gradients(ctx, lambda *args: preference_loss_op.impl(*args)[1:2])
+    one = owned and is_one(g_loss)
     for idx, row in _GRAD_ROW.items():
         if ctx.dtypes[idx] is not None and ctx.needs_input_grad[idx]:
-            out[idx] = (grads[row] * g_loss).to(ctx.dtypes[idx])
+            out[idx] = scale_gradient(grads[row], g_loss, owned, one).to(ctx.dtypes[idx])
     return tuple(out)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pyalign._ext import CONTRACT, desc, kernels, stream_of
 from pyalign._tensors import acc_dtype
-from pyalign.ops._op import kernel_op, ordered_params, tracing
+from pyalign.ops._op import hold_gradients, is_one, kernel_op, ordered_params, scale_gradient, take_gradients
 
 LOSS_TYPES = tuple(CONTRACT["pg_loss_types"])
 KL_ESTIMATORS = tuple(CONTRACT["kl_estimators"])
@@ -77,22 +77,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(metrics, grad_logp, grad_ent)
     ctx.set_materialize_grads(False)  # no zero-filled [N] upstream gradients for the saved gradients
     ctx.dtypes = (inputs[0].dtype, None if inputs[4] is None else inputs[4].dtype)
-    # Eager calls hand their gradients over to the first backward, to be scaled in place (no second
-    # [N] buffer); a second backward through a retained graph forms them again from the inputs.
-    # Traced graphs save the gradients and scale them out of place.
-    ctx.handoff = type(grad_logp) is Tensor and not tracing()
-    if ctx.handoff:
-        ctx.held = (grad_logp, grad_ent)
-        ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])
-        ctx.options = inputs[_N_TENSOR_INPUTS:]
-    else:
-        ctx.save_for_backward(grad_logp, grad_ent)
-
-
-def _is_one(g: Tensor) -> bool:
-    """Whether the incoming gradient is known to be 1 (``loss.backward()``) without a device sync:
-    a CPU scalar is read (~1 µs); a GPU one is not."""
-    return g.device.type == "cpu" and g.item() == 1.0
+    hold_gradients(ctx, inputs, _N_TENSOR_INPUTS, (grad_logp, grad_ent))
 
 
 def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
@@ -100,18 +85,11 @@ def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
     if g_loss is None:
         return tuple(out)
     want = (ctx.needs_input_grad[0], ctx.needs_input_grad[4] and ctx.dtypes[1] is not None)
-    if ctx.handoff:
-        held, ctx.held = ctx.held, None
-        if held is None:  # a second backward (retain_graph): the first one took the gradients
-            held = policy_loss_op.impl(*ctx.saved_tensors, *ctx.options)[2:]
-        scale = not _is_one(g_loss)
-        grads = [g.mul_(g_loss) if scale and w else g for g, w in zip(held, want)]
-    else:
-        grads = [g * g_loss if w else None for g, w in zip(ctx.saved_tensors, want)]
-    if want[0]:
-        out[0] = grads[0].to(ctx.dtypes[0])
-    if want[1]:
-        out[4] = grads[1].to(ctx.dtypes[1])
+    held, owned = take_gradients(ctx, lambda *args: policy_loss_op.impl(*args)[2:])
+    one = owned and is_one(g_loss)
+    for (pos, dtype), grad, w in zip(((0, ctx.dtypes[0]), (4, ctx.dtypes[1])), held, want):
+        if w:
+            out[pos] = scale_gradient(grad, g_loss, owned, one).to(dtype)
     return tuple(out)
 
 

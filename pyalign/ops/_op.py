@@ -67,12 +67,14 @@ def is_one(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.dim() == 0 and g.item() == 1.0
 
 
-def scale_gradient(grad: Tensor, g: Tensor, owned: bool, one: bool) -> Tensor:
-    """``grad * g``: ``grad`` itself when ``g`` is 1 and the backward owns it, scaled in place when
-    it owns it, else a new tensor (see :func:`take_gradients`)."""
+def scale_gradient(grad: Tensor, g: Tensor, owned: bool, one: bool, dtype: torch.dtype) -> Tensor:
+    """``(grad * g).to(dtype)``: ``grad`` itself when ``g`` is 1 and the backward owns it, scaled in
+    place when it owns it, else a new tensor (see :func:`take_gradients`)."""
     if not owned:
-        return grad * g
-    return grad if one else grad.mul_(g)
+        grad = grad * g
+    elif not one:
+        grad = grad.mul_(g)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def _path(args, tensor_positions) -> int:

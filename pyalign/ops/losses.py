@@ -69,7 +69,8 @@ def preference_loss_op(
     naot = sum(1 for t in types if t in _AOT) if family == "dpo" else 0
     work = torch.empty(4 * naot, n, dtype=torch.int32, device=dev) if naot else None
     names = _INPUTS.get(family, ("a", "b", "c", "d", "la", "lb")) + _COMMON_INPUTS
-    inputs = [desc(t, name or "input") for t, name in zip((a, b, c, d, la, lb, w, label, kla, klb, state), names)]
+    inputs = [None if t is None else desc(t, name or "input")
+              for t, name in zip((a, b, c, d, la, lb, w, label, kla, klb, state), names)]
     kernels.loss_forward(
         *inputs, desc(loss, "loss"), desc(grads, "grads"), desc(metrics, "metrics"),
         desc(state_out, "state_out") if family == "bco" else None, desc(work, "work"),
@@ -109,7 +110,7 @@ def _backward(ctx, g_loss, g_grads, g_metrics, g_state):
     one = owned and is_one(g_loss)
     for idx, row in _GRAD_ROW.items():
         if ctx.dtypes[idx] is not None and ctx.needs_input_grad[idx]:
-            out[idx] = scale_gradient(grads[row], g_loss, owned, one).to(ctx.dtypes[idx])
+            out[idx] = scale_gradient(grads[row], g_loss, owned, one, ctx.dtypes[idx])
     return tuple(out)
 
 

@@ -89,7 +89,7 @@ def _backward(ctx, g_loss, g_metrics, g_glp, g_gent):
     one = owned and is_one(g_loss)
     for (pos, dtype), grad, w in zip(((0, ctx.dtypes[0]), (4, ctx.dtypes[1])), held, want):
         if w:
-            out[pos] = scale_gradient(grad, g_loss, owned, one).to(dtype)
+            out[pos] = scale_gradient(grad, g_loss, owned, one, dtype)
     return tuple(out)
 
 

@@ -1122,6 +1122,12 @@ def test_handed_over_gradients_survive_retain_graph_and_a_scaled_backward():
     for g in first:
         g.mul_(0)
     assert all(torch.equal(g, k) for g, k in zip(torch.autograd.grad(loss, (pc, pr)), kept))
+    # An upstream gradient that requires grad (create_graph) stays in the gradient's graph, even at 1.
+    loss, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"])
+    up = torch.tensor(1.0, requires_grad=True)
+    gc, = torch.autograd.grad(loss, pc, up, create_graph=True)
+    d_up, = torch.autograd.grad(gc.sum(), up)
+    assert torch.equal(d_up, kept[0].sum())
     per_pair, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"], reduction="none")
     up = torch.rand(300, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(per_pair, (pc, pr), up, retain_graph=True)

@@ -63,8 +63,9 @@ def take_gradients(ctx, recompute: Callable) -> tuple[tuple, bool]:
 
 def is_one(g: Tensor) -> bool:
     """Whether an incoming gradient is known to be the scalar 1 (``loss.backward()``) without a
-    device sync: a CPU scalar is read (~1 µs); a GPU one is not."""
-    return g.device.type == "cpu" and g.dim() == 0 and g.item() == 1.0
+    device sync: a CPU scalar is read (~1 µs); a GPU one is not, nor one that requires grad (the
+    gradient must then stay a function of it)."""
+    return g.device.type == "cpu" and g.dim() == 0 and not g.requires_grad and g.item() == 1.0
 
 
 def scale_gradient(grad: Tensor, g: Tensor, owned: bool, one: bool, dtype: torch.dtype) -> Tensor:

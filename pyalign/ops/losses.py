@@ -4,9 +4,8 @@ One op serves every loss family (see ``csrc/include/pyalign/losses.h``). Its for
 (per-element or reduced) loss, the gradient of that loss w.r.t. each log-prob input and the
 per-pair weights, the metrics and (BCO) the updated running state; the backward only scales those
 gradients by the incoming gradient (:func:`pyalign.ops._op.hold_gradients`), so it needs no second
-kernel. Families, loss types,
-f-divergences, reductions, parameter order and metric slots all come from the kernels' contract
-(``csrc/include/pyalign/contract.h``) by name.
+kernel. Families, loss types, f-divergences, reductions, parameter order and metric slots all come
+from the kernels' contract (``csrc/include/pyalign/contract.h``) by name.
 """
 from __future__ import annotations
 

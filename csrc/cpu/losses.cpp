@@ -73,6 +73,16 @@ static_assert(kBlock % kTile == 0, "blocks hold whole tiles");
 static_assert(int(DpoType::aot) == 9 && int(DpoType::aot_unpaired) == 10 && int(DpoType::sft) == 14,
               "tiled_fn lists the DPO types by number");
 
+// `n` contiguous values from p into `out` (float): one vector loop per storage type.
+template <class T>
+PYALIGN_CPU_INLINE void copy_tile(const T* __restrict p, int n, float* __restrict out) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    if constexpr (std::is_same_v<T, bf16_t>) out[j] = to_float(p[j]);
+    else out[j] = float(p[j]);  // bool gives 1 or 0
+  }
+}
+
 // `n` values of t from element b into `out` (float), `dflt` for an absent input.
 PYALIGN_CPU_INLINE void load_tile(const TensorArg& t, int64_t b, int n, float* __restrict out, float dflt) {
   if (!t.data) {
@@ -81,36 +91,11 @@ PYALIGN_CPU_INLINE void load_tile(const TensorArg& t, int64_t b, int n, float* _
   }
   if (t.ndim == 1 && t.strides[0] == 1) {
     switch (t.dtype) {
-      case DType::f32: {
-        const float* p = t.ptr<float>() + b;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = p[j];
-        return;
-      }
-      case DType::bf16: {
-        const bf16_t* p = t.ptr<bf16_t>() + b;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = to_float(p[j]);
-        return;
-      }
-      case DType::b8: {
-        const bool* p = t.ptr<bool>() + b;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = p[j] ? 1.0f : 0.0f;
-        return;
-      }
-      case DType::i64: {  // lengths as torch counts them (mask.sum(-1))
-        const int64_t* p = t.ptr<int64_t>() + b;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = float(p[j]);
-        return;
-      }
-      case DType::i32: {
-        const int32_t* p = t.ptr<int32_t>() + b;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) out[j] = float(p[j]);
-        return;
-      }
+      case DType::f32: return copy_tile(t.ptr<float>() + b, n, out);
+      case DType::bf16: return copy_tile(t.ptr<bf16_t>() + b, n, out);
+      case DType::b8: return copy_tile(t.ptr<bool>() + b, n, out);
+      case DType::i64: return copy_tile(t.ptr<int64_t>() + b, n, out);  // lengths as mask.sum(-1) counts them
+      case DType::i32: return copy_tile(t.ptr<int32_t>() + b, n, out);
       default: break;
     }
   }

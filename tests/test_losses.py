@@ -769,12 +769,13 @@ def _op_args(family, device, **over):
     return tuple(base.values())
 
 
-@pytest.mark.parametrize("case", ["dpo_mean", "dpo_none", "dpo_aot", "kto", "bco", "orpo", "cpo", "rm"])
+@pytest.mark.parametrize("case", ["dpo_mean", "dpo_none", "dpo_dro", "dpo_aot", "kto", "bco", "orpo", "cpo", "rm"])
 def test_opcheck(device, case):
     lab = torch.tensor([True, False, True, False, True], device=device)
     cfg = {
         "dpo_mean": dict(family="dpo", types=[0, 3, 14], type_weights=[1.0, 0.5, 0.2]),
         "dpo_none": dict(family="dpo", types=[13], reduction="none"),
+        "dpo_dro": dict(family="dpo", types=[0, 3], type_weights=[1.0, 0.5], reduction="dro", dro_temperature=0.4),
         "dpo_aot": dict(family="dpo", types=[9, 10], type_weights=[1.0, 1.0], reduction="sum"),
         "kto": dict(family="kto", b=None, d=None, la=None, lb=None, label=lab),
         "bco": dict(family="bco", b=None, d=None, la=None, lb=None, label=lab,
@@ -1136,8 +1137,8 @@ def test_handed_over_gradients_survive_retain_graph_and_a_scaled_backward():
 
 
 def test_tiled_result_independent_of_threads_and_isa(tmp_path):
-    """The tiled loop's sums sit in fixed lanes: the same bits with 1 or 2 threads and on every ISA
-    clone the CPU runs (the AVX-512, AVX2 and baseline code)."""
+    """The tiled loop's sums (and the KL-DRO reduction's) sit in fixed lanes: the same bits with 1 or
+    2 threads and on every ISA clone the CPU runs (the AVX-512, AVX2 and baseline code)."""
     script = (
         "import sys, torch\n"
         "from pyalign import losses as L\n"
@@ -1150,6 +1151,8 @@ def test_tiled_result_independent_of_threads_and_isa(tmp_path):
         "    out += [l.detach(), m.values, *torch.autograd.grad(l, x[:2])]\n"
         "l, m = L.reward_model_loss(x[0], x[1], center_rewards_coefficient=0.01)\n"
         "out += [l.detach(), m.values]\n"
+        "l, _ = L.dpo_loss(*x, weights=w, reduction='dro', dro_temperature=0.3)\n"
+        "out += [l.detach(), *torch.autograd.grad(l, x[:2])]\n"
         "torch.save(out, sys.argv[1])\n")
     levels = ("baseline", "avx2", "avx512")
     isas = levels[:levels.index(kernels.cpu_isa_supported()) + 1]

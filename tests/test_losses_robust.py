@@ -163,6 +163,23 @@ def test_dro_gradcheck(device):
         assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def test_dro_second_backward_and_scaled_backward():
+    """The op folds the DRO weights into the gradients it hands over: a second backward through a
+    retained graph forms them again, and a scaled backward scales them."""
+    b = _batch(50, seed=8, device="cpu")
+    pc, pr = _leaves(b["pc"], b["pr"])
+    loss, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"], reduction="dro", dro_temperature=0.3)
+    first = torch.autograd.grad(loss, (pc, pr), retain_graph=True)
+    kept = [g.clone() for g in first]
+    again = torch.autograd.grad(2.5 * loss, (pc, pr))
+    assert all(torch.equal(a, 2.5 * k) for a, k in zip(again, kept))
+    assert all(g.abs().sum() > 0 for g in kept)
+    ys = _leaves(b["pc"], b["pr"])
+    per, _ = L.dpo_loss(*ys, b["rc"], b["rr"], reduction="none")
+    for a, e in zip(kept, _grads(_plain_dro(per, 0.3), ys)):
+        _close(a, e, rtol=1e-8, atol=1e-12)
+
+
 def test_dro_torch_compile_fullgraph(device):
     b = _batch(10, seed=5, device=device)
 

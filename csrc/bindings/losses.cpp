@@ -4,6 +4,7 @@
 #include "pyalign/bind.h"
 #include "pyalign/losses.h"
 
+#include <cmath>
 #include <iterator>
 #include <vector>
 
@@ -126,12 +127,34 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
   });
 }
 
+void kl_dro(TensorArg loss, TensorArg grads, TensorArg value, double tau, uintptr_t stream) {
+  require(loss.present() && loss.ndim == 1 && loss.shape[0] >= 1,
+          "'loss': expected the per-pair losses, a 1-d tensor of at least one element");
+  const int64_t n = loss.shape[0];
+  const DType adt = loss.dtype;
+  require(adt == DType::f32 || adt == DType::f64, loss.describe() + ": expected float32 or float64");
+  check_out(loss, "loss", {n}, adt);
+  require(grads.present() && grads.ndim == 2, "'grads': expected the gradient rows, a [rows, N] tensor");
+  check_out(grads, "grads", {grads.shape[0], n}, adt);
+  check_out(value, "value", {}, adt);
+  require(std::isfinite(tau) && tau > 0, "dro_temperature: expected a finite number > 0, got " + std::to_string(tau));
+  KlDroArgs s{loss, grads, value, tau};
+  int dev = common_device({&loss, &grads, &value});
+  dispatch("KL-DRO reduction", dev, [&] { kl_dro_cpu(s); }, [&] {
+#ifdef PYALIGN_WITH_CUDA
+    kl_dro_cuda(s, reinterpret_cast<void*>(stream));
+#endif
+  });
+}
+
 }  // namespace
 
 void bind_losses(py::module_& m) {
   m.def("loss_forward", &forward,
         "Preference loss of a batch: per-element or reduced loss, gradients, metrics and (BCO) the new "
         "running state (writes the outputs)");
+  m.def("loss_kl_dro", &kl_dro,
+        "KL-DRO reduction of a reduction-'none' output: writes the value, scales the gradient rows in place");
 }
 
 }  // namespace pyalign

@@ -341,11 +341,86 @@ template <typename A> void run(const LossArgs& s) {
   finalize<A>(s, sums, shift);
 }
 
+// KL-DRO over blocks of kBlock pairs, in three passes of ISA-dispatched block functions: the
+// blocks' minima; their fixed-lane sums of the terms (added in block order, so the bits depend on
+// neither the thread count nor the ISA); the gradient columns.
+template <typename A> struct KlDroCtx {
+  A* l;
+  A* g;
+  int64_t n, rows;
+  A tau, m, inv_norm;
+  A* partial;  // [blocks]
+};
+
+template <typename A> PYALIGN_CPU_INLINE void kl_dro_min_row(const KlDroCtx<A>& c, int64_t blk) {
+  const int64_t b = blk * kBlock, end = std::min(c.n, b + kBlock);
+  A lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = c.l[b];
+  int64_t i = b;
+  for (; i + kLanes <= end; i += kLanes)
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) lanes[k] = nan_min(lanes[k], c.l[i + k]);
+  A m = lanes[0];
+  for (int k = 1; k < kLanes; ++k) m = nan_min(m, lanes[k]);
+  for (; i < end; ++i) m = nan_min(m, c.l[i]);
+  c.partial[blk] = m;
+}
+
+template <typename A> PYALIGN_CPU_INLINE void kl_dro_term_row(const KlDroCtx<A>& c, int64_t blk) {
+  alignas(64) A values[kTile];
+  A lanes[kLanes] = {0};
+  const int64_t end = std::min(c.n, (blk + 1) * kBlock);
+  for (int64_t i0 = blk * kBlock; i0 < end; i0 += kTile) {
+    const int cnt = int(std::min<int64_t>(kTile, end - i0));
+    A* li = c.l + i0;
+#pragma omp simd
+    for (int j = 0; j < cnt; ++j) li[j] = values[j] = kl_dro_term(li[j], c.m, c.tau);
+    add_lanes(lanes, values, cnt);
+  }
+  c.partial[blk] = lane_total(lanes);
+}
+
+template <typename A> PYALIGN_CPU_INLINE void kl_dro_scale_row(const KlDroCtx<A>& c, int64_t blk) {
+  const int64_t i0 = blk * kBlock, i1 = std::min(c.n, i0 + kBlock);
+  const A* __restrict l = c.l;
+  for (int64_t r = 0; r < c.rows; ++r) {
+    A* __restrict gr = c.g + r * c.n;
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) gr[i] *= kl_dro_weight(l[i], c.inv_norm);
+  }
+}
+
+PYALIGN_CPU_CLONES(kl_dro_min_blocks, kl_dro_min_row, KlDroCtx<A>, typename A, A)
+PYALIGN_CPU_CLONES(kl_dro_term_blocks, kl_dro_term_row, KlDroCtx<A>, typename A, A)
+PYALIGN_CPU_CLONES(kl_dro_scale_blocks, kl_dro_scale_row, KlDroCtx<A>, typename A, A)
+
+template <typename A> void run_kl_dro(const KlDroArgs& s) {
+  const int64_t n = s.loss.shape[0];
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<A> partial(static_cast<size_t>(nblocks));
+  KlDroCtx<A> c{s.loss.ptr<A>(), s.grads.ptr<A>(), n, s.grads.shape[0], A(s.tau), A(0), A(0), partial.data()};
+  parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { kl_dro_min_blocks<A>(c, b0, b1); });
+  c.m = partial[0];
+  for (int64_t blk = 1; blk < nblocks; ++blk) c.m = nan_min(c.m, partial[blk]);
+  parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { kl_dro_term_blocks<A>(c, b0, b1); });
+  A sum = A(0);
+  for (int64_t blk = 0; blk < nblocks; ++blk) sum += partial[blk];
+  const A mean_term = sum / A(n);
+  c.inv_norm = A(1) / (A(n) * (A(1) + mean_term));
+  parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { kl_dro_scale_blocks<A>(c, b0, b1); });
+  s.value.ptr<A>()[0] = kl_dro_value(c.m, mean_term, c.tau);
+}
+
 }  // namespace
 
 void loss_forward_cpu(const LossArgs& s) {
   if (s.grads.dtype == DType::f64) run<double>(s);
   else run<float>(s);
+}
+
+void kl_dro_cpu(const KlDroArgs& s) {
+  if (s.grads.dtype == DType::f64) run_kl_dro<double>(s);
+  else run_kl_dro<float>(s);
 }
 
 }  // namespace pyalign

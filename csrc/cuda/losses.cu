@@ -55,7 +55,43 @@ template <typename A> __global__ void loss_kernel(LossArgs s) {
   if (tid == 0) finalize<A>(s, sums, shift);
 }
 
+// KL-DRO in one block: the minimum, the terms (kept in loss) and their sum, then the gradient
+// columns; each reduction in block_reduce's fixed order.
+template <typename A> __global__ void kl_dro_kernel(KlDroArgs s) {
+  __shared__ A smem[32];
+  const int64_t n = s.loss.shape[0], rows = s.grads.shape[0];
+  A* l = s.loss.ptr<A>();
+  A* g = s.grads.ptr<A>();
+  const A tau = A(s.tau);
+  A m = l[0];
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = nan_min(m, l[i]);
+  m = block_reduce(m, [](A x, A y) { return nan_min(x, y); }, smem);
+  A sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    l[i] = kl_dro_term(l[i], m, tau);
+    sum += l[i];
+  }
+  const A mean_term = block_sum(sum, smem) / A(n);
+  const A inv_norm = A(1) / (A(n) * (A(1) + mean_term));
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const A w = kl_dro_weight(l[i], inv_norm);
+    for (int64_t r = 0; r < rows; ++r) g[r * n + i] *= w;
+  }
+  if (threadIdx.x == 0) s.value.ptr<A>()[0] = kl_dro_value(m, mean_term, tau);
+}
+
 }  // namespace
+
+void kl_dro_cuda(const KlDroArgs& s, void* stream) {
+  const int64_t n = s.loss.shape[0];
+  DeviceGuard g(s.loss.device);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int threads = int(std::min<int64_t>(kThreads, ((n + 31) / 32) * 32));
+  if (threads < 32) threads = 32;
+  if (s.grads.dtype == DType::f64) kl_dro_kernel<double><<<1, threads, 0, st>>>(s);
+  else kl_dro_kernel<float><<<1, threads, 0, st>>>(s);
+  cuda_check(cudaGetLastError(), "KL-DRO reduction launch");
+}
 
 void loss_forward_cuda(const LossArgs& s, void* stream) {
   const int64_t n = s.a.shape[0];

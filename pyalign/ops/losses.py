@@ -5,7 +5,10 @@ One op serves every loss family (see ``csrc/include/pyalign/losses.h``). Its for
 per-pair weights, the metrics and (BCO) the updated running state; the backward only scales those
 gradients by the incoming gradient (:func:`pyalign.ops._op.hold_gradients`), so it needs no second
 kernel. Families, loss types, f-divergences, reductions, parameter order and metric slots all come
-from the kernels' contract (``csrc/include/pyalign/contract.h``) by name.
+from the kernels' contract (``csrc/include/pyalign/contract.h``) by name. One reduction is a second
+kernel's: ``"dro"``, the KL-DRO reduction of Dr. DPO (Wu et al. 2024, arXiv:2407.07880), reduces
+the loss kernel's per-pair output and folds its softmax weights into the gradients (``loss_kl_dro``
+in ``losses.h``), so that it costs no second autograd node.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ DPO_TYPES = tuple(CONTRACT["dpo_types"])
 CPO_TYPES = tuple(CONTRACT["cpo_types"])
 KTO_TYPES = tuple(CONTRACT["kto_types"])
 F_DIVERGENCES = tuple(CONTRACT["f_divergences"])
-REDUCTIONS = tuple(CONTRACT["reductions"])
+KERNEL_REDUCTIONS = tuple(CONTRACT["reductions"])
+REDUCTIONS = KERNEL_REDUCTIONS + ("dro",)
 MAX_LOSS_TYPES = CONTRACT["max_loss_types"]
 PARAM_NAMES = tuple(CONTRACT["loss_params"])
 METRICS = CONTRACT["loss_metrics"]  # family -> {metric name: slot}
@@ -54,14 +58,17 @@ def preference_loss_op(
     a: Tensor, b: Optional[Tensor], c: Optional[Tensor], d: Optional[Tensor], la: Optional[Tensor],
     lb: Optional[Tensor], w: Optional[Tensor], label: Optional[Tensor], kla: Optional[Tensor],
     klb: Optional[Tensor], state: Optional[Tensor], family: str, types: list[int],
-    type_weights: list[float], params: list[float], fdiv: str, reduction: str,
+    type_weights: list[float], params: list[float], fdiv: str, reduction: str, dro_temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grads [5, N], metrics [slots], state_out)``: the loss ([N] for reduction "none", else
     0-d), its gradient w.r.t. a, b, c, d and w, the metrics (named by ``METRICS[family]``) and BCO's
-    updated ``[mean, count]`` state (an empty tensor for the other families)."""
+    updated ``[mean, count]`` state (an empty tensor for the other families). ``"dro"`` runs the
+    kernel with ``"none"`` and reduces its output with ``dro_temperature``."""
     n = a.shape[0]
     acc = acc_dtype(a)
     dev = a.device
+    dro = reduction == "dro"
+    reduction = "none" if dro else reduction
     loss = torch.empty(n if reduction == "none" else (), dtype=acc, device=dev)
     grads = torch.empty(5, n, dtype=acc, device=dev)
     metrics = torch.empty(_SLOTS, dtype=acc, device=dev)
@@ -76,11 +83,17 @@ def preference_loss_op(
         desc(state_out, "state_out") if family == "bco" else None, desc(work, "work"),
         family, types, type_weights, params, fdiv, reduction, stream_of(a),
     )
+    if dro:  # the per-pair losses become the reduction's workspace
+        value = torch.empty((), dtype=acc, device=dev)
+        kernels.loss_kl_dro(desc(loss, "loss"), desc(grads, "grads"), desc(value, "value"), dro_temperature,
+                            stream_of(a))
+        loss = value
     return loss, grads, metrics, state_out
 
 
 @preference_loss_op.register_fake
-def _(a, b, c, d, la, lb, w, label, kla, klb, state, family, types, type_weights, params, fdiv, reduction):
+def _(a, b, c, d, la, lb, w, label, kla, klb, state, family, types, type_weights, params, fdiv, reduction,
+      dro_temperature=1.0):
     n = a.shape[0]
     acc = acc_dtype(a)
     loss = a.new_empty(n if reduction == "none" else (), dtype=acc)
@@ -103,7 +116,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_grads, g_metrics, g_state):
-    out = [None] * 17
+    out = [None] * 18
     if g_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
         return tuple(out)
     (grads,), owned = take_gradients(ctx, lambda *args: preference_loss_op.impl(*args)[1:2])

@@ -51,6 +51,20 @@ void loss_forward_cpu(const LossArgs& args);
 void loss_forward_cuda(const LossArgs& args, void* stream);
 #endif
 
+// The KL-DRO reduction (Dr. DPO, Wu et al. 2024) of the per-pair output of a reduction "none"
+// call: value [] = -tau log((1/N) sum_i exp(-l_i / tau)) of loss [N]; the gradient columns
+// grads [rows, N] are scaled in place by its gradient softmax(-l / tau), and loss is left holding
+// expm1((min l - l) / tau) (a workspace: its per-pair values are gone).
+struct KlDroArgs {
+  TensorArg loss, grads, value;
+  double tau = 1.0;
+};
+
+void kl_dro_cpu(const KlDroArgs& args);
+#ifdef PYALIGN_WITH_CUDA
+void kl_dro_cuda(const KlDroArgs& args, void* stream);
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Element access
 
@@ -660,6 +674,19 @@ template <typename A> PYALIGN_HD void finalize(const LossArgs& s, const A* sums,
   m[kLogpChosen] = sums[S_LC] / n; m[kLogpRejected] = sums[S_LR] / n;
   m[kFamilyMetric0] = sums[S_X0] / n; m[kFamilyMetric1] = sums[S_X1] / n; m[kFamilyMetric2] = sums[S_X2] / n;
 }
+
+// ------------------------------------------------------------------------------------------
+// KL-DRO: with m = min(l), z_i = (m - l_i) / tau <= 0 (nothing overflows for small tau) and
+// S = mean(expm1(z)) in [-1, 0] (expm1 and log1p keep the digits log(mean(exp(z))) loses for large
+// tau): value = m - tau log1p(S), and d value / d l_i = exp(z_i) / (N (1 + S)). m is held fixed:
+// the value does not depend on the shift, so neither does the gradient.
+
+// min that propagates NaN (a NaN loss makes the whole reduction NaN, as torch's min does).
+template <typename A> PYALIGN_HD A nan_min(A m, A x) { return (x < m || x != x) ? x : m; }
+template <typename A> PYALIGN_HD A kl_dro_term(A l, A m, A tau) { return fast_expm1((m - l) / tau); }
+template <typename A> PYALIGN_HD A kl_dro_value(A m, A mean_term, A tau) { return m - tau * fast_log1p(mean_term); }
+// The factor of pair i's gradient, from its term and 1 / (N (1 + S)).
+template <typename A> PYALIGN_HD A kl_dro_weight(A term, A inv_norm) { return (term + A(1)) * inv_norm; }
 
 // Number of aot / aot_unpaired losses in the list (each has a workspace slot, in list order).
 PYALIGN_HD int aot_count(const LossParams& p) {

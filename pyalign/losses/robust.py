@@ -199,7 +199,7 @@ class GroupRobustWeights(nn.Module):
         path) and whether the losses' finiteness is checked already.
 
         Eager on CPU: ``index_add`` (a sequential loop over the examples in order, so the same bits
-        run to run; the counts too, of ones); index_add's bounds check stands in for the ids' range check
+        run to run) and ``bincount`` for the counts; index_add's bounds check stands in for the ids' range check
         (the detailed check runs when it fails), and the finiteness of the returned loss for the
         losses' (a NaN or infinite loss makes the loss NaN or infinite), checked before the state
         changes. Elsewhere (CUDA, where index_add adds with float atomics, and traced graphs, which
@@ -213,7 +213,7 @@ class GroupRobustWeights(nn.Module):
             except (IndexError, RuntimeError):
                 self._check_values(x, group_ids)
                 raise
-            counts = torch.zeros(g, dtype=x.dtype).index_add_(0, group_ids, torch.ones_like(x))
+            counts = torch.bincount(group_ids, minlength=g).to(x.dtype)  # the ids are in range (index_add)
             return sums, counts, None, False
         if not torch.compiler.is_compiling():
             self._check_values(x, group_ids)

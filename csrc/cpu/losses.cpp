@@ -405,10 +405,9 @@ template <typename A> void run_kl_dro(const KlDroArgs& s) {
   parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { kl_dro_term_blocks<A>(c, b0, b1); });
   A sum = A(0);
   for (int64_t blk = 0; blk < nblocks; ++blk) sum += partial[blk];
-  const A mean_term = sum / A(n);
-  c.inv_norm = A(1) / (A(n) * (A(1) + mean_term));
+  c.inv_norm = kl_dro_inv_norm(sum, n);
   parallel_rows(nblocks, 2, [&](int64_t b0, int64_t b1) { kl_dro_scale_blocks<A>(c, b0, b1); });
-  s.value.ptr<A>()[0] = kl_dro_value(c.m, mean_term, c.tau);
+  s.value.ptr<A>()[0] = kl_dro_value(c.m, sum, n, c.tau);
 }
 
 }  // namespace

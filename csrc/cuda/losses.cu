@@ -11,6 +11,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The threads of a one-block launch over n elements: whole warps, at most kThreads.
+int block_threads(int64_t n) { return int(std::max<int64_t>(32, std::min<int64_t>(kThreads, (n + 31) / 32 * 32))); }
+
 template <typename A> __global__ void loss_kernel(LossArgs s) {
   __shared__ A smem[32];
   const int64_t n = s.a.shape[0];
@@ -71,13 +74,13 @@ template <typename A> __global__ void kl_dro_kernel(KlDroArgs s) {
     l[i] = kl_dro_term(l[i], m, tau);
     sum += l[i];
   }
-  const A mean_term = block_sum(sum, smem) / A(n);
-  const A inv_norm = A(1) / (A(n) * (A(1) + mean_term));
+  sum = block_sum(sum, smem);
+  const A inv_norm = kl_dro_inv_norm(sum, n);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const A w = kl_dro_weight(l[i], inv_norm);
     for (int64_t r = 0; r < rows; ++r) g[r * n + i] *= w;
   }
-  if (threadIdx.x == 0) s.value.ptr<A>()[0] = kl_dro_value(m, mean_term, tau);
+  if (threadIdx.x == 0) s.value.ptr<A>()[0] = kl_dro_value(m, sum, n, tau);
 }
 
 }  // namespace
@@ -86,8 +89,7 @@ void kl_dro_cuda(const KlDroArgs& s, void* stream) {
   const int64_t n = s.loss.shape[0];
   DeviceGuard g(s.loss.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  int threads = int(std::min<int64_t>(kThreads, ((n + 31) / 32) * 32));
-  if (threads < 32) threads = 32;
+  const int threads = block_threads(n);
   if (s.grads.dtype == DType::f64) kl_dro_kernel<double><<<1, threads, 0, st>>>(s);
   else kl_dro_kernel<float><<<1, threads, 0, st>>>(s);
   cuda_check(cudaGetLastError(), "KL-DRO reduction launch");
@@ -98,8 +100,7 @@ void loss_forward_cuda(const LossArgs& s, void* stream) {
   require(n < (int64_t(1) << 31), "at most 2^31 - 1 elements are supported on CUDA");
   DeviceGuard g(s.a.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  int threads = int(std::min<int64_t>(kThreads, ((n + 31) / 32) * 32));
-  if (threads < 32) threads = 32;
+  const int threads = block_threads(n);
   if (s.grads.dtype == DType::f64) loss_kernel<double><<<1, threads, 0, st>>>(s);
   else loss_kernel<float><<<1, threads, 0, st>>>(s);
   cuda_check(cudaGetLastError(), "preference loss launch");

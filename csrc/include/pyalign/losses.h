@@ -684,8 +684,11 @@ template <typename A> PYALIGN_HD void finalize(const LossArgs& s, const A* sums,
 // min that propagates NaN (a NaN loss makes the whole reduction NaN, as torch's min does).
 template <typename A> PYALIGN_HD A nan_min(A m, A x) { return (x < m || x != x) ? x : m; }
 template <typename A> PYALIGN_HD A kl_dro_term(A l, A m, A tau) { return fast_expm1((m - l) / tau); }
-template <typename A> PYALIGN_HD A kl_dro_value(A m, A mean_term, A tau) { return m - tau * fast_log1p(mean_term); }
-// The factor of pair i's gradient, from its term and 1 / (N (1 + S)).
+template <typename A> PYALIGN_HD A kl_dro_value(A m, A term_sum, int64_t n, A tau) {
+  return m - tau * fast_log1p(term_sum / A(n));
+}
+// 1 / (N (1 + S)) from the sum of the N terms, and the factor of pair i's gradient from its term.
+template <typename A> PYALIGN_HD A kl_dro_inv_norm(A term_sum, int64_t n) { return A(1) / (A(n) + term_sum); }
 template <typename A> PYALIGN_HD A kl_dro_weight(A term, A inv_norm) { return (term + A(1)) * inv_norm; }
 
 // Number of aot / aot_unpaired losses in the list (each has a workspace slot, in list order).

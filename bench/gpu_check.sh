@@ -4,9 +4,9 @@
 # short summary table is printed last.
 #
 # Usage: bench/gpu_check.sh [--dry-run] OUTDIR     (from anywhere, on a machine with an NVIDIA GPU)
-#   --dry-run: the same steps on the CPU (build, import, the device-parametrized tests with the device
-#              set to cpu, the quick bench), without the sanitizers and the full bench, so that CI
-#              proves on every submission each step that needs no GPU.
+#   --dry-run: the same steps on the CPU (build, import, the test selections collected with the
+#              device set to cpu, one suite of the quick bench), without the sanitizers and the full
+#              bench, so that CI proves on every submission each step that needs no GPU.
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: steps run in priority order, each within
 # what is left of the budget, and a step with no time left is listed as skipped. The script exits
 # non-zero when a step failed.
@@ -78,8 +78,19 @@ cat "$OUT/import.log"
 
 # Every family's tests parametrized over devices, on the checked device (the CPU half runs in CI).
 FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_losses_robust.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_distill.py tests/test_distill_linear.py tests/test_distill_topk.py tests/test_distill_linear_topk.py tests/test_distill_inplace.py tests/test_uncertainty.py tests/test_uncertainty_robust.py tests/test_plasticity.py"
-step "tests_$dev" 240 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" \
-  $FAMILIES tests/test_ops.py tests/test_regressions.py tests/test_reliability.py tests/test_distributed.py
+TESTS="$FAMILIES tests/test_ops.py tests/test_regressions.py tests/test_reliability.py tests/test_distributed.py"
+# The sanitizer passes' selections (below), with few hypothesis examples so the slowed-down runs stay short.
+memcheck_k="cuda and not (fused_matches_eager_formula or f_divergences or finite_at_extreme_margins or dpo_low_precision)"
+racecheck_k="cuda and (matches_reference or gradients_match or large_batch or deterministic or token_grad or quantile or penalty_kernel or custom_op_and_direct or test_dtypes)"
+if [ "$DRY" = 1 ]; then
+  # The CPU half of these tests is CI's own test run: here each selection of this script (the device
+  # tests and both sanitizer passes) is collected, which fails when it selects nothing (pytest exit 5).
+  step "tests_$dev" 240 python -m pytest -q --collect-only -k "$dev" -p no:cacheprovider $TESTS
+  step select_memcheck 120 python -m pytest -q --collect-only -k "$memcheck_k" -p no:cacheprovider $FAMILIES
+  step select_racecheck 120 python -m pytest -q --collect-only -k "$racecheck_k" -p no:cacheprovider $FAMILIES
+else
+  step "tests_$dev" 240 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" $TESTS
+fi
 # The bench suite: quick set, then (GPU only) the real sizes of the bandwidth/GEMM-bound kernels.
 step bench_quick "$quick_limit" python -m pyalign.bench --device "$dev" "${bench_only[@]}" --json "$OUT/bench_quick.json" --markdown "$OUT/bench_quick.md"
 if [ "$DRY" = 1 ]; then
@@ -87,12 +98,9 @@ if [ "$DRY" = 1 ]; then
   note bench_full skipped "dry run"
   finish
 fi
-# Memory errors and races in every family's CUDA kernels (every .cu file uses shared memory),
-# with few hypothesis examples so the slowed-down runs stay short.
+# Memory errors and races in every family's CUDA kernels (every .cu file uses shared memory).
 if command -v compute-sanitizer > /dev/null; then
   export PYALIGN_HYPOTHESIS_EXAMPLES=3
-  memcheck_k="cuda and not (fused_matches_eager_formula or f_divergences or finite_at_extreme_margins or dpo_low_precision)"
-  racecheck_k="cuda and (matches_reference or gradients_match or large_batch or deterministic or token_grad or quantile or penalty_kernel or custom_op_and_direct or test_dtypes)"
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x -k "$memcheck_k" \
     -p no:cacheprovider $FAMILIES
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 python -m pytest -q -x -k "$racecheck_k" \

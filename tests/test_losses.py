@@ -763,13 +763,94 @@ def _op_args(family, device, **over):
                 kla=None, klb=None, state=None, family=family, types=[0], type_weights=[1.0],
                 params=_params(), fdiv="reverse_kl", reduction="mean")
     base.update(over)
-    for k in ("a", "b", "c", "d", "w"):
+    rows = base.get("grad_rows", 31)
+    for bit, k in enumerate(("a", "b", "c", "d", "w")):
         if base[k] is not None:
-            base[k] = base[k].detach().clone().requires_grad_(True)
+            base[k] = base[k].detach().clone().requires_grad_(bool(rows >> bit & 1))
     return tuple(base.values())
 
 
-@pytest.mark.parametrize("case", ["dpo_mean", "dpo_none", "dpo_dro", "dpo_aot", "kto", "bco", "orpo", "cpo", "rm"])
+_ROW_CASES = {  # (family, types, weights, reduction, dtype): the tiled fp32 loops and the element loop
+    "sigmoid": ("dpo", [0], [1.0], "mean", torch.float32),
+    "mpo": ("dpo", [0, 12, 14], [0.8, 0.2, 1.0], "sum", torch.float32),
+    "aot": ("dpo", [0, 9], [1.0, 0.5], "mean", torch.float32),
+    "dro": ("dpo", [3], [1.0], "dro", torch.float32),
+    "ipo_fp64": ("dpo", [3], [1.0], "none", torch.float64),
+    "kto": ("kto", [0], [1.0], "mean", torch.float32),
+    "orpo": ("orpo", [0], [1.0], "mean", torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ROW_CASES))
+def test_grad_rows_form_only_the_asked_gradients(device, case):
+    """Each subset of gradients (``grad_rows``) gives bitwise the rows of the full call, in input
+    order, with the same loss and metrics; the public losses ask for those of the inputs that require
+    grad (none with grad disabled)."""
+    family, types, weights, reduction, dtype = _ROW_CASES[case]
+    b = make_batch(300, seed=5, dtype=dtype, device=device)
+    unpaired = family == "kto"
+    paired_ref = family == "dpo"
+    a, bb = b["pc"], None if unpaired else b["pr"]
+    c = b["rc"] if paired_ref or unpaired else None
+    d = b["rr"] if paired_ref else None
+    label = (b["lc"] > 30) if unpaired else None
+    args = lambda rows: (a, bb, c, d, None if unpaired else b["lc"], None if unpaired else b["lr"], b["w"], label,
+                         None, None, None, family, types, weights, _params(), "reverse_kl", reduction, 0.7 if
+                         reduction == "dro" else 1.0, rows)
+    full = preference_loss_op.impl(*args(31))
+    present = [t is not None for t in (a, bb, c, d, b["w"])]
+    for rows in (0, 1, 2, 3, 0b10001, 0b01100, 0b10000, 31):
+        out = preference_loss_op.impl(*args(rows))
+        assert out[1].shape == (bin(rows).count("1"), 300)
+        for x, y in ((out[0], full[0]), (out[2], full[2])):
+            assert torch.equal(x, y)
+        wanted = [k for k in range(5) if rows >> k & 1]
+        for r, k in enumerate(wanted):
+            assert torch.equal(out[1][r], full[1][k]), (rows, k)
+            if present[k] and k < 4:  # a present input's row is a real gradient, not left zero
+                assert bool(full[1][k].abs().sum() > 0), k
+
+
+def test_public_losses_ask_for_the_gradients_they_need(device):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from pyalign.ops.losses import needed_grad_rows
+
+    b = make_batch(8, seed=2, device=device)
+    pc, pr = leaves(b["pc"], b["pr"])
+    assert needed_grad_rows(pc, pr, b["rc"], b["rr"], None) == 0b00011
+    assert needed_grad_rows(pc, None, b["rc"], None, leaves(b["w"])[0]) == 0b10001
+    with torch.no_grad():
+        assert needed_grad_rows(pc, pr, b["rc"], b["rr"], None) == 0
+
+    class Record(TorchDispatchMode):  # the op's own arguments (a dispatch mode takes the op path)
+        rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "preference_loss" in str(func):
+                Record.rows.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        loss, _ = L.dpo_loss(pc, pr, b["rc"], b["rr"], beta=0.1)
+    assert Record.rows == [0b00011]
+    # the policy's gradients are right without the reference's
+    pc2, pr2 = leaves(b["pc"], b["pr"])
+    ref = R.dpo_losses(pc2, pr2, b["rc"], b["rr"], beta=0.1).mean()
+    for x, y in zip(grads_of(loss, [pc, pr]), grads_of(ref, [pc2, pr2])):
+        close(x, y)
+
+
+def test_backward_refuses_a_gradient_the_forward_did_not_form(device):
+    b = make_batch(6, seed=3, device=device)
+    pc, pr, rc, rr = leaves(b["pc"], b["pr"], b["rc"], b["rr"])
+    out = preference_loss_op(pc, pr, rc, rr, None, None, None, None, None, None, None, "dpo", [0], [1.0], _params(),
+                             "reverse_kl", "mean", 1.0, 0b00011)
+    with pytest.raises(RuntimeError, match="grad_rows=3, which does not form it"):
+        torch.autograd.grad(out[0], [pc, rc])
+
+
+@pytest.mark.parametrize("case", ["dpo_mean", "dpo_none", "dpo_dro", "dpo_aot", "dpo_rows", "kto", "bco", "orpo",
+                                  "cpo", "rm"])
 def test_opcheck(device, case):
     lab = torch.tensor([True, False, True, False, True], device=device)
     cfg = {
@@ -777,6 +858,8 @@ def test_opcheck(device, case):
         "dpo_none": dict(family="dpo", types=[13], reduction="none"),
         "dpo_dro": dict(family="dpo", types=[0, 3], type_weights=[1.0, 0.5], reduction="dro", dro_temperature=0.4),
         "dpo_aot": dict(family="dpo", types=[9, 10], type_weights=[1.0, 1.0], reduction="sum"),
+        # the policy log-probs and the weights need gradients, the reference does not
+        "dpo_rows": dict(family="dpo", types=[0, 3], type_weights=[1.0, 0.5], dro_temperature=1.0, grad_rows=0b10011),
         "kto": dict(family="kto", b=None, d=None, la=None, lb=None, label=lab),
         "bco": dict(family="bco", b=None, d=None, la=None, lb=None, label=lab,
                     state=torch.tensor([0.1, 3.0], dtype=torch.float64, device=device)),
@@ -877,16 +960,20 @@ def test_bad_inputs_reaching_the_binding(device):
     p = _params()
     stream = stream_of(a)
 
-    def call(b=a, grads=grads, types=(0,), family="dpo", fdiv="reverse_kl", reduction="mean", params=p):
+    def call(b=a, grads=grads, types=(0,), family="dpo", fdiv="reverse_kl", reduction="mean", params=p, rows=31):
         kernels.loss_forward(desc(a, "policy_chosen_logps"), desc(b, "policy_rejected_logps"), None, None, None, None,
                              None, None, None, None, None, desc(loss, "loss"), desc(grads, "grads"),
                              desc(metrics, "metrics"), None, None, family, list(types), [1.0] * len(types), params,
-                             fdiv, reduction, stream)
+                             fdiv, reduction, rows, stream)
     with pytest.raises(ValueError, match="'policy_rejected_logps'.*expected a 1-d tensor of 4 elements"):
         call(b=zeros(3))
     with pytest.raises(ValueError, match=r"'grads' \(float32, shape \[5, 3\]\): expected a contiguous float32 tensor "
                                          r"of shape \[5, 4\]"):
         call(grads=empty(5, 3))
+    with pytest.raises(ValueError, match=r"shape \[2, 4\]"):  # grad_rows 0b00011: a and b's rows only
+        call(rows=3)
+    with pytest.raises(ValueError, match="grad_rows: expected a bit mask of the 5 gradient inputs"):
+        call(rows=32)
     with pytest.raises(ValueError, match="aot losses need reference"):
         call(types=[9])
     with pytest.raises(ValueError, match="types: code 99 is not a loss type of family dpo"):
@@ -902,7 +989,7 @@ def test_bad_inputs_reaching_the_binding(device):
         kernels.loss_forward(desc(a, "policy_logps"), None, desc(a, "ref_logps"), None, None, None, None,
                              desc(a > 0, "desirable"), None, None, desc(bco_state, "state"), desc(loss, "loss"),
                              desc(grads, "grads"), desc(metrics, "metrics"), None, None, "bco", [0], [1.0], p,
-                             "reverse_kl", "mean", stream)
+                             "reverse_kl", "mean", 31, stream)
 
 
 def test_loss_parameters_are_bound_by_name(device):

@@ -49,7 +49,7 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
              TensorArg loss, TensorArg grads, TensorArg metrics, TensorArg state_out, TensorArg work,
              const std::string& family_name, std::vector<int> types, std::vector<double> type_weights,
              std::vector<double> params, const std::string& fdiv_name, const std::string& reduction_name,
-             uintptr_t stream) {
+             int grad_rows, uintptr_t stream) {
   const int family = code_of(kLossFamilyNames, family_name, "family");
   const int fdiv = code_of(kFDivNames, fdiv_name, "f_divergence");
   const int reduction = code_of(kReductionNames, reduction_name, "reduction");
@@ -90,7 +90,13 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
 
   if (reduction == int(Reduction::none)) check_out(loss, "loss", {n}, adt);
   else check_out(loss, "loss", {}, adt);
-  check_out(grads, "grads", {5, n}, adt);
+  require(grad_rows >= 0 && grad_rows < (1 << kLossGradInputs),
+          "grad_rows: expected a bit mask of the " + std::to_string(kLossGradInputs) +
+              " gradient inputs (0 to " + std::to_string((1 << kLossGradInputs) - 1) + "), got " +
+              std::to_string(grad_rows));
+  int n_rows = 0;
+  for (int k = 0; k < kLossGradInputs; ++k) n_rows += (grad_rows >> k) & 1;
+  check_out(grads, "grads", {n_rows, n}, adt);
   check_out(metrics, "metrics", {kMetricSlots}, adt);
   LossArgs s{a, b, c, d, la, lb, w, label, kla, klb, state, loss, grads, metrics, state_out, work, LossParams{}};
   LossParams& p = s.p;
@@ -110,7 +116,7 @@ void forward(TensorArg a, TensorArg b, TensorArg c, TensorArg d, TensorArg la, T
                       &p.cpo_alpha, &p.desirable_weight, &p.undesirable_weight, &p.center};
   static_assert(std::size(fields) == size_t(kLossParams), "one LossParams field per name in kLossParamNames");
   for (int k = 0; k < kLossParams; ++k) *fields[k] = params[k];
-  p.fdiv = fdiv; p.reduction = reduction; p.has_ref = c.present();
+  p.fdiv = fdiv; p.reduction = reduction; p.has_ref = c.present(); p.grad_rows = grad_rows;
   const int naot = aot_count(p);
   if (naot > 0) {
     require(c.present(), "types: the aot losses need reference log-probs");

@@ -55,6 +55,7 @@ py::dict contract() {
   metrics["rm"] = codes(kRmMetrics);
   c["loss_metrics"] = metrics;
   c["bco_state_size"] = kBcoStateSize;
+  c["loss_grad_inputs"] = kLossGradInputs;
   c["pg_loss_types"] = names(kPgTypeNames);
   c["kl_estimators"] = names(kKlEstimatorNames);
   c["is_modes"] = names(kIsModeNames);

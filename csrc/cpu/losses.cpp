@@ -191,6 +191,9 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
   const float scale = c.scale;
   const bool has_w = s.w.data != nullptr, per_elem = Reduction(s.p.reduction) == Reduction::none;
   float* g = s.grads.ptr<float>();
+  int row[kLossGradInputs];
+  for (int k = 0; k < kLossGradInputs; ++k) row[k] = grad_row(s.p.grad_rows, k);
+  float spare[4][kTile];  // the element loops write every gradient; those the call does not form land here
   float lanes[kTiledSums][kLanes] = {};
   constexpr bool kUnpaired = kFam == int(LossFamily::kto) || kFam == int(LossFamily::bco);
   constexpr int kNumSums = kUnpaired ? kUnpairedSums : kTiledSums;
@@ -206,11 +209,10 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
     load_tile(s.la, b, m, LA, 1.0f);
     load_tile(s.lb, b, m, LB, 1.0f);
     load_tile(s.w, b, m, W, 1.0f);
-    float* g0 = g + b;
-    float* g1 = g + n + b;
-    float* g2 = g + 2 * n + b;
-    float* g3 = g + 3 * n + b;
-    float* g4 = g + 4 * n + b;
+    float* g0 = row[0] >= 0 ? g + row[0] * n + b : spare[0];
+    float* g1 = row[1] >= 0 ? g + row[1] * n + b : spare[1];
+    float* g2 = row[2] >= 0 ? g + row[2] * n + b : spare[2];
+    float* g3 = row[3] >= 0 ? g + row[3] * n + b : spare[3];
     if constexpr (kUnpaired) {
       load_tile(s.label, b, m, LBL, 0.0f);
 #pragma omp simd
@@ -257,11 +259,14 @@ template <int kFam, int kType, int kFDiv> PYALIGN_CPU_INLINE void tiled_block(co
     }
     }
     // d loss / d weight (kept out of the loop above: a select on a bool stops it vectorizing)
-    if (has_w) {
+    if (row[4] >= 0) {
+      float* g4 = g + row[4] * n + b;
+      if (has_w) {
 #pragma omp simd
-      for (int j = 0; j < m; ++j) g4[j] = scale * LU[j];
-    } else {
-      std::fill(g4, g4 + m, 0.0f);
+        for (int j = 0; j < m; ++j) g4[j] = scale * LU[j];
+      } else {
+        std::fill(g4, g4 + m, 0.0f);
+      }
     }
     if (per_elem) std::copy(V[0], V[0] + m, s.loss.ptr<float>() + b);
     for (int k = 0; k < kNumSums; ++k) add_lanes(lanes[k], V[k], m);

@@ -13,7 +13,7 @@ import torch
 
 from pyalign import losses as L
 from pyalign.bench.common import compare, compiled, installed
-from pyalign.ops.losses import DPO_TYPES, params_list, preference_loss_op
+from pyalign.ops.losses import DPO_TYPES, needed_grad_rows, params_list, preference_loss_op
 from pyalign.reference import losses as R
 
 REPEAT = 50
@@ -42,7 +42,8 @@ def _cases():
                              desirable_weight=1, undesirable_weight=1, center=0)
         op = lambda pc, pr, rc, rr, lc, lr: preference_loss_op.op(
             pc, pr, rc, rr, lc, lr, None, None, None, None, None, "dpo", [DPO_TYPES.index(t) for t in tl],
-            [1.0] * len(tl) if weights is None else list(weights), params, "reverse_kl", "mean")[0]
+            [1.0] * len(tl) if weights is None else list(weights), params, "reverse_kl", "mean", 1.0,
+            needed_grad_rows(pc, pr, rc, rr, None))[0]
         return ours, eager, op
 
     cases = [("dpo sigmoid", *dpo("sigmoid")),
@@ -93,7 +94,7 @@ def _overhead_rows(device: str) -> list[dict]:
     def impl_only():
         for _ in range(REPEAT):
             preference_loss_op.impl(pc, pr, rc, rr, lc, lr, None, None, None, None, None, "dpo", sigmoid, [1.0],
-                                    params, "reverse_kl", "mean")
+                                    params, "reverse_kl", "mean", 1.0, 0b00011)  # the policy's gradients
 
     impls = [("pyalign", _fwd_bwd(ours, inputs)), ("op impl (no autograd)", impl_only),
              ("autograd floor", _fwd_bwd(lambda a, b, *_: _Floor.apply(a, b), inputs)),

@@ -9,7 +9,7 @@ from torch import Tensor
 from pyalign import _checks
 from pyalign._ext import FLOAT_DTYPES, HAS_CUDA
 from pyalign._metrics import Metrics
-from pyalign.ops.losses import KERNEL_REDUCTIONS, METRICS, REDUCTIONS, params_list, preference_loss_op
+from pyalign.ops.losses import KERNEL_REDUCTIONS, METRICS, REDUCTIONS, needed_grad_rows, params_list, preference_loss_op
 
 _NUMERIC = FLOAT_DTYPES + (torch.int32, torch.int64, torch.uint8, torch.bool)
 
@@ -75,5 +75,6 @@ def run(family: str, a, b=None, c=None, d=None, la=None, lb=None, w=None, label=
                          undesirable_weight=undesirable_weight, center=center)
     loss, _, metrics, state_out = preference_loss_op(a, b, c, d, la, lb, w, label, kla, klb, state, family,
                                                      list(types), [float(t) for t in type_weights], params, fdiv,
-                                                     reduction, float(dro_temperature))
+                                                     reduction, float(dro_temperature),
+                                                     needed_grad_rows(a, b, c, d, w))
     return loss, Metrics(metrics, METRICS[family]), state_out

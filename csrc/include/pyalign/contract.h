@@ -79,6 +79,10 @@ constexpr NamedCode kRmMetrics[] = {{"rewards/chosen", kRewardChosen},  {"reward
 // BCO's running reward mean crosses as its own [2] state (mean, count) in and out.
 constexpr int kBcoStateSize = 2;
 
+// The loss gradients a call can form, d loss / d (a, b, c, d, weight): bit k of a call's
+// grad_rows asks for input k's, written to row popcount(grad_rows & ((1 << k) - 1)) of grads.
+constexpr int kLossGradInputs = 5;
+
 // ---- online RL: policy-gradient losses (rl.h) ---------------------------------------------------
 enum class PgType : int { grpo = 0, bnpo, dr_grpo, dapo, luspo, ppo, cispo, sapo, vespo };
 constexpr const char* kPgTypeNames[] = {"grpo", "bnpo", "dr_grpo", "dapo", "luspo", "ppo", "cispo", "sapo", "vespo"};

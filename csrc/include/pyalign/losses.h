@@ -28,7 +28,16 @@ struct LossParams {
   int fdiv = 0;
   int reduction = 1;
   bool has_ref = false;
+  int grad_rows = (1 << kLossGradInputs) - 1;  // which gradients to form (contract.h)
 };
+
+// The row of grads that holds d loss / d input k, or -1 where the call does not form it.
+PYALIGN_HD int grad_row(int grad_rows, int k) {
+  if (!((grad_rows >> k) & 1)) return -1;
+  int row = 0;
+  for (int j = 0; j < k; ++j) row += (grad_rows >> j) & 1;
+  return row;
+}
 
 // Inputs (1-d, any float dtype and stride; absent ones have data == nullptr):
 //   dpo:  a = policy chosen, b = policy rejected, c = ref chosen, d = ref rejected, la/lb lengths
@@ -36,7 +45,8 @@ struct LossParams {
 //         state = [running mean, count] (bco)
 //   orpo/cpo: a = policy chosen, b = policy rejected, la/lb lengths
 //   rm:   a = reward chosen, b = reward rejected, c = margin
-// Outputs: loss [N] (reduction none) or [1]; grads [5, N] (d loss / d a, b, c, d, weight);
+// Outputs: loss [N] (reduction none) or [1]; grads [R, N]: the R gradients of d loss / d (a, b, c,
+//   d, weight) that p.grad_rows asks for, in that order (an input that needs none costs no write);
 //   metrics [kMetricSlots] (named per family in contract.h); state_out [kBcoStateSize] (bco: the
 //   updated running mean and count, else absent); work: int32 [4 * (number of aot losses), N]
 //   rank workspace (else absent).
@@ -626,8 +636,12 @@ template <typename A> PYALIGN_HD void process_element(const LossArgs& s, int64_t
   const Elem<A> e = load_elem<A>(s, i);
   const ElemOut<A> o = element_math<A>(s, e, i, shift);
   A* grads = s.grads.ptr<A>();
-  for (int k = 0; k < 4; ++k) grads[k * n + i] = scale * (e.w * o.pg.g[k] + o.cross[k]);
-  grads[4 * n + i] = s.w.data ? scale * o.pg.loss : A(0);
+  for (int k = 0; k < 4; ++k) {
+    const int row = grad_row(p.grad_rows, k);
+    if (row >= 0) grads[row * n + i] = scale * (e.w * o.pg.g[k] + o.cross[k]);
+  }
+  const int wrow = grad_row(p.grad_rows, 4);
+  if (wrow >= 0) grads[wrow * n + i] = s.w.data ? scale * o.pg.loss : A(0);
   if (Reduction(p.reduction) == Reduction::none) s.loss.ptr<A>()[i] = e.w * o.pg.loss;
   sums[S_LOSS] += e.w * o.pg.loss;
   if (LossFamily(p.family) == LossFamily::kto || LossFamily(p.family) == LossFamily::bco) {

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU check: build pyalign for this GPU, run every family's CUDA tests (also under
-# compute-sanitizer memcheck and racecheck), then the bench suite; logs and JSON go to OUTDIR and a
-# short summary table is printed last.
+# GPU check: build pyalign for this GPU, run every family's CUDA tests, the full bench of the
+# GEMM/bandwidth-bound families, compute-sanitizer memcheck, the quick bench of the other families,
+# then racecheck; logs and JSON go to OUTDIR and a short summary table is printed last.
 #
 # Usage: bench/gpu_check.sh [--dry-run] OUTDIR     (from anywhere, on a machine with an NVIDIA GPU)
 #   --dry-run: the same steps on the CPU (build, import, the test selections collected with the
 #              device set to cpu, one suite of the quick bench), without the sanitizers and the full
 #              bench, so that CI proves on every submission each step that needs no GPU.
-# GPU_CHECK_BUDGET_S (default 540) bounds the whole run: steps run in priority order, each within
-# what is left of the budget, and a step with no time left is listed as skipped. The script exits
-# non-zero when a step failed.
+# GPU_CHECK_BUDGET_S (default 540) bounds the whole run: steps run in the order above, each within
+# what is left of the budget, and a step with no time left is listed as skipped. The bench writes its
+# files after every suite, so a bench step stopped at its limit keeps the suites it finished. The
+# script exits non-zero when a step failed.
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -18,6 +19,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 budget=${GPU_CHECK_BUDGET_S:-540}
+PY=$(command -v python || command -v python3)  # the device image names its interpreter python3
 summary=()
 failed=0
 note() { summary+=("$(printf '%-22s %-8s %5ss  %s' "$1" "$2" 0 "$3")"); }
@@ -40,8 +42,10 @@ finish() {
   echo
   echo "== gpu_check summary: $gpu =="
   printf '%s\n' "${summary[@]}"
-  [ -f "$OUT/bench_full.md" ] && cat "$OUT/bench_full.md"
-  [ -f "$OUT/bench_quick.md" ] && [ ! -f "$OUT/bench_full.md" ] && cat "$OUT/bench_quick.md"
+  for f in bench_full bench_quick; do [ -f "$OUT/$f.json" ] && "$PY" -c "
+import json, sys
+from pyalign.bench.__main__ import summary
+print(summary(json.load(open(sys.argv[1]))['rows']))" "$OUT/$f.json"; done
   exit $failed
 }
 
@@ -55,18 +59,20 @@ if [ "$DRY" = 1 ]; then
 else
   dev=cuda
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  command -v nvcc > /dev/null || export PATH="$PATH:/usr/local/cuda/bin"
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.')
   gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1) (sm_$cap)"
   # Build for the local architecture only (fast); the device image provides the build tools.
   export PYALIGN_CUDA=ON SKBUILD_CMAKE_DEFINE="CMAKE_CUDA_ARCHITECTURES=${cap}"
-  quick_limit=150
-  bench_only=()
+  quick_limit=100
+  # The full bench below covers the GEMM/bandwidth-bound families at their real sizes.
+  bench_only=(--only losses,uncertainty,robust,plasticity)
 fi
-echo "device: $gpu" | tee "$OUT/device.txt"
+echo "device: $gpu; kernel $(uname -r)" | tee "$OUT/device.txt"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PYTHONUNBUFFERED=1
 
-step build 300 python -m pip install --no-build-isolation --no-deps -v . || finish
-step import 60 python -c "
+step build 300 "$PY" -m pip install --no-build-isolation --no-deps -v . || finish
+step import 60 "$PY" -c "
 import pyalign, torch
 print('pyalign', pyalign.__version__, 'from', pyalign.__file__, 'has_cuda', pyalign.has_cuda(),
       'cuda_available', pyalign.cuda_available(), 'cpu_isa', pyalign.cpu_isa(), 'torch', torch.__version__,
@@ -85,30 +91,35 @@ racecheck_k="cuda and (matches_reference or gradients_match or large_batch or de
 if [ "$DRY" = 1 ]; then
   # The CPU half of these tests is CI's own test run: here each selection of this script (the device
   # tests and both sanitizer passes) is collected, which fails when it selects nothing (pytest exit 5).
-  step "tests_$dev" 240 python -m pytest -q --collect-only -k "$dev" -p no:cacheprovider $TESTS
-  step select_memcheck 120 python -m pytest -q --collect-only -k "$memcheck_k" -p no:cacheprovider $FAMILIES
-  step select_racecheck 120 python -m pytest -q --collect-only -k "$racecheck_k" -p no:cacheprovider $FAMILIES
+  step "tests_$dev" 240 "$PY" -m pytest -q --collect-only -k "$dev" -p no:cacheprovider $TESTS
+  step select_memcheck 120 "$PY" -m pytest -q --collect-only -k "$memcheck_k" -p no:cacheprovider $FAMILIES
+  step select_racecheck 120 "$PY" -m pytest -q --collect-only -k "$racecheck_k" -p no:cacheprovider $FAMILIES
 else
-  step "tests_$dev" 240 python -m pytest -q -ra -k "$dev" -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" $TESTS
+  # Several workers share the GPU: the tests are small launches, and a worker that a faulting kernel
+  # kills is replaced instead of ending the run. -v names each outcome as it comes, so a run stopped
+  # at its limit still says which tests failed.
+  workers=(); "$PY" -c "import xdist" 2> /dev/null && workers=(-n 8)
+  PYALIGN_HYPOTHESIS_EXAMPLES=20 step "tests_$dev" 180 "$PY" -m pytest -v -ra --tb=short "${workers[@]}" -k "$dev" \
+    -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" $TESTS
+  # The real sizes of the bandwidth/GEMM-bound kernels first.
+  step bench_full 150 "$PY" -m pyalign.bench --device cuda --full --only logprob,linear,rl,distill --table \
+    --json "$OUT/bench_full.json" --markdown "$OUT/bench_full.md" --plot "$OUT/bench_full.png"
+  # Memory errors and races in every family's CUDA kernels (every .cu file uses shared memory), with
+  # few hypothesis examples so the slowed-down runs stay short.
+  if command -v compute-sanitizer > /dev/null; then
+    PYALIGN_HYPOTHESIS_EXAMPLES=3 step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$PY" -m pytest -v -x -k "$memcheck_k" -p no:cacheprovider $FAMILIES
+  else
+    note "memcheck/racecheck" skipped "compute-sanitizer is not on PATH"
+  fi
 fi
-# The bench suite: quick set, then (GPU only) the real sizes of the bandwidth/GEMM-bound kernels.
-step bench_quick "$quick_limit" python -m pyalign.bench --device "$dev" "${bench_only[@]}" --json "$OUT/bench_quick.json" --markdown "$OUT/bench_quick.md"
+step bench_quick "$quick_limit" "$PY" -m pyalign.bench --device "$dev" "${bench_only[@]}" --table \
+  --json "$OUT/bench_quick.json" --markdown "$OUT/bench_quick.md"
 if [ "$DRY" = 1 ]; then
   note "memcheck/racecheck" skipped "dry run"
   note bench_full skipped "dry run"
-  finish
+elif command -v compute-sanitizer > /dev/null; then
+  PYALIGN_HYPOTHESIS_EXAMPLES=3 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$PY" -m pytest -v -x -k "$racecheck_k" -p no:cacheprovider $FAMILIES
 fi
-# Memory errors and races in every family's CUDA kernels (every .cu file uses shared memory).
-if command -v compute-sanitizer > /dev/null; then
-  export PYALIGN_HYPOTHESIS_EXAMPLES=3
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x -k "$memcheck_k" \
-    -p no:cacheprovider $FAMILIES
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 python -m pytest -q -x -k "$racecheck_k" \
-    -p no:cacheprovider $FAMILIES
-  unset PYALIGN_HYPOTHESIS_EXAMPLES
-else
-  note "memcheck/racecheck" skipped "compute-sanitizer is not on PATH"
-fi
-step bench_full 200 python -m pyalign.bench --device cuda --full --only logprob,linear,rl,distill \
-  --json "$OUT/bench_full.json" --markdown "$OUT/bench_full.md" --plot "$OUT/bench_full.png"
 finish

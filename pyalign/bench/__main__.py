@@ -278,6 +278,23 @@ def _plot_speedups(rows: list[dict], info: dict, path: str, plt) -> None:
     plt.close(fig)
 
 
+def _write(rows: list[dict], info: dict, args, plot_too: bool) -> list[str]:
+    """Writes the requested result files; returns their paths."""
+    written = []
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "quick": not args.full, "rows": rows}, f, indent=1)
+        written.append(args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, info))
+        written.append(args.markdown)
+    if plot_too:
+        plot(rows, info, args.plot)
+        written.append(args.plot)
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyalign.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,7 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="pyalign-bench.json",
                    help="write all rows and the machine description to this JSON file (default: %(default)s)")
     p.add_argument("--markdown", default="pyalign-bench.md", help="write the full table to this file (default: %(default)s)")
-    p.add_argument("--table", action="store_true", help="also print the full table")
+    p.add_argument("--table", action="store_true", help="also print each suite's table as it finishes")
     p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--report", nargs="+", metavar="JSON",
                    help="print the Markdown tables of saved --json results (e.g. bench/results/*.json) and exit")
@@ -322,26 +339,19 @@ def main(argv=None) -> int:
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(name)
         mod = importlib.import_module(f"pyalign.bench.{name}")
+        suite_rows = []
         for row in mod.run(args.device, quick=not args.full):
             row.setdefault("suite", name)
             for key in ("median_ms", "peak_mem_mb", "gbps", "note"):
                 row.setdefault(key, None)
-            rows.append(row)
+            suite_rows.append(row)
+        rows += suite_rows
+        if args.table:
+            print("\n" + table(suite_rows, info["copy_bandwidth_gbs"]), flush=True)
+        # Written after every suite, so that a run stopped part-way keeps the suites it finished.
+        _write(rows, info, args, plot_too=False)
     print()
-    if args.table:
-        print(table(rows, info["copy_bandwidth_gbs"]) + "\n")
-    written = []
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "quick": not args.full, "rows": rows}, f, indent=1)
-        written.append(args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(rows, info))
-        written.append(args.markdown)
-    if args.plot:
-        plot(rows, info, args.plot)
-        written.append(args.plot)
+    written = _write(rows, info, args, plot_too=bool(args.plot))
     failed = [r for r in rows if (r.get("note") or "").startswith("failed")]
     if written:
         print("full table: " + ", ".join(written))

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: build pyalign for this GPU, run every family's CUDA tests, the full bench of the
-# GEMM/bandwidth-bound families, compute-sanitizer memcheck, the quick bench of the other families,
-# then racecheck; logs and JSON go to OUTDIR and a short summary table is printed last.
+# GPU check: build pyalign for this GPU, run one smoke test of each family's CUDA kernels (and, if
+# one crashes the process, its host backtrace under cuda-gdb and a rerun with eager module loading),
+# every family's CUDA tests, the full bench of the GEMM/bandwidth-bound families, compute-sanitizer
+# memcheck, the quick bench of the other families, then racecheck; logs and JSON go to OUTDIR and a
+# short summary table is printed last.
 #
 # Usage: bench/gpu_check.sh [--dry-run] OUTDIR     (from anywhere, on a machine with an NVIDIA GPU)
 #   --dry-run: the same steps on the CPU (build, import, the test selections collected with the
@@ -84,6 +86,12 @@ cat "$OUT/import.log"
 
 # Every family's tests parametrized over devices, on the checked device (the CPU half runs in CI).
 FAMILIES="tests/test_logprob.py $(ls tests/test_linear_*.py | tr '\n' ' ')tests/test_losses.py tests/test_losses_robust.py tests/test_rl.py tests/test_rl_fused_linear.py tests/test_distill.py tests/test_distill_linear.py tests/test_distill_topk.py tests/test_distill_linear_topk.py tests/test_distill_inplace.py tests/test_uncertainty.py tests/test_uncertainty_robust.py tests/test_plasticity.py"
+# The smoke tests: a few small CUDA tests of each family's kernels (the preference losses first: they ran).
+SMOKE="tests/test_losses.py::test_dpo_each_type_matches_reference tests/test_losses_robust.py::test_dro_limits_and_extremes
+  tests/test_logprob.py::test_gradients_match_reference tests/test_linear_logprobs.py::test_dtypes
+  tests/test_rl.py::test_ppo_dual_clip_matches_reference tests/test_distill.py::test_kernel_on_each_device
+  tests/test_uncertainty.py::test_aggregate_methods tests/test_plasticity.py::test_penalty_kernel_dtypes
+  tests/test_plasticity.py::test_custom_op_and_direct_call_agree"
 TESTS="$FAMILIES tests/test_ops.py tests/test_regressions.py tests/test_reliability.py tests/test_distributed.py"
 # The sanitizer passes' selections (below), with few hypothesis examples so the slowed-down runs stay short.
 memcheck_k="cuda and not (fused_matches_eager_formula or f_divergences or finite_at_extreme_margins or dpo_low_precision)"
@@ -94,11 +102,24 @@ if [ "$DRY" = 1 ]; then
   step "tests_$dev" 240 "$PY" -m pytest -q --collect-only -k "$dev" -p no:cacheprovider $TESTS
   step select_memcheck 120 "$PY" -m pytest -q --collect-only -k "$memcheck_k" -p no:cacheprovider $FAMILIES
   step select_racecheck 120 "$PY" -m pytest -q --collect-only -k "$racecheck_k" -p no:cacheprovider $FAMILIES
+  step smoke 120 "$PY" -m pytest -q -p no:cacheprovider -k "$dev" $SMOKE
 else
+  # One process, no workers: a crash ends it, and the last test named (-v names each as it starts)
+  # is the one that crashed; its host backtrace and an eager-loading rerun say where and why.
+  step smoke 90 "$PY" -m pytest -v -p no:cacheprovider -k "$dev" $SMOKE
+  rc=$?
+  if [ "$rc" -ge 128 ] || grep -q "Fatal Python error" "$OUT/smoke.log"; then
+    crashed=$(grep -o '^tests/[^ ]*' "$OUT/smoke.log" | tail -n 1)
+    if command -v cuda-gdb > /dev/null; then
+      step smoke_backtrace 150 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info registers rip" \
+        --args "$PY" -m pytest -q -p no:cacheprovider "$crashed"
+    fi
+    CUDA_MODULE_LOADING=EAGER step smoke_eager 60 "$PY" -m pytest -q -p no:cacheprovider "$crashed"
+  fi
   # Several workers share the GPU: the tests are small launches, and a worker that a faulting kernel
-  # kills is replaced instead of ending the run. -v names each outcome as it comes, so a run stopped
-  # at its limit still says which tests failed.
-  workers=(); "$PY" -c "import xdist" 2> /dev/null && workers=(-n 8)
+  # kills is replaced instead of ending the run (however many crash). -v names each outcome as it
+  # comes, so a run stopped at its limit still says which tests failed.
+  workers=(); "$PY" -c "import xdist" 2> /dev/null && workers=(-n 8 --max-worker-restart 100000)
   PYALIGN_HYPOTHESIS_EXAMPLES=20 step "tests_$dev" 180 "$PY" -m pytest -v -ra --tb=short "${workers[@]}" -k "$dev" \
     -p no:cacheprovider --junitxml="$OUT/tests_$dev.xml" $TESTS
   # The real sizes of the bandwidth/GEMM-bound kernels first.

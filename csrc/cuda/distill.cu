@@ -68,22 +68,22 @@ template <typename A> __global__ void distill_total(DistillArgs a, int64_t N) {
   a.total.ptr<A>()[0] = total;
 }
 
-template <typename T> void launch(const DistillArgs& a, cudaStream_t st) {
+template <typename T> void launch_all(const DistillArgs& a, cudaStream_t st) {
   using A = typename acc_type<T>::type;
   const int64_t N = a.student.shape[0];
   if (N > 0) {
+    void (*rows)(DistillArgs);
     switch (DivMode(a.p.mode)) {
-      case DivMode::forward_kl: distill_rows<T, DivMode::forward_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
-      case DivMode::reverse_kl: distill_rows<T, DivMode::reverse_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
-      case DivMode::tvd: distill_rows<T, DivMode::tvd><<<unsigned(N), kThreads, 0, st>>>(a); break;
-      case DivMode::skew_kl: distill_rows<T, DivMode::skew_kl><<<unsigned(N), kThreads, 0, st>>>(a); break;
-      case DivMode::skew_reverse_kl:
-        distill_rows<T, DivMode::skew_reverse_kl><<<unsigned(N), kThreads, 0, st>>>(a);
-        break;
-      default: distill_rows<T, DivMode::jsd><<<unsigned(N), kThreads, 0, st>>>(a);
+      case DivMode::forward_kl: rows = distill_rows<T, DivMode::forward_kl>; break;
+      case DivMode::reverse_kl: rows = distill_rows<T, DivMode::reverse_kl>; break;
+      case DivMode::tvd: rows = distill_rows<T, DivMode::tvd>; break;
+      case DivMode::skew_kl: rows = distill_rows<T, DivMode::skew_kl>; break;
+      case DivMode::skew_reverse_kl: rows = distill_rows<T, DivMode::skew_reverse_kl>; break;
+      default: rows = distill_rows<T, DivMode::jsd>;
     }
+    launch("distillation rows", rows, unsigned(N), kThreads, 0, st, a);
   }
-  distill_total<A><<<1, 1, 0, st>>>(a, N);
+  launch("distillation total", distill_total<A>, 1, 1, 0, st, a, N);
 }
 
 }  // namespace
@@ -93,12 +93,11 @@ void distill_cuda(const DistillArgs& a, void* stream) {
   DeviceGuard guard(a.student.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a.student.dtype) {
-    case DType::f64: launch<double>(a, st); break;
-    case DType::bf16: launch<bf16_t>(a, st); break;
-    case DType::f16: launch<f16_t>(a, st); break;
-    default: launch<float>(a, st);
+    case DType::f64: launch_all<double>(a, st); break;
+    case DType::bf16: launch_all<bf16_t>(a, st); break;
+    case DType::f16: launch_all<f16_t>(a, st); break;
+    default: launch_all<float>(a, st);
   }
-  cuda_check(cudaGetLastError(), "distillation launch");
 }
 
 }  // namespace pyalign

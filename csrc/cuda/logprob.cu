@@ -155,12 +155,12 @@ int threads_for(int64_t V) { return V >= 16384 ? 512 : V >= 2048 ? 256 : 128; }
 
 template <typename T> void launch_forward(const KernelArgs& k, int64_t rows, cudaStream_t s) {
   constexpr int VEC = 16 / sizeof(T);
-  forward_kernel<T, VEC><<<dim3(unsigned(rows)), threads_for(k.V), 0, s>>>(k);
+  launch("token_logprobs forward", forward_kernel<T, VEC>, dim3(unsigned(rows)), threads_for(k.V), 0, s, k);
 }
 
 template <typename T> void launch_backward(const BwdKernelArgs& k, int64_t rows, cudaStream_t s) {
   constexpr int VEC = 16 / sizeof(T);
-  backward_kernel<T, VEC><<<dim3(unsigned(rows)), threads_for(k.V), 0, s>>>(k);
+  launch("token_logprobs backward", backward_kernel<T, VEC>, dim3(unsigned(rows)), threads_for(k.V), 0, s, k);
 }
 
 }  // namespace
@@ -179,7 +179,6 @@ void logprob_forward_cuda(const LogprobForwardArgs& a, void* stream) {
     case DType::f64: launch_forward<double>(k, rows, s); break;
     default: fail("logits: unsupported dtype");
   }
-  cuda_check(cudaGetLastError(), "token_logprobs forward launch");
 }
 
 void logprob_backward_cuda(const LogprobBackwardArgs& a, void* stream) {
@@ -197,7 +196,6 @@ void logprob_backward_cuda(const LogprobBackwardArgs& a, void* stream) {
     case DType::f64: launch_backward<double>(k, rows, s); break;
     default: fail("logits: unsupported dtype");
   }
-  cuda_check(cudaGetLastError(), "token_logprobs backward launch");
 }
 
 }  // namespace pyalign

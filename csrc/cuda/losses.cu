@@ -68,7 +68,7 @@ template <typename A> __global__ void kl_dro_kernel(KlDroArgs s) {
   const A tau = A(s.tau);
   A m = l[0];
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = nan_min(m, l[i]);
-  m = block_reduce(m, [](A x, A y) { return nan_min(x, y); }, smem);
+  m = block_reduce(m, [](A x, A y) { return nan_min(x, y); }, smem, A(INFINITY));
   A sum = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     l[i] = kl_dro_term(l[i], m, tau);
@@ -90,9 +90,8 @@ void kl_dro_cuda(const KlDroArgs& s, void* stream) {
   DeviceGuard g(s.loss.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int threads = block_threads(n);
-  if (s.grads.dtype == DType::f64) kl_dro_kernel<double><<<1, threads, 0, st>>>(s);
-  else kl_dro_kernel<float><<<1, threads, 0, st>>>(s);
-  cuda_check(cudaGetLastError(), "KL-DRO reduction launch");
+  if (s.grads.dtype == DType::f64) launch("KL-DRO reduction", kl_dro_kernel<double>, 1, threads, 0, st, s);
+  else launch("KL-DRO reduction", kl_dro_kernel<float>, 1, threads, 0, st, s);
 }
 
 void loss_forward_cuda(const LossArgs& s, void* stream) {
@@ -101,9 +100,8 @@ void loss_forward_cuda(const LossArgs& s, void* stream) {
   DeviceGuard g(s.a.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int threads = block_threads(n);
-  if (s.grads.dtype == DType::f64) loss_kernel<double><<<1, threads, 0, st>>>(s);
-  else loss_kernel<float><<<1, threads, 0, st>>>(s);
-  cuda_check(cudaGetLastError(), "preference loss launch");
+  if (s.grads.dtype == DType::f64) launch("preference loss", loss_kernel<double>, 1, threads, 0, st, s);
+  else launch("preference loss", loss_kernel<float>, 1, threads, 0, st, s);
 }
 
 }  // namespace pyalign

@@ -45,10 +45,9 @@ __global__ void update_kernel(PlasticArgs a) {
 template <typename T> void launch_update(const PlasticArgs& a, cudaStream_t s) {
   const dim3 grid(unsigned(a.w.shape[0]));
   const bool he = a.e.data != nullptr, hg2 = a.g2.data != nullptr;
-  if (he && hg2) update_kernel<T, true, true><<<grid, kThreads, 0, s>>>(a);
-  else if (he) update_kernel<T, true, false><<<grid, kThreads, 0, s>>>(a);
-  else if (hg2) update_kernel<T, false, true><<<grid, kThreads, 0, s>>>(a);
-  else update_kernel<T, false, false><<<grid, kThreads, 0, s>>>(a);
+  auto kernel = he ? (hg2 ? update_kernel<T, true, true> : update_kernel<T, true, false>)
+                  : (hg2 ? update_kernel<T, false, true> : update_kernel<T, false, false>);
+  launch("plastic_update", kernel, grid, kThreads, 0, s, a);
 }
 
 template <typename T, bool GRAD> __global__ void penalty_kernel(PenaltyArgs a, int64_t n) {
@@ -73,8 +72,7 @@ template <typename T, bool GRAD> __global__ void penalty_kernel(PenaltyArgs a, i
 
 template <typename T> void launch_penalty(const PenaltyArgs& a, int64_t n, cudaStream_t s) {
   const dim3 grid(unsigned((n + kPenaltyChunk - 1) / kPenaltyChunk));
-  if (a.grad.data) penalty_kernel<T, true><<<grid, kThreads, 0, s>>>(a, n);
-  else penalty_kernel<T, false><<<grid, kThreads, 0, s>>>(a, n);
+  launch("quad_penalty", a.grad.data ? penalty_kernel<T, true> : penalty_kernel<T, false>, grid, kThreads, 0, s, a, n);
 }
 
 }  // namespace
@@ -91,7 +89,6 @@ void plastic_update_cuda(const PlasticArgs& a, void* stream) {
     case DType::f64: launch_update<double>(a, s); break;
     default: fail("weight: unsupported dtype");
   }
-  cuda_check(cudaGetLastError(), "plastic_update launch");
 }
 
 void quad_penalty_cuda(const PenaltyArgs& a, void* stream) {
@@ -106,7 +103,6 @@ void quad_penalty_cuda(const PenaltyArgs& a, void* stream) {
     case DType::f64: launch_penalty<double>(a, n, s); break;
     default: fail("param: unsupported dtype");
   }
-  cuda_check(cudaGetLastError(), "quad_penalty launch");
 }
 
 }  // namespace pyalign

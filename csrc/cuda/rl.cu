@@ -10,24 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// min (or max, with `max`) over the block; identity +inf (-inf), fixed order.
-template <typename A> __device__ A block_extreme(A v, bool max, A* smem) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const A u = shfl_xor(v, o);
-    v = max ? (u > v ? u : v) : (u < v ? u : v);
-  }
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    A r = smem[0];
-    for (int w = 1; w < int((blockDim.x + 31) >> 5); ++w) r = max ? (smem[w] > r ? smem[w] : r) : (smem[w] < r ? smem[w] : r);
-    smem[0] = r;
-  }
-  __syncthreads();
-  return smem[0];
-}
-
 template <typename A> __global__ void phase_a(PgArgs a) {
   __shared__ A smem[32];
   const int64_t s = blockIdx.x;
@@ -81,8 +63,8 @@ template <typename A> __global__ void phase_b(PgArgs a, int64_t S) {
   }
   for (int k = G_LOSS; k < kSegSlots; ++k) {
     A v;
-    if (k == G_ISMIN) v = block_extreme(acc[k], false, smem);
-    else if (k == G_ISMAX) v = block_extreme(acc[k], true, smem);
+    if (k == G_ISMIN) v = block_reduce(acc[k], [](A x, A y) { return y < x ? y : x; }, smem, A(INFINITY));
+    else if (k == G_ISMAX) v = block_reduce(acc[k], [](A x, A y) { return y > x ? y : x; }, smem, -A(INFINITY));
     else v = block_sum(acc[k], smem);
     if (threadIdx.x == 0) acc[k] = v;
   }
@@ -96,16 +78,12 @@ template <typename A> __global__ void finalize_kernel(PgArgs a, int64_t S) {
   if (threadIdx.x == 0 && blockIdx.x == 0) pg_finalize<A>(a, a.work.ptr<A>(), S);
 }
 
-template <typename A> void launch(const PgArgs& a, cudaStream_t st) {
+template <typename A> void launch_all(const PgArgs& a, cudaStream_t st) {
   const int64_t S = a.num_segs;
-  if (S > 0) {
-    phase_a<A><<<unsigned(S), kThreads, 0, st>>>(a);
-    phase_t<A><<<1, kThreads, 0, st>>>(a, S);
-    phase_b<A><<<unsigned(S), kThreads, 0, st>>>(a, S);
-  } else {
-    phase_t<A><<<1, kThreads, 0, st>>>(a, S);
-  }
-  finalize_kernel<A><<<1, 1, 0, st>>>(a, S);
+  if (S > 0) launch("policy loss (segments)", phase_a<A>, unsigned(S), kThreads, 0, st, a);
+  launch("policy loss (totals)", phase_t<A>, 1, kThreads, 0, st, a, S);
+  if (S > 0) launch("policy loss (gradients)", phase_b<A>, unsigned(S), kThreads, 0, st, a, S);
+  launch("policy loss (reduction)", finalize_kernel<A>, 1, 1, 0, st, a, S);
 }
 
 }  // namespace
@@ -114,9 +92,8 @@ void policy_loss_cuda(const PgArgs& a, void* stream) {
   require(a.num_segs < (int64_t(1) << 31), "segments: at most 2^31 - 1 sequences are supported on CUDA");
   DeviceGuard guard(a.logp.device);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (a.grad_logp.dtype == DType::f64) launch<double>(a, st);
-  else launch<float>(a, st);
-  cuda_check(cudaGetLastError(), "policy loss launch");
+  if (a.grad_logp.dtype == DType::f64) launch_all<double>(a, st);
+  else launch_all<float>(a, st);
 }
 
 }  // namespace pyalign

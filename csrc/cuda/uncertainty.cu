@@ -179,9 +179,8 @@ void token_uncertainty_forward_cuda(const TokenUncertaintyArgs& a, void* stream)
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   by_dtype(a.logits.dtype, "logits", [&](auto tag) {
     using T = decltype(tag);
-    token_forward_kernel<T><<<dim3(unsigned(rows)), threads_for(V), size_t(M) * 16, s>>>(k);
+    launch("token_uncertainty forward", token_forward_kernel<T>, dim3(unsigned(rows)), threads_for(V), size_t(M) * 16, s, k);
   });
-  cuda_check(cudaGetLastError(), "token_uncertainty forward launch");
 }
 
 void token_uncertainty_backward_cuda(const TokenUncertaintyBackwardArgs& a, void* stream) {
@@ -195,9 +194,8 @@ void token_uncertainty_backward_cuda(const TokenUncertaintyBackwardArgs& a, void
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   by_dtype(a.logits.dtype, "logits", [&](auto tag) {
     using T = decltype(tag);
-    token_backward_kernel<T><<<dim3(unsigned(M * rows)), threads_for(V), 0, s>>>(k);
+    launch("token_uncertainty backward", token_backward_kernel<T>, dim3(unsigned(M * rows)), threads_for(V), 0, s, k);
   });
-  cuda_check(cudaGetLastError(), "token_uncertainty backward launch");
 }
 
 void reward_stats_cuda(const RewardStatsArgs& a, void* stream) {
@@ -208,9 +206,8 @@ void reward_stats_cuda(const RewardStatsArgs& a, void* stream) {
   const unsigned blocks = unsigned((N + 255) / 256);
   by_dtype(a.rewards.dtype, "rewards", [&](auto tag) {
     using T = decltype(tag);
-    reward_stats_kernel<T><<<blocks, 256, 0, s>>>(a);
+    launch("reward_stats", reward_stats_kernel<T>, blocks, 256, 0, s, a);
   });
-  cuda_check(cudaGetLastError(), "reward_stats launch");
 }
 
 }  // namespace pyalign

@@ -14,6 +14,7 @@ from torch import nn
 
 from pyalign import plasticity as P
 from pyalign._ext import desc, kernels, stream_of
+from pyalign.bench.memory import measure
 from pyalign.ops.plasticity import plastic_update_, quad_penalty_
 from pyalign.reference import plasticity as R
 
@@ -693,6 +694,36 @@ def test_bad_workspace(device):
         P.hebb(w, x, y, lr=0.1, workspace=on.zeros(6, 4))
     with pytest.raises(ValueError, match="workspace"):
         P.hebb(w, x, y, lr=0.1, workspace=on.zeros(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rule", ["hebb", "oja", "three_factor"])
+def test_fp32_rules_allocate_no_weight_sized_product(device, rule):
+    """The product of an fp32 rule goes into the weight (or the trace) through addmm_: the update's
+    peak memory (torch's allocator accounting, deterministic) stays far below one weight-sized
+    [out, in] buffer, with the norm constraint and the bounds on."""
+    w, x, y = _inputs("oja", 256, 512, 8, torch.float32, device)
+    trace = torch.zeros_like(w)
+    opts = dict(lr=0.01, w_min=-0.5, w_max=0.5, norm=1.0)
+    run = {"hebb": lambda: P.hebb(w, x, y, **opts), "oja": lambda: P.oja(w, x, y, **opts),
+           "three_factor": lambda: P.three_factor(w, x, y, trace, 0.5, **opts)}[rule]
+    run()  # CUDA: cuBLAS's workspace comes from torch's allocator on the first GEMM
+    _, mem = measure(run, device)
+    assert mem.peak < w.numel() * 4 // 8, mem
+
+
+def test_update_without_product_refuses_trace_and_g2(device):
+    on = _On(device)
+    w, e = on.randn(4, 6), on.zeros(4, 6)
+    with pytest.raises(ValueError, match="g: expected a float32 tensor"):
+        plastic_update_(w, None, None, e, None, 1.0, 0.0, 0.0, 0.9, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="g: expected a float32 tensor"):
+        plastic_update_(w, None, e, e, None, 1.0, 0.0, 1.0, 0.9, 1.0, 0.1, 1.0, -1.0, 1.0, 0.0, 0)
+    # Without a product the update is the formula with G = 0: w' = clip(s_i (keep - lr r_i) w).
+    r = on.rand(4)
+    got = w.clone()
+    plastic_update_(got, None, None, None, r, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.99, -0.5, 0.5, 0.0, 0)
+    want = ((0.99 - 0.1 * r)[:, None] * w).clamp(-0.5, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_torch_compile_fullgraph(device):

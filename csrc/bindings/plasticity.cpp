@@ -22,8 +22,10 @@ void update(TensorArg w, TensorArg g, TensorArg g2, TensorArg e, TensorArg r, do
   require(w.ndim == 2, w.describe() + ": expected a 2-d weight [out, in]");
   check_last_stride(w, "in");
   const DType adt = accumulation_dtype(w.dtype);
-  require_tensor(g, "g", std::string("a ") + dtype_name(adt) + " tensor of the shape of " + w.describe());
   for (const TensorArg* t : {&g, &g2, &e}) check_matrix(*t, w, adt);
+  require(g.present() || !(g2.present() || e.present()),
+          "g: expected a " + std::string(dtype_name(adt)) + " tensor of the shape of " + w.describe() +
+              " with g2 or a trace (None, the update with G = 0, takes neither)");
   check_contiguous(r, {w.shape[0]}, adt);
   require(!g2.present() || e.present(), g2.describe() + ": expected None without a trace (g2 is only used together with one)");
   require(norm_mode >= 0 && norm_mode <= 2,

@@ -14,14 +14,14 @@ struct UpdCtx {
   int64_t in;
 };
 
-template <typename T, bool HAS_E, bool HAS_G2>
+template <typename T, bool HAS_G, bool HAS_E, bool HAS_G2>
 PYALIGN_HD void update_row(const UpdCtx& c, int64_t i) {
   using A = typename acc_type<T>::type;
   const PlasticArgs& a = c.a;
   const PlasticCoeffs k = a.k;
   const int64_t n = c.in;
   T* w = a.w.ptr<T>() + i * a.w.strides[0];
-  const A* g = a.g.ptr<A>() + i * a.g.strides[0];
+  const A* g = HAS_G ? a.g.ptr<A>() + i * a.g.strides[0] : nullptr;
   A* e = HAS_E ? a.e.ptr<A>() + i * a.e.strides[0] : nullptr;
   const A* g2 = HAS_G2 ? a.g2.ptr<A>() + i * a.g2.strides[0] : nullptr;
   const A r = a.r.data ? a.r.ptr<A>()[i] : A(0);
@@ -31,7 +31,7 @@ PYALIGN_HD void update_row(const UpdCtx& c, int64_t i) {
 #pragma omp simd reduction(+ : ss)
     for (int64_t j = 0; j < n; ++j) {
       A en;
-      A v = plastic_value<A>(k, to_float(w[j]), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
+      A v = plastic_value<A>(k, to_float(w[j]), HAS_G ? g[j] : A(0), HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
       ss += v * v;
     }
     scale = norm_scale<A>(k.norm_mode, A(k.norm), ss);
@@ -40,22 +40,23 @@ PYALIGN_HD void update_row(const UpdCtx& c, int64_t i) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     A en;
-    A v = plastic_value<A>(k, to_float(w[j]), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
+    A v = plastic_value<A>(k, to_float(w[j]), HAS_G ? g[j] : A(0), HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
     if (HAS_E) e[j] = en;
     w[j] = to_storage<T, A>(clip_value<A>(v * scale, lo, hi));
   }
 }
-PYALIGN_CPU_CLONES(update_rows, update_row, UpdCtx, typename T COMMA bool HAS_E COMMA bool HAS_G2,
-                   T COMMA HAS_E COMMA HAS_G2)
+PYALIGN_CPU_CLONES(update_rows, update_row, UpdCtx, typename T COMMA bool HAS_G COMMA bool HAS_E COMMA bool HAS_G2,
+                   T COMMA HAS_G COMMA HAS_E COMMA HAS_G2)
 
 template <typename T> void update_typed(const UpdCtx& c, int64_t rows) {
-  const bool he = c.a.e.data != nullptr, hg2 = c.a.g2.data != nullptr;
+  const bool hg = c.a.g.data != nullptr, he = c.a.e.data != nullptr, hg2 = c.a.g2.data != nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c.in, 1));
   parallel_rows(rows, grain, [&](int64_t b, int64_t e) {
-    if (he && hg2) update_rows<T, true, true>(c, b, e);
-    else if (he) update_rows<T, true, false>(c, b, e);
-    else if (hg2) update_rows<T, false, true>(c, b, e);
-    else update_rows<T, false, false>(c, b, e);
+    if (!hg) update_rows<T, false, false, false>(c, b, e);  // the bindings refuse e or g2 without g
+    else if (he && hg2) update_rows<T, true, true, true>(c, b, e);
+    else if (he) update_rows<T, true, true, false>(c, b, e);
+    else if (hg2) update_rows<T, true, false, true>(c, b, e);
+    else update_rows<T, true, false, false>(c, b, e);
   });
 }
 

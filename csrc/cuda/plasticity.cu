@@ -10,7 +10,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, bool HAS_E, bool HAS_G2>
+template <typename T, bool HAS_G, bool HAS_E, bool HAS_G2>
 __global__ void update_kernel(PlasticArgs a) {
   using A = typename acc_type<T>::type;
   __shared__ A smem[32];
@@ -18,7 +18,7 @@ __global__ void update_kernel(PlasticArgs a) {
   const int64_t i = blockIdx.x;
   const int64_t n = a.w.shape[1];
   T* w = a.w.ptr<T>() + i * a.w.strides[0];
-  const A* g = a.g.ptr<A>() + i * a.g.strides[0];
+  const A* g = HAS_G ? a.g.ptr<A>() + i * a.g.strides[0] : nullptr;
   A* e = HAS_E ? a.e.ptr<A>() + i * a.e.strides[0] : nullptr;
   const A* g2 = HAS_G2 ? a.g2.ptr<A>() + i * a.g2.strides[0] : nullptr;
   const A r = a.r.data ? a.r.ptr<A>()[i] : A(0);
@@ -27,7 +27,7 @@ __global__ void update_kernel(PlasticArgs a) {
     A ss = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       A en;
-      A v = plastic_value<A>(k, A(to_float(w[j])), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
+      A v = plastic_value<A>(k, A(to_float(w[j])), HAS_G ? g[j] : A(0), HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
       ss += v * v;
     }
     ss = block_sum(ss, smem);
@@ -36,7 +36,7 @@ __global__ void update_kernel(PlasticArgs a) {
   const A lo = A(k.w_min), hi = A(k.w_max);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     A en;
-    A v = plastic_value<A>(k, A(to_float(w[j])), g[j], HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
+    A v = plastic_value<A>(k, A(to_float(w[j])), HAS_G ? g[j] : A(0), HAS_E ? e[j] : A(0), HAS_G2 ? g2[j] : A(0), r, &en);
     if (HAS_E) e[j] = en;
     w[j] = to_storage<T, A>(clip_value<A>(v * scale, lo, hi));
   }
@@ -44,9 +44,10 @@ __global__ void update_kernel(PlasticArgs a) {
 
 template <typename T> void launch_update(const PlasticArgs& a, cudaStream_t s) {
   const dim3 grid(unsigned(a.w.shape[0]));
-  const bool he = a.e.data != nullptr, hg2 = a.g2.data != nullptr;
-  auto kernel = he ? (hg2 ? update_kernel<T, true, true> : update_kernel<T, true, false>)
-                  : (hg2 ? update_kernel<T, false, true> : update_kernel<T, false, false>);
+  const bool hg = a.g.data != nullptr, he = a.e.data != nullptr, hg2 = a.g2.data != nullptr;
+  auto kernel = !hg ? update_kernel<T, false, false, false>  // the bindings refuse e or g2 without g
+                : he ? (hg2 ? update_kernel<T, true, true, true> : update_kernel<T, true, true, false>)
+                     : (hg2 ? update_kernel<T, true, false, true> : update_kernel<T, true, false, false>);
   launch("plastic_update", kernel, grid, kThreads, 0, s, a);
 }
 

@@ -22,11 +22,12 @@ NORM_MODES = {name: code for code, name in enumerate(CONTRACT["norm_modes"])}
 
 @kernel_op("plastic_update_", mutates_args=("weight", "trace"))
 def plastic_update_(
-    weight: Tensor, g: Tensor, g2: Optional[Tensor], trace: Optional[Tensor], row_coef: Optional[Tensor],
+    weight: Tensor, g: Optional[Tensor], g2: Optional[Tensor], trace: Optional[Tensor], row_coef: Optional[Tensor],
     a: float, b: float, c: float, lam: float, s: float, lr: float, keep: float, w_min: float, w_max: float,
     norm: float, norm_mode: int,
 ) -> None:
-    """The fused rule update (see plasticity.h: PlasticCoeffs), in place."""
+    """The fused rule update (see plasticity.h: PlasticCoeffs), in place; ``g`` None: the update with
+    G = 0 (no ``g2`` or ``trace`` then)."""
     kernels.plastic_update(
         desc(weight, "weight"), desc(g, "g"), desc(g2, "g2"), desc(trace, "trace"), desc(row_coef, "row_coef"),
         a, b, c, lam, s, lr, keep, w_min, w_max, norm, norm_mode, stream_of(weight),

@@ -10,10 +10,12 @@ the Hebbian terms are sample means. Every rule takes
     norm          per-row norm target; ``norm_mode="max"`` rescales rows whose L2 norm exceeds it,
                   ``"exact"`` rescales every non-zero row to it (applied before the bounds)
     workspace     optional fp32 (fp64 for fp64 weights) ``[out, in]`` buffer reused for the matmul
-                  result; saves a weight-sized allocation per update. Without one, a CPU weight of
-                  2^20 elements or more is updated by row blocks (each block's product in a small
-                  reused buffer, still in cache for the update), which is faster still; rule
-                  objects keep a workspace only where that does not apply (CUDA, Sanger)
+                  result where one is formed: bf16/fp16 weights, Sanger, a per-sample
+                  modulator (an fp32/fp64 weight of the other rules takes its product into
+                  itself or its trace, and the workspace is checked but unused). Without one, a
+                  CPU weight of 2^20 elements or more is updated by row blocks (each block's
+                  product in a small reused buffer, still in cache for the update); rule objects
+                  keep a workspace only where neither applies (CUDA bf16/fp16 weights, Sanger)
 
 The matrix products go through ``torch.matmul`` (fp32 math for fp32/bf16/fp16 weights, fp64 for
 fp64); everything elementwise around them (decay, Oja's ``-y^2 w``, traces, bounds, norm) is one

@@ -1,6 +1,7 @@
 """Argument handling of the local rules and the call into the fused update kernel."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -68,8 +69,20 @@ class Common:
         self.norm = 0.0 if norm is None else _checks.positive(norm, "norm")
         self.norm_mode = 0 if norm is None else NORM_MODES[norm_mode]
 
+    def linear_part(self) -> "Common":
+        """The same update without the norm constraint and the bounds."""
+        part = copy.copy(self)
+        part.w_min, part.w_max, part.norm, part.norm_mode = -math.inf, math.inf, 0.0, 0
+        return part
 
-def apply_update(weight: Tensor, cm: Common, g: Tensor, *, g2=None, trace=None, row_coef=None,
+    def constraints_part(self) -> "Common":
+        """Only the norm constraint and the bounds (keep = 1, lr = 0): for a weight already updated."""
+        part = copy.copy(self)
+        part.lr = part.weight_decay = 0.0
+        return part
+
+
+def apply_update(weight: Tensor, cm: Common, g: Optional[Tensor], *, g2=None, trace=None, row_coef=None,
            a=1.0, b=0.0, c=0.0, lam=0.0, s=1.0) -> Tensor:
     """Runs the fused kernel (coefficients as in plasticity.h: PlasticCoeffs); handles weights whose
     rows are not contiguous through a copy."""
@@ -91,15 +104,63 @@ def apply_update(weight: Tensor, cm: Common, g: Tensor, *, g2=None, trace=None, 
 _BLOCK_ELEMS = 1 << 20
 
 
+def _row_blocks(weight: Tensor):
+    """``(r0, r1)`` row ranges of about ``_BLOCK_ELEMS`` elements on CPU (one range on other
+    devices): a pass over a block after its GEMM finds the block in cache (every term is row-local)."""
+    out_f, in_f = weight.shape
+    rows = out_f if weight.device.type != "cpu" else max(1, _BLOCK_ELEMS // max(in_f, 1))
+    return [(r0, min(out_f, r0 + rows)) for r0 in range(0, out_f, rows)]
+
+
+def gemm_into_weight(weight: Tensor, cm: Common, u: Tensor, v: Tensor, *, a: float, row_coef=None) -> Tensor:
+    """``w' = clip(s_i ((keep - lr r_i) w + lr a u^T v))`` with the GEMM accumulating into the weight
+    itself (``addmm_``), so no weight-sized product is allocated, written or read back: the fused
+    kernel applies the row factor ``keep - lr r_i`` before the GEMM (its update with G = 0) and the
+    norm scaling and clipping after it, each only where there is one, block by block."""
+    beta = 1.0 - cm.lr * cm.weight_decay
+    constrained = cm.norm_mode or math.isfinite(cm.w_min) or math.isfinite(cm.w_max)
+    with torch.no_grad():
+        for r0, r1 in _row_blocks(weight):
+            w = weight[r0:r1]
+            if row_coef is not None:
+                apply_update(w, cm.linear_part(), None, row_coef=row_coef[r0:r1])
+            w.addmm_(u[:, r0:r1].t(), v, beta=1.0 if row_coef is not None else beta, alpha=cm.lr * a)
+            if constrained:
+                apply_update(w, cm.constraints_part(), None)
+    return weight
+
+
+def gemm_into_trace(weight: Tensor, cm: Common, trace: Tensor, u: Tensor, v: Tensor, *, lam: float, s: float,
+                    a: float) -> Tensor:
+    """The eligibility-trace update ``e <- lam e + s u^T v`` with the GEMM accumulating into the
+    trace, then ``w' = clip(s_i (keep w + lr a e))`` by the fused kernel, block by block."""
+    with torch.no_grad():
+        for r0, r1 in _row_blocks(weight):
+            e = trace[r0:r1]
+            e.addmm_(u[:, r0:r1].t(), v, beta=lam, alpha=s)
+            apply_update(weight[r0:r1], cm, e, a=a)
+    return weight
+
+
 def outer_update(weight: Tensor, cm: Common, u: Tensor, v: Tensor, workspace: Optional[Tensor], *, g2_factors=None,
                  trace=None, row_coef=None, **coefs) -> Tensor:
-    """:func:`apply_update` with ``g = u^T v`` (and ``g2`` from the factors ``g2_factors``). With a
-    ``workspace`` the product goes there. Without one, a large contiguous CPU weight is updated by row
-    blocks: each block's GEMM into one reused block-sized buffer, then the fused kernel on the
-    block's rows (every term of the update is row-local, the row norms included), so no
-    weight-sized product is allocated and page-faulted in, and the block is still in cache when the
-    kernel reads it. Other weights get a fresh product, as before."""
+    """:func:`apply_update` with ``g = u^T v`` (and ``g2`` from the factors ``g2_factors``). A weight in
+    the products' dtype (fp32, fp64) with no trace and no second product is updated by
+    :func:`gemm_into_weight`. Otherwise, with a ``workspace`` the product goes there; without one, a
+    large contiguous CPU weight is updated by row blocks: each block's GEMM into one reused
+    block-sized buffer, then the fused kernel on the block's rows (every term of the update is
+    row-local, the row norms included), so no weight-sized product is allocated and page-faulted in,
+    and the block is still in cache when the kernel reads it. Other weights get a fresh product."""
     ws = workspace_buffer(workspace, weight)
+    if weight.dtype == u.dtype and g2_factors is None and trace is None and set(coefs) <= {"a"}:
+        if weight.stride(1) == 1 or weight.shape[1] <= 1:
+            return gemm_into_weight(weight, cm, u, v, a=coefs.get("a", 1.0), row_coef=row_coef)
+        # A GEMM into a column-major weight rounds differently: the update is the same bits for
+        # every layout of the weight (through a row-major copy, as apply_update does).
+        w = weight.contiguous()
+        gemm_into_weight(w, cm, u, v, a=coefs.get("a", 1.0), row_coef=row_coef)
+        with torch.no_grad():
+            return weight.copy_(w)
     out_f, in_f = weight.shape
     if ws is not None or weight.device.type != "cpu" or not weight.is_contiguous() or weight.numel() < _BLOCK_ELEMS:
         g2 = None if g2_factors is None else outer(*g2_factors)

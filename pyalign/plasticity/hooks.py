@@ -22,13 +22,14 @@ class Rule:
     call (samples from several forward passes are concatenated).
 
     ``keep_workspace``: keep the fp32 ``[out, in]`` matmul result buffer between steps (faster;
-    costs that much memory per rule, e.g. twice a bf16 weight). False allocates it per step. On the
-    CPU the rules whose product is ``u^T v`` (all but Sanger's) keep none: there a large weight is
-    updated by row blocks, each block's product in a small reused buffer, which is faster than a
-    weight-sized workspace (it stays in cache) and needs no weight-sized memory.
+    costs that much memory per rule, e.g. twice a bf16 weight). False allocates it per step. The
+    rules whose product is ``u^T v`` (all but Sanger's) keep none where their update needs none:
+    for an fp32/fp64 weight the product goes into the weight (or the trace), and on the CPU a large
+    weight of another dtype is updated by row blocks, each block's product in a small reused
+    buffer, which is faster than a weight-sized workspace (it stays in cache).
     """
 
-    _blocked_on_cpu = True  # the rule's function updates CPU weights by row blocks without a workspace
+    _product_uv = True  # the rule's product is u^T v (see above: then it needs no workspace there)
 
     def __init__(self, lr: float, *, weight_decay: float = 0.0, w_min: Optional[float] = None,
                  w_max: Optional[float] = None, norm: Optional[float] = None, norm_mode: str = "max",
@@ -45,7 +46,8 @@ class Rule:
 
     def _kw(self, weight: Tensor) -> dict:
         """The options plus a matmul workspace kept between steps (allocated on first use)."""
-        if not self.keep_workspace or (self._blocked_on_cpu and weight.device.type == "cpu"):
+        direct = weight.device.type == "cpu" or weight.dtype == acc_dtype(weight)
+        if not self.keep_workspace or (self._product_uv and direct):
             return dict(self.options)
         ws = self._ws
         if ws is None or ws.shape != weight.shape or ws.device != weight.device or ws.dtype != acc_dtype(weight):
@@ -134,7 +136,7 @@ class Oja(Rule):
 class Sanger(Rule):
     """Object form of :func:`sanger`."""
 
-    _blocked_on_cpu = False  # its correction term needs the whole product (one addmm)
+    _product_uv = False  # its correction term needs the whole product (one addmm)
 
     def step(self, weight, x, y=None):
         return sanger(weight, x, y, **self._kw(weight))

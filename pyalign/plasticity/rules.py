@@ -9,8 +9,8 @@ from torch import Tensor
 
 from pyalign import _checks
 from pyalign._tensors import acc_dtype
-from pyalign.plasticity._update import (Common, activity, activity_pair, apply_update, check_weight, nonneg, outer,
-                                       outer_update,
+from pyalign.plasticity._update import (Common, activity, activity_pair, apply_update, check_weight,
+                                       gemm_into_trace, nonneg, outer, outer_update,
                                        workspace_buffer)
 
 __all__ = ["hebb", "anti_hebb", "oja", "sanger", "bcm", "soft_hebb", "stdp", "three_factor"]
@@ -242,4 +242,5 @@ def three_factor(weight: Tensor, x: Tensor, y: Tensor, trace: Tensor, modulator:
     if isinstance(modulator, Tensor):
         modulator = float(modulator.detach().reshape(()))
     m = _checks.finite(modulator, "modulator")
-    return outer_update(weight, cm, y2, x2, workspace, trace=trace, a=m * inv_n, b=m * decay, lam=decay, s=inv_n)
+    workspace_buffer(workspace, weight)  # checked; the product goes into the trace
+    return gemm_into_trace(weight, cm, trace, y2, x2, lam=decay, s=inv_n, a=m)  # e <- decay e + <y x^T>; w += lr m e

@@ -20,7 +20,10 @@ namespace pyalign {
 //   norm_mode 1 ("max"):   s_i = min(1, norm / |w'_i|)
 //   norm_mode 2 ("exact"): s_i = norm / |w'_i|   (rows of norm 0 stay 0)
 // Clipping comes last, so the bounds always hold; when w_min <= 0 <= w_max clipping only
-// shrinks magnitudes, so the norm constraint holds too.
+// shrinks magnitudes, so the norm constraint holds too. Without G (no e and G2 then either) the
+// update is the formula with G = 0: the row scaling r_i and keep of a weight that a GEMM updates
+// (into the weight itself) after or before this pass, or, with keep = 1 and lr = 0, only the norm
+// scaling and clipping of a weight that a GEMM already updated.
 struct PlasticCoeffs {
   double a = 1, b = 0, c = 0, lam = 0, s = 1;
   double lr = 0, keep = 1;
@@ -52,7 +55,7 @@ template <typename A> PYALIGN_HD A norm_scale(int mode, A target, A sumsq) {
 
 struct PlasticArgs {
   TensorArg w;      // [out, in] f32/f16/bf16 (f64 on CPU), updated in place; stride 1 along in
-  TensorArg g;      // [out, in] f32 (f64 for f64 w), stride 1 along in
+  TensorArg g;      // optional [out, in] f32 (f64 for f64 w), stride 1 along in
   TensorArg g2;     // optional, like g
   TensorArg e;      // optional trace [out, in], like g, updated in place
   TensorArg r;      // optional [out] f32 (f64), contiguous

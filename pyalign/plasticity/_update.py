@@ -117,16 +117,18 @@ def gemm_into_weight(weight: Tensor, cm: Common, u: Tensor, v: Tensor, *, a: flo
     itself (``addmm_``), so no weight-sized product is allocated, written or read back: the fused
     kernel applies the row factor ``keep - lr r_i`` before the GEMM (its update with G = 0) and the
     norm scaling and clipping after it, each only where there is one, block by block."""
-    beta = 1.0 - cm.lr * cm.weight_decay
-    constrained = cm.norm_mode or math.isfinite(cm.w_min) or math.isfinite(cm.w_max)
+    beta = 1.0 if row_coef is not None else 1.0 - cm.lr * cm.weight_decay  # the row factor holds keep
+    linear = cm.linear_part() if row_coef is not None else None
+    constraints = cm.constraints_part() if cm.norm_mode or math.isfinite(cm.w_min) or math.isfinite(cm.w_max) \
+        else None
     with torch.no_grad():
         for r0, r1 in _row_blocks(weight):
             w = weight[r0:r1]
-            if row_coef is not None:
-                apply_update(w, cm.linear_part(), None, row_coef=row_coef[r0:r1])
-            w.addmm_(u[:, r0:r1].t(), v, beta=1.0 if row_coef is not None else beta, alpha=cm.lr * a)
-            if constrained:
-                apply_update(w, cm.constraints_part(), None)
+            if linear is not None:
+                apply_update(w, linear, None, row_coef=row_coef[r0:r1])
+            w.addmm_(u[:, r0:r1].t(), v, beta=beta, alpha=cm.lr * a)
+            if constraints is not None:
+                apply_update(w, constraints, None)
     return weight
 
 
@@ -161,15 +163,14 @@ def outer_update(weight: Tensor, cm: Common, u: Tensor, v: Tensor, workspace: Op
         gemm_into_weight(w, cm, u, v, a=coefs.get("a", 1.0), row_coef=row_coef)
         with torch.no_grad():
             return weight.copy_(w)
-    out_f, in_f = weight.shape
     if ws is not None or weight.device.type != "cpu" or not weight.is_contiguous() or weight.numel() < _BLOCK_ELEMS:
         g2 = None if g2_factors is None else outer(*g2_factors)
         return apply_update(weight, cm, outer(u, v, ws), g2=g2, trace=trace, row_coef=row_coef, **coefs)
-    rows = max(1, _BLOCK_ELEMS // max(in_f, 1))
-    buf = torch.empty(rows, in_f, dtype=u.dtype, device=weight.device)
-    buf2 = None if g2_factors is None else torch.empty(rows, in_f, dtype=u.dtype, device=weight.device)
-    for r0 in range(0, out_f, rows):
-        r1 = min(out_f, r0 + rows)
+    blocks = _row_blocks(weight)
+    shape = (blocks[0][1], weight.shape[1])
+    buf = torch.empty(shape, dtype=u.dtype, device=weight.device)
+    buf2 = None if g2_factors is None else torch.empty(shape, dtype=u.dtype, device=weight.device)
+    for r0, r1 in blocks:
         g = torch.matmul(u[:, r0:r1].t(), v, out=buf[:r1 - r0])
         g2 = None if g2_factors is None else torch.matmul(g2_factors[0][:, r0:r1].t(), g2_factors[1],
                                                           out=buf2[:r1 - r0])
